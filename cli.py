@@ -1,0 +1,204 @@
+"""The `surgery` command: thin Typer commands, each handing off to one function.
+
+Nothing heavy is imported here at module level: `surgery --help`, `validate`, `schema` and
+`show` never import torch, timm, transformers or ray.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from surgery import __version__
+from surgery.errors import SurgeryError
+
+app = typer.Typer(
+    name="surgery",
+    help="Declarative model surgery, training, export and serving for PyTorch.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+# Options shared by every command that reads a recipe.
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file, or the name of a shipped recipe.", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a field: --set train.optimizer.lr=3e-4 (value parsed as YAML). Repeatable."),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"surgery {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Declarative model surgery, training, export and serving for PyTorch."""
+
+
+@app.command()
+def validate(
+    recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.", show_default=False)],
+    set_: SetOpt = None,
+) -> None:
+    """Check recipes: one OK line per valid file, or every problem with file:line:column."""
+    from surgery.recipe import load_recipe
+
+    failed: list[str] = []
+    for path in recipes:
+        try:
+            recipe = load_recipe(path, set_ or ())
+        except SurgeryError as err:
+            failed.append(str(err))
+            continue
+        typer.echo(f"OK {path} ({recipe.name})")
+    if failed:
+        typer.echo("\n".join(failed), err=True)
+        raise typer.Exit(2)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of recipes (point your editor's YAML language server at it)."""
+    import json
+
+    from surgery.schema import json_schema
+
+    typer.echo(json.dumps(json_schema(), indent=2))
+
+
+@app.command()
+def show(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Print the fully resolved recipe (after `extends` and `--set`)."""
+    from surgery.recipe import dump_recipe, load_recipe
+
+    typer.echo(dump_recipe(load_recipe(recipe, set_ or ())), nl=False)
+
+
+@app.command()
+def plan(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    depth: Annotated[int, typer.Option(help="Depth of the module tree.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Build the model without weights or training and print its modules, shapes, parameters,
+    FLOPs and a training-memory estimate."""
+    from surgery.plan import plan_command
+
+    typer.echo(plan_command(recipe, set_ or (), depth=depth, as_json=as_json))
+
+
+@app.command()
+def build(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Resume the latest run of this recipe from its last complete checkpoint.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Resume even though the recipe changed in a way that is not safe.")] = False,
+    runs: Annotated[Path, typer.Option(help="Folder that holds run folders.")] = Path("runs"),
+    run_id: Annotated[str | None, typer.Option(help="Run folder name (default: a timestamp; with --resume: the latest run).")] = None,
+) -> None:
+    """Compile, train, checkpoint and export a recipe into runs/<recipe>/<run-id>/."""
+    from surgery.train import build_command
+
+    run_dir = build_command(recipe, set_ or (), resume=resume, force=force, runs_root=runs, run_id=run_id)
+    typer.echo(f"run: {run_dir}\nbundle: {run_dir / 'bundle'}")
+
+
+@app.command()
+def export(
+    target: Annotated[Path, typer.Argument(help="A run folder or a checkpoint file.", show_default=False)],
+    formats: Annotated[str | None, typer.Option("--format", help="Comma-separated: safetensors,onnx,torchscript,pt2 (default: the recipe's export.formats).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Bundle folder (default: <run>/bundle).")] = None,
+) -> None:
+    """Export a run's best checkpoint (or a given checkpoint) as a verified bundle."""
+    from surgery.export import export_command
+
+    fmt = [f.strip() for f in formats.split(",") if f.strip()] if formats else None
+    typer.echo(f"bundle: {export_command(target, fmt, out)}")
+
+
+@app.command()
+def serve(
+    targets: Annotated[list[Path] | None, typer.Argument(help="Bundles or run folders to serve.", show_default=False)] = None,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    replicas: Annotated[int | None, typer.Option(help="Replicas per model (default: the recipe's serve.replicas).")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(help="Largest dynamic batch (default: the recipe's).")] = None,
+    batch_wait_ms: Annotated[float | None, typer.Option(help="Batch wait in ms (default: the recipe's).")] = None,
+    token_file: Annotated[Path | None, typer.Option(help="File holding a bearer token required on every route but /healthz (or set SURGERY_SERVE_TOKEN).")] = None,
+    detach: Annotated[bool, typer.Option("--detach", help="Deploy and return, leaving the server running.")] = False,
+    config_out: Annotated[Path | None, typer.Option(help="Write a Ray Serve config file for `serve run`/`serve deploy` instead of serving.")] = None,
+) -> None:
+    """Serve bundles over HTTP with Ray Serve and dynamic batching."""
+    from serve.launch import serve_command
+
+    serve_command(
+        targets or [],
+        host=host,
+        port=port,
+        replicas=replicas,
+        max_batch_size=max_batch_size,
+        batch_wait_ms=batch_wait_ms,
+        token_file=token_file,
+        detach=detach,
+        config_out=config_out,
+    )
+
+
+@app.command()
+def predict(
+    url: Annotated[str, typer.Argument(help="Model URL, e.g. http://127.0.0.1:8000/v1/models/quickstart.", show_default=False)],
+    inputs: Annotated[list[str], typer.Argument(help="Image files, text strings, or JSON arrays.", show_default=False)],
+    token_file: Annotated[Path | None, typer.Option(help="Bearer token file (or SURGERY_SERVE_TOKEN).")] = None,
+) -> None:
+    """Send inputs to a served model and print its predictions."""
+    from serve.client import predict_command
+
+    typer.echo(predict_command(url, inputs, token_file=token_file))
+
+
+@app.command()
+def doctor() -> None:
+    """Versions, devices and memory, hub reachability, and cache sizes."""
+    from surgery.doctor import doctor_report
+
+    typer.echo(doctor_report())
+
+
+def main() -> None:
+    """Entry point: domain errors become a message and exit 2; nothing prints a traceback."""
+    try:
+        app(standalone_mode=False)
+    except SurgeryError as err:
+        typer.echo(f"error: {err}" if "\n" not in str(err) else str(err), err=True)
+        sys.exit(err.exit_code)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as err:  # noqa: BLE001 - the last line of defence against tracebacks
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if os.environ.get("SURGERY_DEBUG"):
+            raise
+        typer.echo(f"internal error: {type(err).__name__}: {err} (a bug in surgery; SURGERY_DEBUG=1 shows the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
