@@ -1,0 +1,219 @@
+"""`surgery serve`: deploy bundles on a local Ray instance (or `RAY_ADDRESS`), or write the Ray
+Serve config file that deploys them on a cluster."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from serve.app import (
+    INGRESS_NAME,
+    TOKEN_ENV,
+    AppArgs,
+    build_app,
+    deployment_options,
+    model_deployment_name,
+    model_settings,
+    read_manifest,
+    read_serve_section,
+)
+from surgery.errors import BundleError, SurgeryError
+
+APP_NAME = "surgery"
+IMPORT_PATH = "serve.app:build_app"
+
+
+def resolve_bundle(target: Path) -> Path:
+    """A bundle folder, or a run folder's `bundle/`."""
+    target = Path(target)
+    for candidate in (target, target / "bundle"):
+        if (candidate / "manifest.json").is_file():
+            return candidate.resolve()
+    if not target.exists():
+        raise BundleError(f"{target}: no such bundle or run folder")
+    raise BundleError(f"{target}: neither a bundle nor a run folder with bundle/ (run `surgery export {target}` first)")
+
+
+def read_token(token_file: Path | None) -> str | None:
+    """The bearer token from --token-file, else from $SURGERY_SERVE_TOKEN, else None."""
+    if token_file is not None:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise SurgeryError(f"--token-file {token_file}: cannot read it ({exc.strerror})") from None
+        if not token:
+            raise SurgeryError(f"--token-file {token_file}: the file is empty")
+        return token
+    return os.environ.get(TOKEN_ENV, "").strip() or None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve_config(args: dict[str, Any], host: str, port: int) -> dict[str, Any]:
+    """A Ray Serve config (the schema `serve run`/`serve deploy` read) deploying `args`."""
+    parsed = AppArgs.model_validate(args)
+    deployments = []
+    timeouts = []
+    sections = [(read_manifest(b)["name"], read_serve_section(b)) for b in parsed.bundles]
+    for name, section in sections:
+        settings = model_settings(parsed, section)
+        timeouts.append(settings["request_timeout_s"])
+        options = deployment_options(parsed, section, settings)
+        options["name"] = INGRESS_NAME if len(sections) == 1 else model_deployment_name(name)
+        deployments.append(options)
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": host, "port": port, "request_timeout_s": max(timeouts)},
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": IMPORT_PATH,
+                "args": {k: v for k, v in parsed.model_dump().items() if v is not None},
+                "deployments": deployments,
+            }
+        ],
+    }
+
+
+def _local_resources(replicas: int) -> tuple[float, int]:
+    """(CPUs reserved per replica, torch threads per replica) sharing this machine's cores."""
+    cores = os.cpu_count() or 1
+    return min(1.0, cores / replicas), max(1, cores // replicas)
+
+
+def _start_ray(detach: bool) -> None:
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address is None and detach:
+        # A detached server must outlive this process: start Ray the way `ray start` does.
+        ray_cli = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+        done = subprocess.run(
+            [ray_cli, "start", "--head", "--include-dashboard=false", "--disable-usage-stats"],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            raise SurgeryError(f"`ray start --head` failed: {done.stderr.strip().splitlines()[-1:]}")
+        address = "auto"
+    ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+
+
+def _deploy(app: Any, host: str, port: int, timeout_s: float) -> None:
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": timeout_s})
+    try:
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    except Exception as exc:
+        first = next((line for line in str(exc).splitlines() if "Error" in line), str(exc).splitlines()[0])
+        raise SurgeryError(f"deploying the models failed: {first.strip()}") from None
+
+
+def _shutdown() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def serve_command(
+    targets: list[Path],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    replicas: int | None = None,
+    max_batch_size: int | None = None,
+    batch_wait_ms: float | None = None,
+    token_file: Path | None = None,
+    detach: bool = False,
+    config_out: Path | None = None,
+) -> None:
+    """Serve bundles (or run folders) over HTTP until Ctrl-C, or write a Serve config file."""
+    if not targets:
+        raise SurgeryError("give at least one bundle or run folder to serve")
+    bundles = [str(resolve_bundle(t)) for t in targets]
+    args: dict[str, Any] = {"bundles": bundles}
+    for key, value in (("replicas", replicas), ("max_batch_size", max_batch_size), ("batch_wait_ms", batch_wait_ms)):
+        if value is not None:
+            args[key] = value
+    if config_out is not None:
+        if token_file is not None:
+            args["token_file"] = str(Path(token_file).resolve())
+        config = serve_config(args, host, port)
+        Path(config_out).write_text(
+            f"# Ray Serve config written by `surgery serve`: `serve run {config_out}` or `serve deploy {config_out}`.\n"
+            f"# Without token_file, replicas require the bearer token in ${TOKEN_ENV} when it is set in their environment.\n"
+            + yaml.safe_dump(config, sort_keys=False)
+        )
+        print(f"wrote {config_out}")
+        return
+
+    token = read_token(token_file)
+    if token is not None:
+        args["token_sha256"] = hashlib.sha256(token.encode()).hexdigest()
+    elif not _is_loopback(host):
+        print(
+            f"warning: serving on {host} without a bearer token: anyone who can reach this port can use the models "
+            f"(pass --token-file or set {TOKEN_ENV})",
+            file=sys.stderr,
+        )
+    config = serve_config(args, host, port)
+    if not os.environ.get("RAY_ADDRESS"):
+        total = sum(
+            d.get("num_replicas") or d.get("autoscaling_config", {}).get("max_replicas", 1)
+            for d in config["applications"][0]["deployments"]
+        )
+        args["num_cpus"], args["threads"] = _local_resources(total)
+    app = build_app(args)  # reads every manifest: a bad bundle fails here, before Ray starts
+    timeout_s = config["http_options"]["request_timeout_s"]
+
+    _start_ray(detach)
+    try:
+        _deploy(app, host, port, timeout_s)
+    except BaseException:
+        if not detach:
+            _shutdown()
+        raise
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    for bundle in bundles:
+        name = read_manifest(bundle)["name"]
+        print(f"serving {name}: POST {base}/v1/models/{name}:predict")
+    print(f"docs: {base}/docs")
+    if detach:
+        print("running in the background; stop it with `serve shutdown -y` (the app) or `ray stop` (Ray itself)")
+        return
+    print("press Ctrl-C to stop")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("shutting down")
+    finally:
+        _shutdown()
