@@ -1,0 +1,547 @@
+"""Export: a trained model → a verified, self-describing bundle folder.
+
+Every format is checked where it is written: the file is loaded back (ONNX through
+onnxruntime) and run on sample inputs of several batch sizes, and its largest difference from
+eager PyTorch goes into the manifest. A format that cannot represent the model, or misses the
+tolerance, is left out of the bundle and reported; the other formats are still written, and the
+export then fails with one line per failed format (the bundle with the formats that worked is
+already in place).
+
+The bundle is assembled in a temporary sibling folder, fsynced, and swapped in by rename, so a
+reader sees either the old bundle or the new one, never a mixture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgery.bundle import (
+    BACKBONE_CONFIG_DIR,
+    BUNDLE_FORMAT_VERSION,
+    MANIFEST,
+    RECIPE,
+    TOKENIZER_DIR,
+    WEIGHTS,
+    hash_files,
+)
+from surgery.errors import ExportError
+from surgery.registry import EXPORT_FORMATS
+
+FORMAT_FILES = {"safetensors": WEIGHTS, "onnx": "model.onnx", "torchscript": "model.ts", "pt2": "model.pt2"}
+VERIFY_BATCH_SIZES = (1, 3)  # besides the batch size the graph was captured with (2)
+CAPTURE_BATCH_SIZE = 2  # torch.export specialises sizes 0 and 1, so capture with 2
+_ONNX_EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit: larger weights go to model.onnx.data
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_PACKAGES = (
+    "surgery",
+    "torch",
+    "torchvision",
+    "timm",
+    "transformers",
+    "safetensors",
+    "peft",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+)
+
+
+class PartialExportError(ExportError):
+    """Some formats failed; the bundle was written with the others (`bundle`, `failures`)."""
+
+    def __init__(self, bundle: Path, written: list[str], failures: dict[str, str]) -> None:
+        self.bundle = bundle
+        self.failures = dict(failures)
+        lines = [f"bundle {bundle} written with {', '.join(written)}; {len(failures)} format(s) failed:"]
+        lines += [f"  {fmt}: {reason}" for fmt, reason in failures.items()]
+        super().__init__("\n".join(lines))
+
+
+@dataclass
+class ExportJob:
+    """What every format exporter gets: the model, where to write, and the inputs to check with."""
+
+    model: nn.Module
+    folder: Path
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    capture: tuple[torch.Tensor, ...]  # inputs the graph is captured with
+    samples: list[tuple[torch.Tensor, ...]]  # inputs the written file is checked with
+    expected: list[dict[str, torch.Tensor]]  # eager outputs on `samples`
+    dynamic_batch: bool
+    dynamic_sequence: bool
+    opset: int | None
+    details: dict[str, Any] = field(default_factory=dict)  # exporter notes for the manifest
+
+    def dynamic_shapes(self) -> tuple[dict[int, Any], ...] | None:
+        if not self.dynamic_batch and not self.dynamic_sequence:
+            return None
+        batch = torch.export.Dim("batch", min=1)
+        sequence = torch.export.Dim("sequence", min=2)
+        dims: dict[int, Any] = {}
+        if self.dynamic_batch:
+            dims[0] = batch
+        if self.dynamic_sequence:
+            dims[1] = sequence
+        return tuple(dict(dims) for _ in self.input_names)
+
+
+Runner = Callable[[tuple[torch.Tensor, ...]], dict[str, Any]]
+
+
+# --------------------------------------------------------------------------- formats
+
+
+@EXPORT_FORMATS.implements("safetensors")
+def export_safetensors(job: ExportJob) -> float:
+    """Full state dict (frozen parameters and buffers included); tied tensors stored once."""
+    from safetensors.torch import load_file, save_model
+
+    file = job.folder / WEIGHTS
+    save_model(job.model, str(file), metadata={"format": "pt"})
+    stored = load_file(str(file))
+    state = job.model.state_dict()
+    diff = 0.0
+    for name, tensor in stored.items():
+        if name not in state:
+            raise ExportError(f"safetensors: wrote a tensor {name!r} the model does not have")
+        diff = max(diff, _max_abs_diff(state[name], tensor))
+    return diff
+
+
+@EXPORT_FORMATS.implements("onnx")
+def export_onnx(job: ExportJob) -> float:
+    """ONNX through torch.export (the `dynamo=True` exporter), checked in onnxruntime."""
+    import onnxruntime as ort
+
+    file = job.folder / FORMAT_FILES["onnx"]
+    external = _param_bytes(job.model) > _ONNX_EXTERNAL_DATA_BYTES
+    with _quiet():
+        program = torch.onnx.export(
+            job.model,
+            job.capture,
+            str(file),
+            input_names=list(job.input_names),
+            output_names=list(job.output_names),
+            opset_version=job.opset,
+            dynamic_shapes=job.dynamic_shapes(),
+            dynamo=True,
+            external_data=external,
+        )
+    job.details["exporter"] = "torch.onnx.export(dynamo=True)"
+    if program is not None:
+        with contextlib.suppress(Exception):
+            job.details["opset"] = int(
+                next(o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx"))
+            )
+    session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+
+    def run(inputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+        feed = {name: t.detach().cpu().numpy() for name, t in zip(job.input_names, inputs, strict=True)}
+        return dict(zip(job.output_names, session.run(list(job.output_names), feed), strict=True))
+
+    return _verify(job, run)
+
+
+@EXPORT_FORMATS.implements("torchscript")
+def export_torchscript(job: ExportJob) -> float:
+    """TorchScript by tracing (dict outputs need `strict=False`), loaded back from the file."""
+    file = job.folder / FORMAT_FILES["torchscript"]
+    with _quiet(), torch.no_grad():
+        traced = torch.jit.trace(job.model, job.capture, strict=False, check_trace=False)
+        torch.jit.save(traced, str(file))
+        loaded = torch.jit.load(str(file), map_location="cpu")
+    return _verify(job, lambda inputs: loaded(*inputs))
+
+
+@EXPORT_FORMATS.implements("pt2")
+def export_pt2(job: ExportJob) -> float:
+    """torch.export ExportedProgram with a dynamic batch dimension, loaded back from the file."""
+    file = job.folder / FORMAT_FILES["pt2"]
+    with _quiet():
+        program = torch.export.export(job.model, job.capture, dynamic_shapes=job.dynamic_shapes())
+        torch.export.save(program, str(file))
+        loaded = torch.export.load(str(file)).module()
+    return _verify(job, lambda inputs: loaded(*inputs))
+
+
+def _verify(job: ExportJob, run: Runner) -> float:
+    """Largest |exported − eager| over every sample input and output."""
+    diff = 0.0
+    with torch.no_grad():
+        for inputs, expected in zip(job.samples, job.expected, strict=True):
+            got = run(inputs)
+            if not isinstance(got, dict) or set(got) != set(expected):
+                keys = sorted(got) if isinstance(got, dict) else type(got).__name__
+                raise ExportError(f"outputs {keys} differ from the model's heads {sorted(expected)}")
+            for name, want in expected.items():
+                diff = max(diff, _max_abs_diff(want, got[name], what=f"output {name!r} at batch {len(inputs[0])}"))
+    return diff
+
+
+def _max_abs_diff(want: torch.Tensor, got: Any, what: str = "tensor") -> float:
+    got = torch.as_tensor(got)
+    if tuple(got.shape) != tuple(want.shape):
+        raise ExportError(f"{what} has shape {list(got.shape)}, eager PyTorch gives {list(want.shape)}")
+    if want.numel() == 0:
+        return 0.0
+    return float((want.detach().double() - got.detach().double()).abs().max())
+
+
+# --------------------------------------------------------------------------- the bundle
+
+
+def export_bundle(
+    model: nn.Module,
+    recipe: Any,
+    out: Path,
+    *,
+    formats: Sequence[str] | None = None,
+    metrics: dict[str, float] | None = None,
+    source: str | Path | None = None,
+) -> Path:
+    """Write a verified bundle of `model` (a `SurgicalModel`) at `out`, atomically.
+
+    `safetensors` is always written; each other format is exported, loaded back and compared
+    with eager PyTorch on sample inputs. Formats that fail are left out and reported together
+    in a `PartialExportError` raised after the bundle with the others is in place.
+    """
+    from surgery.recipe import dump_recipe, recipe_hash
+
+    out = Path(out).resolve()
+    wanted = _formats(formats if formats is not None else recipe.export.formats)
+    _check_replaceable(out)
+    model, lora_merged = _merged(model)
+    was_training = model.training
+    model.eval()
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        job = _job(model, recipe, tmp)
+        results: dict[str, dict[str, Any]] = {}
+        failures: dict[str, str] = {}
+        for fmt in wanted:
+            job.details = {}
+            try:
+                diff = EXPORT_FORMATS.get(fmt)(job)
+                if diff > recipe.export.tolerance:
+                    raise ExportError(
+                        f"max abs difference from eager PyTorch {diff:.3g} exceeds export.tolerance {recipe.export.tolerance:g}"
+                    )
+            except Exception as err:  # a format that can't represent the model must not stop the others
+                if fmt == "safetensors":
+                    raise ExportError(f"safetensors: {_reason(err)}") from err
+                failures[fmt] = _reason(err)
+                _remove_format_files(tmp, fmt)
+                continue
+            results[fmt] = {"file": FORMAT_FILES[fmt], "max_abs_diff": diff, **job.details}
+        (tmp / RECIPE).write_text(dump_recipe(recipe), encoding="utf-8")
+        _save_backbone_files(model, tmp)
+        manifest = _manifest(model, recipe, recipe_hash(recipe), job, results, failures, metrics, source, lora_merged)
+        manifest["files"] = hash_files(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        _fsync_tree(tmp)
+        _swap_in(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        model.train(was_training)
+    if failures:
+        raise PartialExportError(out, list(results), failures)
+    return out
+
+
+def _formats(formats: Sequence[str]) -> list[str]:
+    wanted = ["safetensors"]
+    for fmt in formats:
+        if fmt not in EXPORT_FORMATS:
+            raise ExportError(str(EXPORT_FORMATS.unknown(fmt)) + f"; formats are {', '.join(EXPORT_FORMATS.names)}")
+        if fmt not in wanted:
+            wanted.append(fmt)
+    return wanted
+
+
+def _check_replaceable(out: Path) -> None:
+    # Never swap away a folder that isn't a bundle (a typo'd --out pointing at a project dir).
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+        raise ExportError(f"{out}: exists and is not a bundle; choose another --out or remove it")
+
+
+def _merged(model: nn.Module) -> tuple[nn.Module, bool]:
+    """The model with LoRA adapters merged into the base weights (a copy; the caller's model
+    keeps training as it was)."""
+    if not any("lora_" in name for name, _ in model.named_parameters()):
+        return model, False
+    from surgery.ops import merge_lora
+
+    merged = copy.deepcopy(model)
+    result = merge_lora(merged)
+    return (result if isinstance(result, nn.Module) else merged), True
+
+
+def _job(model: nn.Module, recipe: Any, folder: Path) -> ExportJob:
+    spec = model.input_spec
+    text = spec.kind == "text"
+    capture = tuple(model.example_inputs(CAPTURE_BATCH_SIZE))
+    samples = [capture] + [tuple(model.example_inputs(b)) for b in VERIFY_BATCH_SIZES]
+    if text and capture[0].shape[1] >= 4:
+        # a shorter sequence too: the graphs accept any padded length, not just max_length
+        short = capture[0].shape[1] // 2
+        samples.append(tuple(t[:, :short].contiguous() for t in samples[-1]))
+    with torch.no_grad():
+        expected = [{k: v.detach().clone() for k, v in model(*s).items()} for s in samples]
+    return ExportJob(
+        model=model,
+        folder=folder,
+        input_names=tuple(spec.input_names),
+        output_names=tuple(expected[0]),
+        capture=capture,
+        samples=samples,
+        expected=expected,
+        dynamic_batch=recipe.export.dynamic_batch,
+        dynamic_sequence=text,
+        opset=recipe.export.opset,
+    )
+
+
+def _reason(err: BaseException) -> str:
+    """One line: the innermost cause (the ONNX exporter wraps torch.export's own error)."""
+    while err.__cause__ is not None and not isinstance(err, ExportError):
+        err = err.__cause__
+    lines = [line.strip() for line in _ANSI.sub("", str(err)).splitlines() if line.strip()]
+    text = lines[0] if lines else "(no message)"
+    text = text if len(text) <= 300 else text[:297] + "..."
+    if "data-dependent" in text:
+        text = (
+            "the model branches on tensor values (data-dependent control flow), which a graph cannot capture: " + text
+        )
+    return text if isinstance(err, ExportError) else f"{type(err).__name__}: {text}"
+
+
+def _remove_format_files(folder: Path, fmt: str) -> None:
+    name = FORMAT_FILES[fmt]
+    for p in folder.glob(name + "*"):  # model.onnx and model.onnx.data
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _save_backbone_files(model: nn.Module, folder: Path) -> None:
+    """Tokenizer files and a transformers backbone's config: what rebuilding needs besides weights."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
+    config = _hf_config(model.backbone)
+    if config is not None:
+        config.save_pretrained(str(folder / BACKBONE_CONFIG_DIR))
+
+
+def _hf_config(backbone: nn.Module) -> Any:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return None
+    for module in backbone.modules():
+        if isinstance(module, PreTrainedModel):
+            return module.config
+    return None
+
+
+def _manifest(
+    model: nn.Module,
+    recipe: Any,
+    recipe_sha: str,
+    job: ExportJob,
+    results: dict[str, dict[str, Any]],
+    failures: dict[str, str],
+    metrics: dict[str, float] | None,
+    source: str | Path | None,
+    lora_merged: bool,
+) -> dict[str, Any]:
+    spec = model.input_spec.to_dict()
+    if (job.folder / TOKENIZER_DIR).is_dir():
+        spec["tokenizer"] = TOKENIZER_DIR
+    head_info = getattr(model, "head_info", {})
+    heads = []
+    for name in job.output_names:
+        info = head_info.get(name, {})
+        heads.append(
+            {
+                "name": name,
+                "task": info.get("task"),
+                "labels": info.get("labels"),
+                "out_features": info.get("out_features"),
+                "output_shape": _symbolic_shape(job, name),
+            }
+        )
+    return {
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "name": recipe.name,
+        "recipe_sha256": recipe_sha,
+        "recipe": RECIPE,
+        "input": spec,
+        "input_names": list(job.input_names),
+        "heads": heads,
+        "formats": results,
+        "failed_formats": failures,
+        "lora_merged": lora_merged,
+        "metrics": dict(metrics or {}),
+        "source": str(source) if source is not None else None,
+        "packages": _package_versions(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _symbolic_shape(job: ExportJob, head: str) -> list[int | str]:
+    """Output shape with the dimensions that follow the inputs named (`batch`, `sequence`)."""
+    shapes = [tuple(out[head].shape) for out in job.expected]
+    first = shapes[0]
+    result: list[int | str] = []
+    for i, size in enumerate(first):
+        varies = any(len(s) != len(first) or s[i] != size for s in shapes)
+        result.append(("batch" if i == 0 else "sequence") if varies else int(size))
+    return result
+
+
+def _package_versions() -> dict[str, str]:
+    versions = {}
+    for name in _PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+def _param_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+@contextlib.contextmanager
+def _quiet():
+    # The exporters print progress and warn about tracing; a user sees our one line per format.
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.CRITICAL)  # torch.export logs whole graphs when it gives up
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Replace `out` by `tmp` with renames only: the old bundle is moved aside whole, the new one
+    moved in whole, then the old one deleted."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    _fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- runs and checkpoints
+
+
+def export_run(run_dir: Path, formats: list[str] | None = None, out: Path | None = None) -> Path:
+    """Export a run's best checkpoint (else its last) to `out` (default `<run>/bundle`)."""
+    from surgery.checkpoint import find_best, find_last
+
+    run_dir = Path(run_dir)
+    try:
+        checkpoint = find_best(run_dir)
+    except Exception:
+        checkpoint = None
+    if checkpoint is None:
+        checkpoint = find_last(run_dir)
+    return _export_checkpoint(run_dir, Path(checkpoint), formats, out)
+
+
+def export_command(target: Path, formats: list[str] | None, out: Path | None) -> Path:
+    """`surgery export`: `target` is a run folder, a checkpoint folder or its model.safetensors."""
+    target = Path(target)
+    if not target.exists():
+        raise ExportError(f"{target}: no such run or checkpoint")
+    if target.is_file():
+        target = target.parent
+    if (target / WEIGHTS).is_file() and target.parent.name == "checkpoints":
+        return _export_checkpoint(target.parent.parent, target, formats, out)
+    if (target / "checkpoints").is_dir():
+        return export_run(target, formats, out)
+    raise ExportError(f"{target}: not a run folder (no checkpoints/) or a checkpoint folder (no {WEIGHTS})")
+
+
+def _export_checkpoint(run_dir: Path, checkpoint: Path, formats: list[str] | None, out: Path | None) -> Path:
+    from safetensors.torch import load_model
+
+    from surgery.checkpoint import read_meta
+    from surgery.model import build_model
+    from surgery.recipe import load_recipe
+
+    lock = run_dir / "recipe.lock.yaml"
+    if not lock.is_file():
+        raise ExportError(f"{run_dir}: no recipe.lock.yaml; is this a run folder made by `surgery build`?")
+    recipe = load_recipe(lock)
+    model = build_model(recipe, load_weights=False)
+    try:
+        load_model(model, str(checkpoint / WEIGHTS), strict=True)
+    except Exception as err:
+        raise ExportError(f"{checkpoint / WEIGHTS}: does not fit the model of {lock}: {_reason(err)}") from None
+    meta = read_meta(checkpoint)
+    return export_bundle(
+        model,
+        recipe,
+        Path(out) if out is not None else run_dir / "bundle",
+        formats=formats,
+        metrics=meta.get("metrics") or {},
+        source=checkpoint,
+    )
