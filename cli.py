@@ -179,7 +179,7 @@ def doctor() -> None:
 def main() -> None:
     """Entry point: domain errors become a message and exit 2; nothing prints a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns the exit code of a `typer.Exit`
     except SurgeryError as err:
         typer.echo(f"error: {err}" if "\n" not in str(err) else str(err), err=True)
         sys.exit(err.exit_code)
@@ -188,16 +188,15 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except Exception as err:  # noqa: BLE001 - the last line of defence against tracebacks
-        import click
-
-        if isinstance(err, click.ClickException):
+    except Exception as err:  # the last line of defence against tracebacks
+        if isinstance(err, typer.TyperException) and hasattr(err, "show"):  # usage errors (typer's own click)
             err.show()
             sys.exit(err.exit_code)
         if os.environ.get("SURGERY_DEBUG"):
             raise
         typer.echo(f"internal error: {type(err).__name__}: {err} (a bug in surgery; SURGERY_DEBUG=1 shows the traceback)", err=True)
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

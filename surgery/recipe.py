@@ -274,6 +274,55 @@ class _Builder:
                     merged_pos[key] = mapping_pos.children[key]
 
 
+def _expanded_sizes(root: Any) -> dict[int, int]:
+    """Values each node becomes once its aliases are expanded (memoised, so a bomb costs nothing)."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: Any) -> int:
+        node = node.node if isinstance(node, _AliasRef) else node
+        if id(node) in sizes or id(node) in active:  # a cycle is reported when building
+            return sizes.get(id(node), 0)
+        active.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in node.value)
+        else:
+            total = 1
+        active.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    size(root)
+    return sizes
+
+
+def _refuse_bombs(root: Any) -> None:
+    """Refuse, before building anything, a document that expands to more than MAX_VALUES values,
+    naming the first alias (in document order) that takes it over the limit."""
+    sizes = _expanded_sizes(root)
+    if sizes[id(root)] <= MAX_VALUES:
+        return
+    count = 0
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, _AliasRef):
+            count += sizes.get(id(node.node), 1)
+            if count > MAX_VALUES:
+                raise _Refused(
+                    node.mark, f"alias *{node.anchor} takes the recipe past {MAX_VALUES} values; refusing to expand it"
+                )
+            continue
+        count += 1
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(reversed(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(child for pair in reversed(node.value) for child in reversed(pair))
+    raise _Refused(root.start_mark, f"more than {MAX_VALUES} values; this is not a recipe")
+
+
 def _parse(text: str, source: str) -> tuple[Any, _Pos] | None:
     """YAML text → (data, positions), or None for an empty document. Raises RecipeError."""
     size = len(text.encode("utf-8", "surrogatepass"))
@@ -281,13 +330,14 @@ def _parse(text: str, source: str) -> tuple[Any, _Pos] | None:
         raise _problem(
             source, f"{size / 2**20:.1f} MiB is too big for a recipe (the limit is {MAX_BYTES // 2**20} MiB)"
         )
-    loader = _Loader(text)
     builder = _Builder(source)
     try:
+        loader = _Loader(text)
         try:
             node = loader.get_single_node()
             if node is None:
                 return None
+            _refuse_bombs(node)
             data, pos = builder.build(node)
         finally:
             loader.dispose()
@@ -301,9 +351,10 @@ def _parse(text: str, source: str) -> tuple[Any, _Pos] | None:
             detail += f" ({err.context} at line {err.context_mark.line + 1})"
         raise _problem(where, f"YAML syntax error: {detail}") from None
     except yaml.reader.ReaderError as err:
+        code = err.character if isinstance(err.character, int) else ord(err.character)
         line = text.count("\n", 0, err.position) + 1
         col = err.position - (text.rfind("\n", 0, err.position) + 1) + 1
-        raise _problem(Location(source, line, col), f"character {err.character!r} is not allowed in YAML") from None
+        raise _problem(Location(source, line, col), f"character U+{code:04X} is not allowed in YAML") from None
     except RecursionError:
         raise _problem(source, "nested too deeply to be a recipe") from None
     except yaml.YAMLError as err:
