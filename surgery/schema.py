@@ -83,7 +83,9 @@ def _glob(value: str) -> str:
     if not value or value.strip() != value:
         raise PydanticCustomError("bad_glob", "a parameter glob must be a non-empty name pattern without spaces")
     if not re.fullmatch(r"[A-Za-z0-9_.*?\[\]!-]+", value):
-        raise PydanticCustomError("bad_glob", "{msg}", {"msg": f"{value!r} is not a parameter glob (letters, digits, _ . * ? [ ] only)"})
+        raise PydanticCustomError(
+            "bad_glob", "{msg}", {"msg": f"{value!r} is not a parameter glob (letters, digits, _ . * ? [ ] only)"}
+        )
     return value
 
 
@@ -146,7 +148,9 @@ class MLPParams(Strict):
     hidden: list[PositiveInt] = Field(description="Sizes of the hidden layers, in order.")
     out_features: PositiveInt = Field(description="Output size of the last layer.")
     activation: Literal["relu", "gelu", "silu", "tanh"] = Field("gelu", description="Activation between layers.")
-    norm: Literal["none", "layernorm", "batchnorm"] = Field("none", description="Normalisation after each hidden layer.")
+    norm: Literal["none", "layernorm", "batchnorm"] = Field(
+        "none", description="Normalisation after each hidden layer."
+    )
     dropout: Probability = Field(0.0, description="Dropout after each hidden activation.")
 
 
@@ -195,20 +199,41 @@ class Backbone(Strict):
     """The pretrained network heads are put on."""
 
     source: BackboneSource = Field(description="Which model zoo builds it: " + BACKBONE_SOURCES.describe())
-    name: str = Field(min_length=1, description="Model name in that zoo (timm/torchvision name, or a Hugging Face hub id or local folder for transformers).")
-    pretrained: bool = Field(False, description="Load the zoo's pretrained weights from its hub/cache (needs the network unless cached). Offline, use `weights:`.")
-    weights: str | None = Field(None, description="Local weights file (.safetensors; .pt/.pth/.bin are read with torch.load(weights_only=True)) or, for transformers, a local model folder. Relative to the recipe file.")
-    sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = Field(None, description="Expected sha256 of the `weights` file; a mismatch is an error.")
-    strict: bool = Field(True, description="Refuse weights whose keys or shapes don't match (the classifier is the only tolerated mismatch).")
-    kwargs: dict[str, bool | int | float | str | list[int] | list[float]] = Field(default_factory=dict, description="Extra keyword arguments for the zoo's constructor (e.g. `in_chans`, `drop_path_rate`); checked by the zoo at build time.")
+    name: str = Field(
+        min_length=1,
+        description="Model name in that zoo (timm/torchvision name, or a Hugging Face hub id or local folder for transformers).",
+    )
+    pretrained: bool = Field(
+        False,
+        description="Load the zoo's pretrained weights from its hub/cache (needs the network unless cached). Offline, use `weights:`.",
+    )
+    weights: str | None = Field(
+        None,
+        description="Local weights file (.safetensors; .pt/.pth/.bin are read with torch.load(weights_only=True)) or, for transformers, a local model folder. Relative to the recipe file.",
+    )
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = Field(
+        None, description="Expected sha256 of the `weights` file; a mismatch is an error."
+    )
+    strict: bool = Field(
+        True,
+        description="Refuse weights whose keys or shapes don't match (the classifier is the only tolerated mismatch).",
+    )
+    kwargs: dict[str, bool | int | float | str | list[int] | list[float]] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments for the zoo's constructor (e.g. `in_chans`, `drop_path_rate`); checked by the zoo at build time.",
+    )
     revision: str | None = Field(None, description="Hugging Face revision (branch, tag or commit) for hub ids.")
 
 
 class InputOverride(Strict):
     """Overrides for the input spec the backbone's pretrained config provides."""
 
-    size: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)] | None = Field(None, description="Input image size [height, width].")
-    channels: PositiveInt | None = Field(None, description="Input image channels (set by `input_channels` surgery too).")
+    size: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)] | None = Field(
+        None, description="Input image size [height, width]."
+    )
+    channels: PositiveInt | None = Field(
+        None, description="Input image channels (set by `input_channels` surgery too)."
+    )
     mean: list[float] | None = Field(None, description="Per-channel normalisation mean.")
     std: list[Annotated[float, Field(gt=0)]] | None = Field(None, description="Per-channel normalisation std.")
     max_length: PositiveInt | None = Field(None, description="Token limit for text inputs.")
@@ -218,12 +243,18 @@ class InputOverride(Strict):
 
 
 class ReplaceOp(Strict):
-    module: str = Field(min_length=1, description="Dotted module name inside the backbone (as `surgery plan` prints it, without `backbone.`).")
+    module: str = Field(
+        min_length=1,
+        description="Dotted module name inside the backbone (as `surgery plan` prints it, without `backbone.`).",
+    )
     layer: LayerSpec = Field(description="The allowlisted layer put in its place.")
 
 
 class LoraOp(Strict):
-    targets: list[ParamGlob] = Field(min_length=1, description="Globs over backbone module names whose Linear/Conv layers get LoRA adapters (e.g. `encoder.layer.*.attention.self.query`).")
+    targets: list[ParamGlob] = Field(
+        min_length=1,
+        description="Globs over backbone module names whose Linear/Conv layers get LoRA adapters (e.g. `encoder.layer.*.attention.self.query`).",
+    )
     r: PositiveInt = Field(8, description="Rank of the adapter.")
     alpha: float = Field(16.0, gt=0, description="Scaling numerator (the update is scaled by alpha / r).")
     dropout: Probability = Field(0.0, description="Dropout on the adapter's input.")
@@ -234,10 +265,19 @@ class SurgeryOp(OneOf):
 
     replace: ReplaceOp | None = Field(None, description="Put an allowlisted layer in place of a module.")
     remove: str | None = Field(None, description="Replace a module with Identity.")
-    truncate: str | None = Field(None, description="Drop every module after this one (the backbone's output becomes this module's output).")
-    input_channels: PositiveInt | None = Field(None, description="Adapt the first convolution to N input channels, adapting its pretrained weights as timm does.")
-    reinit: str | None = Field(None, description="Re-initialise a module's parameters (discard pretrained weights there).")
-    lora: LoraOp | None = Field(None, description="Add LoRA adapters (via peft) to the matched modules; they are merged on export.")
+    truncate: str | None = Field(
+        None, description="Drop every module after this one (the backbone's output becomes this module's output)."
+    )
+    input_channels: PositiveInt | None = Field(
+        None,
+        description="Adapt the first convolution to N input channels, adapting its pretrained weights as timm does.",
+    )
+    reinit: str | None = Field(
+        None, description="Re-initialise a module's parameters (discard pretrained weights there)."
+    )
+    lora: LoraOp | None = Field(
+        None, description="Add LoRA adapters (via peft) to the matched modules; they are merged on export."
+    )
 
     @classmethod
     def _takes_params(cls, key: Any) -> bool:
@@ -262,15 +302,28 @@ class Head(Strict):
     """A named output: a tap on the backbone, a stack of layers, a loss and metrics."""
 
     name: Annotated[str, Field(pattern=_IDENT)] = Field(description="Head name; its parameters are `heads.<name>.*`.")
-    input: Literal["logits", "pooled", "tokens", "features"] = Field("pooled", description="What the head reads: `logits` (the backbone's own output, classifier included), `pooled` (features before the classifier), `tokens` (transformer sequence output, pooled by `pool`), `features` (a multi-scale feature map, chosen by `feature_index`).")
-    pool: Literal["cls", "mean", "none"] = Field("mean", description="For `input: tokens`: take the CLS token, mean over the attention mask, or keep the sequence (`none`).")
-    feature_index: int = Field(-1, description="For `input: features`: which feature map (timm `features_only` order; negative counts from the end).")
+    input: Literal["logits", "pooled", "tokens", "features"] = Field(
+        "pooled",
+        description="What the head reads: `logits` (the backbone's own output, classifier included), `pooled` (features before the classifier), `tokens` (transformer sequence output, pooled by `pool`), `features` (a multi-scale feature map, chosen by `feature_index`).",
+    )
+    pool: Literal["cls", "mean", "none"] = Field(
+        "mean",
+        description="For `input: tokens`: take the CLS token, mean over the attention mask, or keep the sequence (`none`).",
+    )
+    feature_index: int = Field(
+        -1,
+        description="For `input: features`: which feature map (timm `features_only` order; negative counts from the end).",
+    )
     layers: list[LayerSpec] = Field(min_length=1, description="Layers applied in order to the tap.")
     loss: LossSpec = Field(description="Training loss: a name, or `{name, weight, label_smoothing}`.")
     metrics: list[MetricName] = Field(default_factory=list, description="Validation metrics: " + METRICS.describe())
     labels: list[str] | None = Field(None, description="Class names, in output order (served with predictions).")
-    target: str | None = Field(None, description="Label column (data) that trains this head; default: `data.label_column`.")
-    init: Literal["default", "zeros", "xavier_uniform", "kaiming_normal", "trunc_normal"] = Field("default", description="Initialisation of the head's layers.")
+    target: str | None = Field(
+        None, description="Label column (data) that trains this head; default: `data.label_column`."
+    )
+    init: Literal["default", "zeros", "xavier_uniform", "kaiming_normal", "trunc_normal"] = Field(
+        "default", description="Initialisation of the head's layers."
+    )
 
 
 # --------------------------------------------------------------------------- placement
@@ -278,17 +331,28 @@ class Head(Strict):
 
 class Stage(Strict):
     params: list[ParamGlob] = Field(min_length=1, description="Globs over parameter names placed on this stage.")
-    device: Annotated[str, Field(pattern=_DEVICE)] = Field(description="Device of the stage (`cuda:0`, `cuda:1`, `cpu`).")
+    device: Annotated[str, Field(pattern=_DEVICE)] = Field(
+        description="Device of the stage (`cuda:0`, `cuda:1`, `cpu`)."
+    )
 
 
 class Placement(Strict):
     """Where the model runs: one device, data parallel (DDP), or model-parallel stages."""
 
-    strategy: Literal["single", "ddp", "pipeline"] = Field("single", description="`single` device, `ddp` data parallel, or `pipeline` model-parallel stages.")
-    device: Annotated[str, Field(pattern=_DEVICE)] = Field("auto", description="Device for `single`: `auto` (CUDA if present, else CPU), `cpu`, `cuda`, `cuda:N`, `mps`.")
+    strategy: Literal["single", "ddp", "pipeline"] = Field(
+        "single", description="`single` device, `ddp` data parallel, or `pipeline` model-parallel stages."
+    )
+    device: Annotated[str, Field(pattern=_DEVICE)] = Field(
+        "auto", description="Device for `single`: `auto` (CUDA if present, else CPU), `cpu`, `cuda`, `cuda:N`, `mps`."
+    )
     workers: PositiveInt = Field(1, description="Processes for `ddp` (one per GPU).")
-    use_ray: bool = Field(False, description="Run `ddp` workers through Ray Train (on `RAY_ADDRESS` if set) instead of locally.")
-    stages: list[Stage] = Field(default_factory=list, description="For `pipeline`: consecutive stages, each a set of parameter globs and a device.")
+    use_ray: bool = Field(
+        False, description="Run `ddp` workers through Ray Train (on `RAY_ADDRESS` if set) instead of locally."
+    )
+    stages: list[Stage] = Field(
+        default_factory=list,
+        description="For `pipeline`: consecutive stages, each a set of parameter globs and a device.",
+    )
 
 
 # --------------------------------------------------------------------------- data
@@ -299,12 +363,18 @@ class FlipParams(Strict):
 
 
 class ResizedCropParams(Strict):
-    scale: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=2, max_length=2)] = Field(default_factory=lambda: [0.08, 1.0], description="Range of the crop's area fraction.")
-    ratio: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=2, max_length=2)] = Field(default_factory=lambda: [0.75, 1.3333333333333333], description="Range of the crop's aspect ratio.")
+    scale: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=2, max_length=2)] = Field(
+        default_factory=lambda: [0.08, 1.0], description="Range of the crop's area fraction."
+    )
+    ratio: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=2, max_length=2)] = Field(
+        default_factory=lambda: [0.75, 1.3333333333333333], description="Range of the crop's aspect ratio."
+    )
 
 
 class RandomCropParams(Strict):
-    padding: Annotated[int, Field(ge=0)] = Field(4, description="Zero padding added on each side before cropping back to size.")
+    padding: Annotated[int, Field(ge=0)] = Field(
+        4, description="Zero padding added on each side before cropping back to size."
+    )
 
 
 class RotateParams(Strict):
@@ -347,22 +417,40 @@ class Data(Strict):
     """Where training and validation data come from, and how they are batched."""
 
     source: DataSourceName = Field(description="Data source: " + DATA_SOURCES.describe())
-    train: str | None = Field(None, description="Training data: a folder (`image_folder`) or file (`csv`, `jsonl`), relative to the recipe file.")
-    val: str | None = Field(None, description="Validation data; when absent, `val_split` of the training data is held out.")
+    train: str | None = Field(
+        None,
+        description="Training data: a folder (`image_folder`) or file (`csv`, `jsonl`), relative to the recipe file.",
+    )
+    val: str | None = Field(
+        None, description="Validation data; when absent, `val_split` of the training data is held out."
+    )
     val_split: float = Field(0.2, gt=0, lt=1, description="Fraction held out for validation when `val` is absent.")
     split_seed: int = Field(0, description="Seed of the train/validation split (independent of the training seed).")
-    text_column: str | None = Field(None, description="Text column (`csv`/`jsonl`), tokenised with the backbone's tokenizer.")
-    feature_columns: list[str] | None = Field(None, description="Numeric feature columns (`csv`/`jsonl`) used as a float vector input.")
+    text_column: str | None = Field(
+        None, description="Text column (`csv`/`jsonl`), tokenised with the backbone's tokenizer."
+    )
+    feature_columns: list[str] | None = Field(
+        None, description="Numeric feature columns (`csv`/`jsonl`) used as a float vector input."
+    )
     label_column: str = Field("label", description="Default label column for heads without a `target`.")
     batch_size: PositiveInt = Field(32, description="Training batch size (per process).")
     eval_batch_size: PositiveInt | None = Field(None, description="Validation batch size; default: `batch_size`.")
-    num_workers: Literal["auto"] | Annotated[int, Field(ge=0)] = Field("auto", description="DataLoader worker processes; `auto` is 4 per GPU, capped by the CPU count (0 on CPU-only machines with ≤ 2 cores).")
-    pin_memory: Literal["auto"] | bool = Field("auto", description="Pin host memory for faster copies; `auto` is on when CUDA is used.")
+    num_workers: Literal["auto"] | Annotated[int, Field(ge=0)] = Field(
+        "auto",
+        description="DataLoader worker processes; `auto` is 4 per GPU, capped by the CPU count (0 on CPU-only machines with ≤ 2 cores).",
+    )
+    pin_memory: Literal["auto"] | bool = Field(
+        "auto", description="Pin host memory for faster copies; `auto` is on when CUDA is used."
+    )
     shuffle: bool = Field(True, description="Shuffle the training data each epoch (seeded).")
     drop_last: bool = Field(False, description="Drop the last incomplete training batch.")
-    augment: list[Augmentation] = Field(default_factory=list, description="Training-time augmentations, applied in order.")
+    augment: list[Augmentation] = Field(
+        default_factory=list, description="Training-time augmentations, applied in order."
+    )
     synthetic: Synthetic = Field(default_factory=Synthetic, description="Settings of the `synthetic` source.")
-    limit_train: PositiveInt | None = Field(None, description="Use at most this many training samples (quick experiments).")
+    limit_train: PositiveInt | None = Field(
+        None, description="Use at most this many training samples (quick experiments)."
+    )
     limit_val: PositiveInt | None = Field(None, description="Use at most this many validation samples.")
 
 
@@ -375,13 +463,17 @@ class Optimizer(Strict):
     weight_decay: float = Field(0.0, ge=0, description="Weight decay (decoupled for adamw).")
     momentum: float = Field(0.9, ge=0, lt=1, description="Momentum (sgd, rmsprop).")
     nesterov: bool = Field(False, description="Nesterov momentum (sgd).")
-    betas: Annotated[list[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)] = Field(default_factory=lambda: [0.9, 0.999], description="Adam betas.")
+    betas: Annotated[list[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)] = Field(
+        default_factory=lambda: [0.9, 0.999], description="Adam betas."
+    )
     eps: float = Field(1e-8, gt=0, description="Adam/RMSprop epsilon.")
 
 
 class Scheduler(Strict):
     name: SchedulerName = Field("constant", description="Learning-rate schedule: " + SCHEDULERS.describe())
-    warmup_steps: Annotated[int, Field(ge=0)] = Field(0, description="Linear warmup from 0 over this many optimizer steps.")
+    warmup_steps: Annotated[int, Field(ge=0)] = Field(
+        0, description="Linear warmup from 0 over this many optimizer steps."
+    )
     min_lr: float = Field(0.0, ge=0, description="Final learning rate for `cosine` and `linear`.")
     step_epochs: PositiveInt = Field(10, description="Epochs between decays for `step`.")
     gamma: float = Field(0.1, gt=0, description="Decay factor for `step`.")
@@ -389,11 +481,15 @@ class Scheduler(Strict):
 
 class LrGroup(Strict):
     params: ParamGlob = Field(description="Glob over parameter names (`backbone.**`).")
-    lr_scale: float = Field(gt=0, description="Multiplier of the base learning rate for these parameters (last matching group wins).")
+    lr_scale: float = Field(
+        gt=0, description="Multiplier of the base learning rate for these parameters (last matching group wins)."
+    )
 
 
 class UnfreezeAt(Strict):
-    epoch: Annotated[int, Field(ge=0)] = Field(description="Epoch (0-based) at whose start these parameters become trainable.")
+    epoch: Annotated[int, Field(ge=0)] = Field(
+        description="Epoch (0-based) at whose start these parameters become trainable."
+    )
     params: ParamGlob = Field(description="Glob over parameter names to unfreeze.")
     lr_scale: float = Field(1.0, gt=0, description="Learning-rate multiplier of the newly trainable parameters.")
 
@@ -401,8 +497,12 @@ class UnfreezeAt(Strict):
 class Checkpointing(Strict):
     every_steps: PositiveInt | None = Field(None, description="Also save every N optimizer steps (mid-epoch).")
     every_epoch: bool = Field(True, description="Save at the end of each epoch.")
-    keep_best: Annotated[int, Field(ge=0)] = Field(1, description="Keep the k best checkpoints by `monitor` (plus `last`).")
-    monitor: str = Field("val/loss", description="Metric that ranks checkpoints: `val/loss`, `val/<head>/loss` or `val/<head>/<metric>`.")
+    keep_best: Annotated[int, Field(ge=0)] = Field(
+        1, description="Keep the k best checkpoints by `monitor` (plus `last`)."
+    )
+    monitor: str = Field(
+        "val/loss", description="Metric that ranks checkpoints: `val/loss`, `val/<head>/loss` or `val/<head>/<metric>`."
+    )
     mode: Literal["min", "max"] = Field("min", description="Whether lower or higher `monitor` is better.")
 
 
@@ -417,17 +517,34 @@ class Train(Strict):
     """The training loop's settings."""
 
     epochs: PositiveInt = Field(10, description="Number of epochs.")
-    max_steps: PositiveInt | None = Field(None, description="Stop after this many optimizer steps, whatever `epochs` says.")
-    seed: int = Field(0, description="Seed of weights init, data order and augmentations; CPU runs are bit-reproducible.")
+    max_steps: PositiveInt | None = Field(
+        None, description="Stop after this many optimizer steps, whatever `epochs` says."
+    )
+    seed: int = Field(
+        0, description="Seed of weights init, data order and augmentations; CPU runs are bit-reproducible."
+    )
     optimizer: Optimizer = Field(default_factory=Optimizer, description="Optimizer and its settings.")
     scheduler: Scheduler = Field(default_factory=Scheduler, description="Learning-rate schedule.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="`fp32`; `bf16` autocast (CPU or CUDA); `fp16` autocast with GradScaler (CUDA).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="`fp32`; `bf16` autocast (CPU or CUDA); `fp16` autocast with GradScaler (CUDA)."
+    )
     accumulate: PositiveInt = Field(1, description="Micro-batches per optimizer step (gradient accumulation).")
-    clip_grad_norm: Annotated[float, Field(gt=0)] | None = Field(None, description="Clip the global gradient norm to this value.")
-    lr_groups: list[LrGroup] = Field(default_factory=list, description="Per-parameter-group learning-rate scales, by glob.")
-    unfreeze_at: list[UnfreezeAt] = Field(default_factory=list, description="Gradual unfreezing: parameters that become trainable at an epoch.")
-    frozen_batchnorm: Literal["eval", "train"] = Field("eval", description="BatchNorm layers whose parameters are all frozen stay in eval mode (running stats untouched) unless `train`.")
-    checkpoint: Checkpointing = Field(default_factory=Checkpointing, description="When checkpoints are saved and which are kept.")
+    clip_grad_norm: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="Clip the global gradient norm to this value."
+    )
+    lr_groups: list[LrGroup] = Field(
+        default_factory=list, description="Per-parameter-group learning-rate scales, by glob."
+    )
+    unfreeze_at: list[UnfreezeAt] = Field(
+        default_factory=list, description="Gradual unfreezing: parameters that become trainable at an epoch."
+    )
+    frozen_batchnorm: Literal["eval", "train"] = Field(
+        "eval",
+        description="BatchNorm layers whose parameters are all frozen stay in eval mode (running stats untouched) unless `train`.",
+    )
+    checkpoint: Checkpointing = Field(
+        default_factory=Checkpointing, description="When checkpoints are saved and which are kept."
+    )
     early_stopping: EarlyStopping | None = Field(None, description="Stop when the monitored metric stops improving.")
     eval_every_epochs: PositiveInt = Field(1, description="Validate every N epochs (always after the last).")
 
@@ -439,8 +556,12 @@ class Monitor(Strict):
     log_every_steps: PositiveInt = Field(10, description="Log training scalars every N optimizer steps.")
     histograms: bool = Field(True, description="Log histograms of trainable weights and their gradients each epoch.")
     graph: bool = Field(True, description="Log the model graph once.")
-    sample_predictions: Annotated[int, Field(ge=0)] = Field(8, description="Validation images logged with their predictions each epoch (image data).")
-    progress: Literal["auto", "rich", "plain", "none"] = Field("auto", description="Progress display: rich bars on a terminal (`auto`), plain lines, or nothing.")
+    sample_predictions: Annotated[int, Field(ge=0)] = Field(
+        8, description="Validation images logged with their predictions each epoch (image data)."
+    )
+    progress: Literal["auto", "rich", "plain", "none"] = Field(
+        "auto", description="Progress display: rich bars on a terminal (`auto`), plain lines, or nothing."
+    )
 
 
 # --------------------------------------------------------------------------- tuning
@@ -451,9 +572,15 @@ class Domain(OneOf):
 
     grid: list[Any] | None = Field(None, description="Try every value (grid search).")
     choice: list[Any] | None = Field(None, description="Sample one of the values.")
-    uniform: Annotated[list[float], Field(min_length=2, max_length=2)] | None = Field(None, description="Sample uniformly from [low, high].")
-    loguniform: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=2, max_length=2)] | None = Field(None, description="Sample log-uniformly from [low, high].")
-    randint: Annotated[list[int], Field(min_length=2, max_length=2)] | None = Field(None, description="Sample an integer from [low, high).")
+    uniform: Annotated[list[float], Field(min_length=2, max_length=2)] | None = Field(
+        None, description="Sample uniformly from [low, high]."
+    )
+    loguniform: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=2, max_length=2)] | None = Field(
+        None, description="Sample log-uniformly from [low, high]."
+    )
+    randint: Annotated[list[int], Field(min_length=2, max_length=2)] | None = Field(
+        None, description="Sample an integer from [low, high)."
+    )
 
     @classmethod
     def _takes_params(cls, key: Any) -> bool:
@@ -468,8 +595,12 @@ class Tune(Strict):
     metric: str = Field("val/loss", description="Metric to optimise (same names as `checkpoint.monitor`).")
     mode: Literal["min", "max"] = Field("min", description="Minimise or maximise `metric`.")
     num_samples: PositiveInt = Field(8, description="Trials (for grid: repeats of the grid).")
-    max_concurrent: PositiveInt | None = Field(None, description="Trials run at once; default: as many as resources allow.")
-    scheduler: Literal["none", "asha", "hyperband"] = Field("none", description="Early-stopping trial scheduler (`bohb` uses its own HyperBand).")
+    max_concurrent: PositiveInt | None = Field(
+        None, description="Trials run at once; default: as many as resources allow."
+    )
+    scheduler: Literal["none", "asha", "hyperband"] = Field(
+        "none", description="Early-stopping trial scheduler (`bohb` uses its own HyperBand)."
+    )
 
 
 # --------------------------------------------------------------------------- export & serve
@@ -478,16 +609,22 @@ class Tune(Strict):
 class Export(Strict):
     """Formats written into the bundle at the end of `surgery build` (and by `surgery export`)."""
 
-    formats: list[ExportFormat] = Field(default_factory=lambda: ["safetensors"], description="Formats: " + EXPORT_FORMATS.describe())
+    formats: list[ExportFormat] = Field(
+        default_factory=lambda: ["safetensors"], description="Formats: " + EXPORT_FORMATS.describe()
+    )
     opset: PositiveInt | None = Field(None, description="ONNX opset; default: the exporter's.")
-    tolerance: float = Field(1e-4, gt=0, description="Maximum abs difference between an exported format and eager PyTorch.")
+    tolerance: float = Field(
+        1e-4, gt=0, description="Maximum abs difference between an exported format and eager PyTorch."
+    )
     dynamic_batch: bool = Field(True, description="Exported graphs accept any batch size.")
 
 
 class Autoscaling(Strict):
     min_replicas: Annotated[int, Field(ge=0)] = Field(1, description="Fewest replicas.")
     max_replicas: PositiveInt = Field(2, description="Most replicas.")
-    target_ongoing_requests: PositiveInt = Field(8, description="Requests in flight per replica that autoscaling aims for.")
+    target_ongoing_requests: PositiveInt = Field(
+        8, description="Requests in flight per replica that autoscaling aims for."
+    )
 
 
 class Serve(Strict):
@@ -497,7 +634,9 @@ class Serve(Strict):
     batch_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits to fill after its first request.")
     replicas: PositiveInt = Field(1, description="Replicas of the model (ignored when `autoscaling` is set).")
     autoscaling: Autoscaling | None = Field(None, description="Ray Serve autoscaling instead of a fixed replica count.")
-    max_ongoing_requests: PositiveInt = Field(64, description="Requests a replica accepts at once (high enough for batches to fill).")
+    max_ongoing_requests: PositiveInt = Field(
+        64, description="Requests a replica accepts at once (high enough for batches to fill)."
+    )
     max_body_mb: float = Field(4.0, gt=0, description="Largest request body accepted, in MB.")
     request_timeout_s: float = Field(30.0, gt=0, description="Request timeout in seconds.")
     top_k: PositiveInt = Field(5, description="Labels returned per classification head.")
@@ -509,15 +648,28 @@ class Serve(Strict):
 class Recipe(Strict):
     """A `surgery` recipe: what model to build, how to train, export and serve it."""
 
-    name: Annotated[str, Field(pattern=_SLUG)] = Field(description="Recipe name; run folders are `runs/<name>/<run-id>`.")
+    name: Annotated[str, Field(pattern=_SLUG)] = Field(
+        description="Recipe name; run folders are `runs/<name>/<run-id>`."
+    )
     description: str = Field("", description="What this recipe is for.")
-    extends: str | list[str] | None = Field(None, description="Base recipe(s) deep-merged under this one: a path relative to this file or a name from the shipped `recipes/`. Mappings merge; lists and scalars replace. Empty after loading.")
+    extends: str | list[str] | None = Field(
+        None,
+        description="Base recipe(s) deep-merged under this one: a path relative to this file or a name from the shipped `recipes/`. Mappings merge; lists and scalars replace. Empty after loading.",
+    )
     backbone: Backbone = Field(description="The pretrained network.")
     input: InputOverride | None = Field(None, description="Overrides of the input spec the backbone provides.")
-    surgery: list[SurgeryOp] = Field(default_factory=list, description="Module operations on the backbone, applied in order.")
+    surgery: list[SurgeryOp] = Field(
+        default_factory=list, description="Module operations on the backbone, applied in order."
+    )
     heads: list[Head] = Field(min_length=1, description="Named heads (multi-task: one loss each, summed by weight).")
-    freeze: list[ParamGlob] = Field(default_factory=list, description="Globs of parameters to freeze (`backbone.**`). `*` matches within one name part, `**` across parts.")
-    unfreeze: list[ParamGlob] = Field(default_factory=list, description="Globs of parameters to keep trainable; applied after `freeze` (the last matching rule wins).")
+    freeze: list[ParamGlob] = Field(
+        default_factory=list,
+        description="Globs of parameters to freeze (`backbone.**`). `*` matches within one name part, `**` across parts.",
+    )
+    unfreeze: list[ParamGlob] = Field(
+        default_factory=list,
+        description="Globs of parameters to keep trainable; applied after `freeze` (the last matching rule wins).",
+    )
     placement: Placement = Field(default_factory=Placement, description="Devices and parallelism.")
     data: Data | None = Field(None, description="Training data (required by `surgery build`).")
     train: Train = Field(default_factory=Train, description="Training loop settings.")
@@ -552,12 +704,18 @@ def cross_check(recipe: Recipe) -> list[Problem]:
             problems.append(Problem(("heads", i, "name"), f"duplicate head name {head.name!r}"))
         seen.add(head.name)
         if head.loss.label_smoothing and head.loss.name != "cross_entropy":
-            problems.append(Problem(("heads", i, "loss", "label_smoothing"), "label_smoothing applies to cross_entropy only"))
+            problems.append(
+                Problem(("heads", i, "loss", "label_smoothing"), "label_smoothing applies to cross_entropy only")
+            )
     keys = metric_keys(recipe)
 
     def check_metric(path: tuple[str | int, ...], value: str) -> None:
         if value not in keys:
-            problems.append(Problem(path, f"unknown metric {value!r}{did_you_mean(value, keys)}; reported metrics are {', '.join(keys)}"))
+            problems.append(
+                Problem(
+                    path, f"unknown metric {value!r}{did_you_mean(value, keys)}; reported metrics are {', '.join(keys)}"
+                )
+            )
 
     check_metric(("train", "checkpoint", "monitor"), recipe.train.checkpoint.monitor)
     if recipe.train.early_stopping is not None:
@@ -571,9 +729,30 @@ def cross_check(recipe: Recipe) -> list[Problem]:
     return problems
 
 
+def _accepts(cls: type[BaseModel], value: Any) -> bool:
+    try:
+        cls.model_validate(value)
+    except ValueError:
+        return False
+    return True
+
+
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of recipes, for editors."""
     schema = Recipe.model_json_schema()
+    defs = schema.get("$defs", {})
+    # Shorthands the validators accept (`loss: mse`, `- relu`) are valid YAML for editors too.
+    shorthands = {LossSpec: list(LOSSES.names)}
+    for cls in (LayerSpec, SurgeryOp, Augmentation):
+        shorthands[cls] = [k for k in cls.model_fields if _accepts(cls, k)]
+    for cls, names in shorthands.items():
+        if cls.__name__ in defs and names:
+            defs[cls.__name__] = {
+                "anyOf": [
+                    defs[cls.__name__],
+                    {"type": "string", "enum": names, "description": "Shorthand: a name alone."},
+                ]
+            }
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "surgery recipe"
     return schema
