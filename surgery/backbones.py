@@ -343,14 +343,16 @@ def _classifier_keys(module: nn.Module, classifier: nn.Module | None) -> list[st
 # --------------------------------------------------------------------------- torchvision
 
 
-class _TapLinear(nn.Linear):
-    """The classifier's last Linear, remembering its input so `pooled` and `logits` come from one
-    forward. Same parameters and names as the Linear it replaces."""
-
-    last_input: Tensor | None = None
+class _PooledLinear(nn.Linear):
+    """The classifier's last Linear when heads read both `pooled` and `logits`: inside the zoo's
+    forward it passes its input through (so the forward returns `pooled`), and the taps apply it
+    afterwards for `logits`. Same parameters and names as the Linear it replaces; no state is
+    stored during forward, so it traces and exports like any module."""
 
     def forward(self, x: Tensor) -> Tensor:
-        self.last_input = x
+        return x
+
+    def project(self, x: Tensor) -> Tensor:
         return super().forward(x)
 
 
@@ -365,7 +367,7 @@ class TorchvisionTaps(Taps):
         if "logits" not in wanted:
             set_submodule(backbone, self.classifier_name, nn.Identity())
         elif "pooled" in wanted:
-            tap = _TapLinear(old.in_features, old.out_features, bias=old.bias is not None)
+            tap = _PooledLinear(old.in_features, old.out_features, bias=old.bias is not None)
             tap.load_state_dict(old.state_dict())
             set_submodule(backbone, self.classifier_name, tap)
 
@@ -374,11 +376,10 @@ class TorchvisionTaps(Taps):
         y = backbone(x)
         if "logits" not in wanted:
             return {"pooled": y}
-        out = {"logits": y}
-        if "pooled" in wanted:
-            tap = backbone.get_submodule(self.classifier_name)
-            out["pooled"] = tap.last_input if isinstance(tap, _TapLinear) else y
-        return out
+        tap = backbone.get_submodule(self.classifier_name)
+        if isinstance(tap, _PooledLinear):
+            return {"pooled": y, "logits": tap.project(y)}
+        return {"logits": y}
 
 
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -567,6 +568,9 @@ def _hf_config_and_tokenizer(spec: Backbone, source: str) -> tuple[Any, Any]:
 
 def _hf_model(spec: Backbone, source: str, config: Any, pretrained: bool) -> nn.Module:
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     try:
         if pretrained:

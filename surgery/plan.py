@@ -1,0 +1,334 @@
+"""`surgery plan`: build a recipe's model without weights and show what it is before training.
+
+One measured forward (train mode, batch of 2, gradients on, for the recipe's input spec) gives
+everything: each module's output shape (forward hooks), FLOPs per sample
+(`torch.utils.flop_counter.FlopCounterMode`) and activation memory — the bytes of the tensors
+autograd saves for the backward pass (`torch.autograd.graph.saved_tensors_hooks`, counted once
+per storage). Frozen parts save almost nothing, which is the point of freezing; the measurement
+shows it. Activations are scaled linearly from the measured batch to the recipe's batch size.
+Parameters are counted from the built module, so the totals are the module's own.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from surgery.freeze import match_params
+from surgery.schema import Recipe
+
+MEASURE_BATCH = 2
+# Optimizer state per trainable parameter, in parameter-sized slots.
+_STATE_SLOTS = {"adam": 2, "adamw": 2, "sgd": 1, "rmsprop": 1}
+
+
+@dataclass
+class Row:
+    name: str
+    type: str
+    depth: int
+    output_shape: list[int] | None
+    params: int
+    trainable: int
+    devices: list[str]
+
+
+@dataclass
+class Measurement:
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    activation_bytes: dict[str, int] = field(default_factory=dict)  # by innermost module
+    flops: int = 0
+
+
+def plan_command(recipe_path: str | Path, overrides: Sequence[str], *, depth: int, as_json: bool) -> str:
+    """Load and build a recipe (no weights), and describe it as a table or JSON."""
+    from surgery.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, overrides)
+    plan = make_plan(recipe, depth=depth)
+    return json.dumps(plan, indent=2) if as_json else render_plan(plan)
+
+
+def make_plan(recipe: Recipe, *, depth: int = 3) -> dict[str, Any]:
+    """The plan as plain data (what `--json` prints)."""
+    from surgery.model import build_model
+
+    model = build_model(recipe, load_weights=False)
+    placement = device_of_params(model, recipe)
+    measured = measure(model)
+    rows = module_rows(model, measured, placement, depth)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "recipe": recipe.name,
+        "input": model.input_spec.to_dict(),
+        "heads": model.head_info,
+        "modules": [row.__dict__ for row in rows],
+        "totals": {"params": total, "trainable": trainable, "frozen": total - trainable},
+        "flops_per_sample": measured.flops // MEASURE_BATCH,
+        "memory": memory_estimate(model, recipe, measured, placement),
+    }
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def device_of_params(model: nn.Module, recipe: Recipe) -> dict[str, str]:
+    """Parameter name → the device (or pipeline stage) it lives on during training."""
+    names = [n for n, _ in model.named_parameters()]
+    placement = recipe.placement
+    if placement.strategy == "pipeline":
+        where = dict.fromkeys(names, f"stage0:{placement.stages[0].device}")
+        for i, stage in enumerate(placement.stages):
+            for glob in stage.params:
+                for n in match_params(glob, names):
+                    where[n] = f"stage{i}:{stage.device}"
+        return where
+    if placement.strategy == "ddp":
+        device = (
+            "cuda" if placement.device in ("auto", "cuda") or placement.device.startswith("cuda") else placement.device
+        )
+        return dict.fromkeys(names, f"{device} ×{placement.workers} (each)")
+    return dict.fromkeys(names, _resolve_device(placement.device))
+
+
+def _module_devices(prefix: str, placement: dict[str, str]) -> list[str]:
+    start = prefix + "."
+    return sorted({d for n, d in placement.items() if n.startswith(start)})
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+@contextmanager
+def _shape_hooks(model: nn.Module, measured: Measurement) -> Iterator[list[str]]:
+    stack: list[str] = []
+    handles = []
+
+    def pre(name: str) -> Any:
+        return lambda m, args: stack.append(name)
+
+    def post(name: str) -> Any:
+        def hook(m: nn.Module, args: Any, out: Any) -> None:
+            stack.pop()
+            if name not in measured.shapes and isinstance(out, Tensor):
+                measured.shapes[name] = list(out.shape)
+
+        return hook
+
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_pre_hook(pre(name)))
+            handles.append(module.register_forward_hook(post(name)))
+    try:
+        yield stack
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def measure(model: nn.Module) -> Measurement:
+    """One training-mode forward: output shapes, FLOPs and saved-activation bytes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    measured = Measurement()
+    seen: set[tuple[int, int]] = set()
+    weights = _parameter_storages(model)
+    inputs = model.example_inputs(MEASURE_BATCH)
+    model.train()
+    with _shape_hooks(model, measured) as stack:
+
+        def pack(t: Tensor) -> Tensor:
+            key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            if key[0] not in weights and key not in seen:  # weights are counted as weights
+                seen.add(key)
+                where = stack[-1] if stack else ""
+                measured.activation_bytes[where] = measured.activation_bytes.get(where, 0) + key[1]
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), FlopCounterMode(display=False) as counter:
+            model(*inputs)
+        measured.flops = int(counter.get_total_flops())
+    model.eval()
+    return measured
+
+
+def _parameter_storages(model: nn.Module) -> set[int]:
+    return {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+
+# --------------------------------------------------------------------------- rows & memory
+
+
+def module_rows(model: nn.Module, measured: Measurement, placement: dict[str, str], depth: int) -> list[Row]:
+    """One row per module down to `depth` (1: `backbone` and `heads`)."""
+    params = dict(model.named_parameters())
+    rows = []
+    for name, module in model.named_modules():
+        level = name.count(".") + 1 if name else 0
+        if not name or level > depth:
+            continue
+        mine = [p for n, p in params.items() if n.startswith(name + ".")]
+        rows.append(
+            Row(
+                name=name,
+                type=type(module).__name__,
+                depth=level,
+                output_shape=measured.shapes.get(name),
+                params=sum(p.numel() for p in mine),
+                trainable=sum(p.numel() for p in mine if p.requires_grad),
+                devices=_module_devices(name, placement),
+            )
+        )
+    return rows
+
+
+def _bytes_per_param(model: nn.Module) -> dict[str, int]:
+    return {n: p.numel() * p.element_size() for n, p in model.named_parameters()}
+
+
+def _activation_devices(model: nn.Module, measured: Measurement, placement: dict[str, str]) -> dict[str, int]:
+    fallback = next(iter(placement.values()), "cpu")
+    result: dict[str, int] = {}
+    for module_name, nbytes in measured.activation_bytes.items():
+        device = fallback
+        prefix = module_name
+        while prefix:
+            devices = _module_devices(prefix, placement)
+            if devices:
+                device = devices[0]
+                break
+            prefix = prefix.rpartition(".")[0]
+        result[device] = result.get(device, 0) + nbytes
+    return result
+
+
+def memory_estimate(
+    model: nn.Module, recipe: Recipe, measured: Measurement, placement: dict[str, str]
+) -> dict[str, Any]:
+    """Training memory per device: weights, gradients (trainable only), optimizer state (by the
+    optimizer's per-parameter slots) and activations (measured, scaled to the batch size)."""
+    batch = recipe.data.batch_size if recipe.data else 32
+    optimizer = recipe.train.optimizer
+    slots = _STATE_SLOTS[optimizer.name]
+    if optimizer.name == "sgd" and optimizer.momentum == 0:
+        slots = 0
+    half = recipe.train.precision in ("bf16", "fp16")
+    sizes = _bytes_per_param(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    devices: dict[str, dict[str, int]] = {}
+    for name, nbytes in sizes.items():
+        entry = devices.setdefault(
+            placement[name], dict.fromkeys(("weights", "gradients", "optimizer_state", "activations"), 0)
+        )
+        entry["weights"] += nbytes
+        if name in trainable:
+            entry["gradients"] += nbytes
+            entry["optimizer_state"] += nbytes * slots
+    for device, nbytes in _activation_devices(model, measured, placement).items():
+        entry = devices.setdefault(device, dict.fromkeys(("weights", "gradients", "optimizer_state", "activations"), 0))
+        scaled = nbytes * batch // MEASURE_BATCH
+        entry["activations"] += scaled // 2 if half else scaled
+    for entry in devices.values():
+        entry["total"] = sum(entry.values())
+    return {
+        "batch_size": batch,
+        "optimizer": optimizer.name,
+        "precision": recipe.train.precision,
+        "activations": f"measured: tensors saved for backward in one forward of batch {MEASURE_BATCH}, scaled to {batch}"
+        + (" and halved for autocast" if half else ""),
+        "per_device": devices,
+    }
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _human(n: float, unit: str = "") -> str:
+    for suffix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.1f}{suffix}{unit}" if suffix else f"{n:.0f}{unit}"
+        n /= 1000
+    return f"{n:.1f}P{unit}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def render_plan(plan: dict[str, Any]) -> str:
+    """The plan as rich tables (plain text when not on a terminal)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=140, force_terminal=False, color_system=None)
+    table = Table(title=f"{plan['recipe']}: modules", title_justify="left")
+    for column in ("module", "type", "output shape", "params", "trainable", "device"):
+        table.add_column(column, justify="right" if column in ("params", "trainable") else "left")
+    for row in plan["modules"]:
+        shape = "×".join(str(d) for d in row["output_shape"][1:]) if row["output_shape"] else "-"
+        state = (
+            "all"
+            if row["trainable"] == row["params"] and row["params"]
+            else ("frozen" if row["trainable"] == 0 else f"{row['trainable']:,}")
+        )
+        table.add_row(
+            "  " * (row["depth"] - 1) + row["name"],
+            row["type"],
+            shape,
+            f"{row['params']:,}",
+            state,
+            ", ".join(row["devices"]) or "-",
+        )
+    console.print(table)
+    console.print(_totals_text(plan))
+    console.print(_memory_table(plan, Table))
+    return buffer.getvalue().rstrip() + "\n"
+
+
+def _totals_text(plan: dict[str, Any]) -> str:
+    totals = plan["totals"]
+    spec = plan["input"]
+    shape = (
+        f"{spec['channels']}×{spec['size'][0]}×{spec['size'][1]}"
+        if spec["kind"] == "image"
+        else f"{spec['max_length']} tokens"
+    )
+    return (
+        f"parameters: {totals['params']:,} total, {totals['trainable']:,} trainable, {totals['frozen']:,} frozen\n"
+        f"input: {spec['kind']} {shape}; forward FLOPs per sample: {_human(plan['flops_per_sample'])} (2 per multiply-add)\n"
+        f"heads: "
+        + ", ".join(f"{name} ({info['task']}, {info['out_features']} out)" for name, info in plan["heads"].items())
+    )
+
+
+def _memory_table(plan: dict[str, Any], table_cls: Any) -> Any:
+    memory = plan["memory"]
+    table = table_cls(
+        title=f"training memory estimate (batch {memory['batch_size']}, {memory['optimizer']}, {memory['precision']})",
+        title_justify="left",
+        caption=f"activations {memory['activations']}",
+        caption_justify="left",
+    )
+    for column in ("device", "weights", "gradients", "optimizer state", "activations", "total"):
+        table.add_column(column, justify="left" if column == "device" else "right")
+    for device, entry in memory["per_device"].items():
+        table.add_row(
+            device, *(_mib(entry[k]) for k in ("weights", "gradients", "optimizer_state", "activations", "total"))
+        )
+    return table
