@@ -148,15 +148,16 @@ def _show(value: Any) -> str:
 class _Builder:
     """Turns a composed YAML node graph into plain data plus a `_Pos` tree."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, *, lines: bool = True) -> None:
         self.source = source
+        self.lines = lines  # False for a `--set` value: its positions are the override itself
         self.values = 0
         self.problems: list[str] = []
         self._active: set[int] = set()
         self._aliases: list[_AliasRef] = []
 
     def loc(self, mark: Any) -> Location:
-        return Location(self.source, mark.line + 1, mark.column + 1)
+        return Location(self.source, mark.line + 1, mark.column + 1) if self.lines else Location(self.source)
 
     def build(self, node: Any, depth: int = 0) -> tuple[Any, _Pos]:
         if isinstance(node, _AliasRef):
@@ -323,14 +324,14 @@ def _refuse_bombs(root: Any) -> None:
     raise _Refused(root.start_mark, f"more than {MAX_VALUES} values; this is not a recipe")
 
 
-def _parse(text: str, source: str) -> tuple[Any, _Pos] | None:
+def _parse(text: str, source: str, *, lines: bool = True) -> tuple[Any, _Pos] | None:
     """YAML text → (data, positions), or None for an empty document. Raises RecipeError."""
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > MAX_BYTES:
         raise _problem(
             source, f"{size / 2**20:.1f} MiB is too big for a recipe (the limit is {MAX_BYTES // 2**20} MiB)"
         )
-    builder = _Builder(source)
+    builder = _Builder(source, lines=lines)
     try:
         loader = _Loader(text)
         try:
@@ -354,7 +355,8 @@ def _parse(text: str, source: str) -> tuple[Any, _Pos] | None:
         code = err.character if isinstance(err.character, int) else ord(err.character)
         line = text.count("\n", 0, err.position) + 1
         col = err.position - (text.rfind("\n", 0, err.position) + 1) + 1
-        raise _problem(Location(source, line, col), f"character U+{code:04X} is not allowed in YAML") from None
+        where = Location(source, line, col) if lines else Location(source)
+        raise _problem(where, f"character U+{code:04X} is not allowed in YAML") from None
     except RecursionError:
         raise _problem(source, "nested too deeply to be a recipe") from None
     except yaml.YAMLError as err:
@@ -423,6 +425,8 @@ def _load_document(text: str, source: str, base_dir: Path, chain: tuple[Path, ..
     if parsed is None:
         raise _problem(Location(source, 1, 1), "the recipe is empty (it needs at least `name`, `backbone` and `heads`)")
     data, pos = parsed
+    if data is None:  # `---` alone, or `~`
+        raise _problem(Location(source, 1, 1), "the recipe is empty (it needs at least `name`, `backbone` and `heads`)")
     if not isinstance(data, dict):
         raise _problem(
             pos.here,
@@ -513,7 +517,7 @@ def _parse_override(text: str) -> tuple[list[str | int], str]:
 def _apply_override(data: dict[str, Any], pos: _Pos, text: str) -> None:
     path, raw = _parse_override(text)
     label = Location(f"--set {text}", field=_dotted(path))
-    parsed = _parse(raw, f"--set {text}")
+    parsed = _parse(raw, f"--set {text}", lines=False)
     value = None if parsed is None else parsed[0]
     node: Any = data
     node_pos = pos
@@ -714,6 +718,7 @@ def _pydantic_problems(err: ValidationError, data: Any, pos: _Pos) -> list[tuple
 
 
 def _validate(data: dict[str, Any], pos: _Pos) -> Recipe:
+    """Check `data` against the schema; problems are sorted by place, the recipe's own file first."""
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
@@ -722,7 +727,7 @@ def _validate(data: dict[str, Any], pos: _Pos) -> Recipe:
         problems = [_line(pos, p.path, p.message) for p in cross_check(recipe)]
         if not problems:
             return recipe
-    order = {s: i for i, s in enumerate(dict.fromkeys(where.source for where, _ in problems))}
+    order = {s: i for i, s in enumerate(dict.fromkeys([pos.here.source, *(where.source for where, _ in problems)]))}
     problems.sort(key=lambda p: (p[0].line is None, order[p[0].source], p[0].line or 0, p[0].col or 0))
     raise RecipeError([line for _, line in problems])
 
