@@ -1,0 +1,311 @@
+"""Checkpoints: atomic, verified, ranked.
+
+Layout, under `<run>/checkpoints/`:
+
+    step-00000120/  model.safetensors  full model state_dict
+                    trainer.pt         optimizer, scheduler, scaler, RNG states, data position,
+                                       freeze / early-stopping / unfreeze state (torch.save; loaded
+                                       with weights_only=True)
+                    recipe.yaml        the resolved recipe that produced it
+                    meta.json          {"epoch", "step", "batch_in_epoch", "metrics",
+                                        "recipe_sha256", "files": {name: sha256}, "complete": true}
+    index.json      {"last": "step-...", "best": [["step-...", value], ...]}
+
+A checkpoint is written into a hidden temporary sibling, every file and the folder fsynced, then
+renamed into place: a run killed at any instant leaves either a complete checkpoint or a
+temporary folder that is ignored. `meta.json` is written last and lists the sha256 of the other
+files; a checkpoint whose meta is missing or incomplete, or whose files don't match it, is skipped
+with a warning and never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgery.errors import CheckpointError
+
+CHECKPOINTS = "checkpoints"
+INDEX = "index.json"
+MODEL_FILE = "model.safetensors"
+TRAINER_FILE = "trainer.pt"
+RECIPE_FILE = "recipe.yaml"
+META_FILE = "meta.json"
+_TMP_PREFIX = ".tmp-"
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint that is skipped (partial, corrupt) or a leftover temporary folder."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors sharing storage (tied weights): give duplicates their own copy.
+    seen: set[tuple[int, int]] = set()
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in seen or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            tensor = tensor.clone()
+        seen.add((tensor.untyped_storage().data_ptr(), tensor.storage_offset()))
+        tensors[name] = tensor
+    return tensors
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save_checkpoint(
+    run_dir: Path,
+    *,
+    model: torch.nn.Module,
+    trainer_state: dict[str, Any],
+    meta: dict[str, Any],
+    recipe_text: str,
+    monitor: str,
+    mode: str,
+    keep_best: int,
+) -> Path:
+    """Write `step-<meta.step>/` atomically, update index.json (last, k best by `monitor`) and prune."""
+    from safetensors.torch import save_file
+
+    folder = Path(run_dir) / CHECKPOINTS
+    folder.mkdir(parents=True, exist_ok=True)
+    name = checkpoint_name(int(meta["step"]))
+    tmp = folder / f"{_TMP_PREFIX}{name}.{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(_model_tensors(model), str(tmp / MODEL_FILE))
+    torch.save(trainer_state, tmp / TRAINER_FILE)
+    (tmp / RECIPE_FILE).write_text(recipe_text)
+    files = {f: sha256_file(tmp / f) for f in (MODEL_FILE, TRAINER_FILE, RECIPE_FILE)}
+    (tmp / META_FILE).write_text(json.dumps({**meta, "files": files, "complete": True}, indent=2, sort_keys=True))
+    for f in (*files, META_FILE):
+        _fsync(tmp / f)
+    _fsync(tmp)
+    final = folder / name
+    if final.exists():  # the same step saved again (e.g. a resumed run): replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(folder)
+    _update_index(folder, name, meta.get("metrics", {}).get(monitor), mode, keep_best)
+    return final
+
+
+def _update_index(folder: Path, name: str, value: float | None, mode: str, keep_best: int) -> None:
+    index = read_index(folder.parent)
+    best = [entry for entry in index.get("best", []) if entry[0] != name]
+    if value is not None and keep_best > 0:
+        best.append([name, float(value)])
+        best.sort(key=lambda e: e[1] if mode == "min" else -e[1])
+        best = best[:keep_best]
+    index = {"last": name, "best": best}
+    _write_json_atomic(folder / INDEX, index)
+    keep = {name, *(e[0] for e in best)}
+    for path in folder.iterdir():
+        if path.is_dir() and path.name.startswith("step-") and path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.name.startswith(_TMP_PREFIX) and not path.name.endswith(f".{os.getpid()}"):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def read_index(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / CHECKPOINTS / INDEX
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {"last": None, "best": []}
+
+
+# --------------------------------------------------------------------------- verify & find
+
+
+def read_meta(ckpt_dir: Path) -> dict[str, Any]:
+    """The checkpoint's meta.json (raises CheckpointError if it is missing or unreadable)."""
+    path = Path(ckpt_dir) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"checkpoint {ckpt_dir} has no readable {META_FILE}: {err}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {META_FILE} is not an object")
+    return meta
+
+
+def verify_checkpoint(ckpt_dir: Path) -> str | None:
+    """None if the checkpoint is complete and every file matches its hash, else why not."""
+    try:
+        meta = read_meta(ckpt_dir)
+    except CheckpointError as err:
+        return str(err)
+    if meta.get("complete") is not True or not {"epoch", "step", "files"} <= set(meta):
+        return f"checkpoint {ckpt_dir} is incomplete"
+    for name, digest in meta["files"].items():
+        path = Path(ckpt_dir) / name
+        if not path.is_file():
+            return f"checkpoint {ckpt_dir} lacks {name}"
+        if sha256_file(path) != digest:
+            return f"checkpoint {ckpt_dir}: {name} does not match its recorded sha256 (truncated or modified)"
+    return None
+
+
+def _valid(ckpt_dir: Path) -> bool:
+    problem = verify_checkpoint(ckpt_dir)
+    if problem is not None:
+        warnings.warn(f"skipping {problem}", CheckpointWarning, stacklevel=3)
+    return problem is None
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders, newest step first (unverified); warns about leftover temporary folders."""
+    folder = Path(run_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    for path in folder.iterdir():
+        if path.name.startswith(_TMP_PREFIX) and path.is_dir():
+            warnings.warn(f"ignoring {path}: a checkpoint whose save was interrupted", CheckpointWarning, stacklevel=3)
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def find_last(run_dir: Path) -> Path:
+    """The newest complete, verified checkpoint of a run (partial/corrupt ones skipped with a warning)."""
+    for path in list_checkpoints(run_dir):
+        if _valid(path):
+            return path
+    raise CheckpointError(f"run {run_dir} has no complete checkpoint to resume from or export")
+
+
+def find_best(run_dir: Path) -> Path:
+    """The best verified checkpoint by the recipe's `train.checkpoint.monitor`; the last one when
+    none was ranked (no validation yet, or keep_best: 0)."""
+    folder = Path(run_dir) / CHECKPOINTS
+    for name, _value in read_index(run_dir).get("best", []):
+        path = folder / name
+        if path.is_dir() and _valid(path):
+            return path
+    return find_last(run_dir)
+
+
+def load_checkpoint(ckpt_dir: Path, model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Verify, load the weights into `model`, and return (trainer_state, meta)."""
+    from safetensors.torch import load_file
+
+    problem = verify_checkpoint(ckpt_dir)
+    if problem is not None:
+        raise CheckpointError(problem)
+    state = load_file(str(Path(ckpt_dir) / MODEL_FILE))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    trainer = torch.load(Path(ckpt_dir) / TRAINER_FILE, weights_only=True, map_location="cpu")
+    return trainer, read_meta(ckpt_dir)
+
+
+# --------------------------------------------------------------------------- random state
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch and CUDA RNG states, in a form torch.load(weights_only=True) accepts."""
+    import random
+
+    import numpy as np
+
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(mt), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- resume contract
+
+SAFE_TO_CHANGE = (
+    "train.epochs",
+    "train.max_steps",
+    "train.early_stopping.patience",
+    "monitor.",
+    "export.",
+    "serve.",
+    "description",
+)
+
+
+def is_safe_change(path: str) -> bool:
+    """Fields a resumed run may change: how long it runs, patience, logging, export/serve settings."""
+    return any(path == p or (p.endswith(".") and path.startswith(p)) for p in SAFE_TO_CHANGE)
+
+
+def check_resume(old_recipe: Any, new_recipe: Any, *, force: bool) -> list[str]:
+    """Lines describing the recipe change; raises CheckpointError when an unsafe field changed
+    and `force` is off."""
+    from surgery.recipe import recipe_diff
+
+    diff = recipe_diff(old_recipe, new_recipe)
+    lines = [f"  {path}: {old!r} -> {new!r}" for path, old, new in diff]
+    unsafe = [path for path, _, _ in diff if not is_safe_change(path)]
+    if unsafe and not force:
+        raise CheckpointError(
+            "the recipe changed since the checkpoint was written; refusing to resume "
+            f"(unsafe: {', '.join(unsafe)}). Changes:\n"
+            + "\n".join(lines)
+            + "\nUse --force to resume anyway, or start a new run without --resume."
+        )
+    return lines

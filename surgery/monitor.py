@@ -1,0 +1,265 @@
+"""What a run reports: TensorBoard event files under `<run>/tb`, `metrics.jsonl` with the same
+scalars (one JSON object per logging point), and the progress display on the terminal."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from surgery.inputs import InputSpec
+from surgery.schema import Recipe
+
+TB_DIR = "tb"
+METRICS_FILE = "metrics.jsonl"
+
+
+def memory_scalars(device: torch.device) -> dict[str, float]:
+    """CUDA allocated/reserved MiB on GPU; the process RSS MiB otherwise."""
+    if device.type == "cuda":
+        return {
+            "system/cuda_allocated_mib": torch.cuda.memory_allocated(device) / 2**20,
+            "system/cuda_reserved_mib": torch.cuda.memory_reserved(device) / 2**20,
+        }
+    import psutil
+
+    return {"system/rss_mib": psutil.Process().memory_info().rss / 2**20}
+
+
+def _truncate_jsonl(path: Path, after_step: int) -> None:
+    """Drop lines logged after `after_step` (a resumed run logs those steps again)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= after_step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _hparams(recipe: Recipe) -> dict[str, Any]:
+    t = recipe.train
+    return {
+        "backbone": f"{recipe.backbone.source}:{recipe.backbone.name}",
+        "optimizer": t.optimizer.name,
+        "lr": t.optimizer.lr,
+        "weight_decay": t.optimizer.weight_decay,
+        "scheduler": t.scheduler.name,
+        "batch_size": recipe.data.batch_size if recipe.data else 0,
+        "epochs": t.epochs,
+        "accumulate": t.accumulate,
+        "precision": t.precision,
+        "seed": t.seed,
+    }
+
+
+class RunMonitor:
+    """TensorBoard + metrics.jsonl for one run. `resume_step` drops events logged after the
+    checkpoint a resumed run starts from, so curves don't double back."""
+
+    def __init__(self, run_dir: Path, recipe: Recipe, *, resume_step: int | None = None, enabled: bool = True) -> None:
+        self.recipe = recipe
+        self.settings = recipe.monitor
+        self.enabled = enabled
+        self.writer: Any = None
+        self.jsonl: TextIO | None = None
+        if not enabled:
+            return
+        run_dir = Path(run_dir)
+        path = run_dir / METRICS_FILE
+        if resume_step is not None:
+            _truncate_jsonl(path, resume_step)
+        self.jsonl = path.open("a", buffering=1)
+        if self.settings.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(
+                str(run_dir / TB_DIR), purge_step=resume_step + 1 if resume_step is not None else None
+            )
+
+    def scalars(self, step: int, values: dict[str, float], *, epoch: int | None = None) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
+        if self.writer is not None:
+            for tag, value in clean.items():
+                self.writer.add_scalar(tag, value, step)
+        assert self.jsonl is not None
+        self.jsonl.write(json.dumps({"step": step, "epoch": epoch, "time": round(time.time(), 3), **clean}) + "\n")
+
+    def histograms(self, model: torch.nn.Module, step: int) -> None:
+        if self.writer is None or not self.settings.histograms:
+            return
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            self.writer.add_histogram(f"weights/{name}", param.detach().float().cpu(), step)
+            if param.grad is not None:
+                self.writer.add_histogram(f"grads/{name}", param.grad.detach().float().cpu(), step)
+
+    def graph(self, model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> None:
+        if self.writer is None or not self.settings.graph:
+            return
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.writer.add_graph(model, example_inputs, use_strict_trace=False)
+        except Exception as err:  # tracing fails on some models; the graph is a nicety
+            warnings.warn(f"TensorBoard model graph skipped: {type(err).__name__}: {str(err)[:200]}", stacklevel=2)
+
+    def sample_predictions(
+        self,
+        images: torch.Tensor,
+        predictions: Sequence[str],
+        truths: Sequence[str],
+        spec: InputSpec,
+        step: int,
+    ) -> None:
+        """Validation images with 'prediction / truth' drawn under each, as one grid."""
+        if self.writer is None or not self.settings.sample_predictions or images.ndim != 4:
+            return
+        self.writer.add_image("val/predictions", prediction_grid(images, predictions, truths, spec), step)
+
+    def hparams(self, final_metrics: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        metrics = {f"hparam/{k}": float(v) for k, v in final_metrics.items() if math.isfinite(float(v))}
+        self.writer.add_hparams(_hparams(self.recipe), metrics, run_name="hparams")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+def prediction_grid(
+    images: torch.Tensor, predictions: Sequence[str], truths: Sequence[str], spec: InputSpec
+) -> torch.Tensor:
+    """Un-normalise images, upscale small ones, write 'pred/true' under each; C×H×W grid in [0, 1]."""
+    from PIL import Image, ImageDraw
+    from torchvision.transforms.v2 import functional as F
+    from torchvision.utils import make_grid
+
+    channels = images.shape[1]
+    mean = torch.tensor(list(spec.mean)[:channels] or [0.0]).view(-1, 1, 1)
+    std = torch.tensor(list(spec.std)[:channels] or [1.0]).view(-1, 1, 1)
+    tiles = []
+    for image, pred, true in zip(images.detach().float().cpu(), predictions, truths, strict=False):
+        pixels = (image[:3] * std[:3] + mean[:3]).clamp(0, 1)
+        if pixels.shape[0] == 1:
+            pixels = pixels.expand(3, -1, -1)
+        scale = max(1, 64 // max(pixels.shape[1:]))
+        pixels = F.resize(
+            pixels, [pixels.shape[1] * scale, pixels.shape[2] * scale], interpolation=F.InterpolationMode.NEAREST
+        )
+        canvas = Image.new("RGB", (max(pixels.shape[2], 64), pixels.shape[1] + 14), "white")
+        canvas.paste(F.to_pil_image(pixels), (0, 0))
+        ImageDraw.Draw(canvas).text(
+            (2, pixels.shape[1] + 1), f"{pred}/{true}"[:12], fill="green" if pred == true else "red"
+        )
+        tiles.append(F.pil_to_tensor(canvas).float() / 255)
+    return make_grid(tiles, nrow=min(8, len(tiles)), padding=2, pad_value=1.0)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def _fmt(values: dict[str, float], limit: int = 4) -> str:
+    return "  ".join(f"{k.split('/', 1)[-1]} {v:.4g}" for k, v in list(values.items())[:limit])
+
+
+class Progress:
+    """Rich bars on a terminal (loss, metrics, throughput, ETA), plain lines otherwise, or nothing."""
+
+    def __init__(self, mode: str, *, enabled: bool = True, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        if mode == "auto":
+            mode = "rich" if self.stream.isatty() else "plain"
+        self.mode = mode if enabled else "none"
+        self._bar: Any = None
+        self._task: Any = None
+        self._epoch_start = 0.0
+
+    def note(self, message: str) -> None:
+        if self.mode != "none":
+            print(message, file=self.stream, flush=True)
+
+    def start_epoch(self, epoch: int, epochs: int, total: int, done: int = 0) -> None:
+        self._epoch_start = time.perf_counter()
+        self._label = f"epoch {epoch + 1}/{epochs}"
+        self._total = total
+        if self.mode == "rich":
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import (
+                Progress as Bar,
+            )
+
+            self._bar = Bar(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=Console(file=self.stream),
+                transient=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(self._label, total=total, completed=done, info="")
+        elif self.mode == "plain":
+            print(f"{self._label}: {total - done} batches", file=self.stream, flush=True)
+
+    def update(self, batch: int, values: dict[str, float], throughput: float, *, log: bool) -> None:
+        info = f"{_fmt(values)}  {throughput:,.0f} samples/s"
+        if self.mode == "rich" and self._bar is not None:
+            self._bar.update(self._task, completed=batch, info=info)
+        elif self.mode == "plain" and log:
+            elapsed = time.perf_counter() - self._epoch_start
+            print(f"{self._label} [{batch}/{self._total}] {info}  {elapsed:.1f}s", file=self.stream, flush=True)
+
+    def end_epoch(self, metrics: dict[str, float]) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        if self.mode != "none" and metrics:
+            elapsed = time.perf_counter() - self._epoch_start
+            print(f"{self._label} done in {elapsed:.1f}s  {_fmt(metrics, 8)}", file=self.stream, flush=True)
+
+    def summary(self, title: str, rows: dict[str, Any]) -> None:
+        if self.mode == "none":
+            return
+        if self.mode == "rich":
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(title=title)
+            table.add_column("")
+            table.add_column("value", justify="right")
+            for key, value in rows.items():
+                table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+            Console(file=self.stream).print(table)
+            return
+        width = max(len(k) for k in rows) if rows else 0
+        print(title, file=self.stream)
+        for key, value in rows.items():
+            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+            print(f"  {key:<{width}}  {shown}", file=self.stream, flush=True)

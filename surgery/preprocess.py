@@ -1,0 +1,88 @@
+"""Turning raw inputs (PIL images, strings) into model tensors.
+
+Training data loading and serving both call these functions, so a served PNG goes through exactly
+the preprocessing the model was validated with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from surgery.errors import DataError
+from surgery.inputs import InputSpec
+
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+_INTERPOLATION = {
+    "nearest": InterpolationMode.NEAREST,
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+}
+
+ImageTransform = Callable[[Image.Image], torch.Tensor]
+
+
+def image_mode(spec: InputSpec) -> str:
+    """The PIL mode images are converted to before they become tensors."""
+    try:
+        return _MODES[spec.channels]
+    except KeyError:
+        raise DataError(f"images cannot be converted to {spec.channels} channels (supported: 1, 3, 4)") from None
+
+
+def image_to_uint8(image: Image.Image, spec: InputSpec) -> torch.Tensor:
+    """Convert mode, resize (crop_pct as timm does: resize larger, centre-crop) -> uint8 C×H×W."""
+    mode = image_mode(spec)
+    if image.mode != mode:
+        image = image.convert(mode)
+    tensor = F.pil_to_tensor(image)
+    height, width = spec.size
+    interpolation = _INTERPOLATION.get(spec.interpolation, InterpolationMode.BILINEAR)
+    if spec.crop_pct < 1.0:
+        scaled = [int(height / spec.crop_pct), int(width / spec.crop_pct)]
+        tensor = F.resize(tensor, scaled, interpolation=interpolation, antialias=True)
+        return F.center_crop(tensor, [height, width])
+    return F.resize(tensor, [height, width], interpolation=interpolation, antialias=True)
+
+
+def normalise(tensor: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """uint8 C×H×W -> float, scaled to [0, 1] and normalised by the spec's mean/std."""
+    image = tensor.to(torch.float32).div_(255.0)
+    mean = list(spec.mean) if len(spec.mean) == spec.channels else [spec.mean[0]] * spec.channels
+    std = list(spec.std) if len(spec.std) == spec.channels else [spec.std[0]] * spec.channels
+    return F.normalize(image, mean=mean, std=std)
+
+
+def image_eval_transform(spec: InputSpec) -> ImageTransform:
+    """PIL image -> normalised float tensor C×H×W, as evaluation and serving see it."""
+    image_mode(spec)  # fail early on an unsupported channel count
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        return normalise(image_to_uint8(image, spec), spec)
+
+    return transform
+
+
+def images_to_batch(images: Sequence[Image.Image], spec: InputSpec) -> torch.Tensor:
+    """A list of PIL images -> a float batch B×C×H×W."""
+    transform = image_eval_transform(spec)
+    return torch.stack([transform(image) for image in images])
+
+
+def texts_to_batch(texts: Sequence[str], tokenizer: Any, spec: InputSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Strings -> (input_ids, attention_mask), int64 B×T, padded to the longest, cut at max_length."""
+    if tokenizer is None:
+        raise DataError("text inputs need the backbone's tokenizer, and this model has none")
+    encoded = tokenizer(
+        list(texts),
+        padding=True,
+        truncation=True,
+        max_length=spec.max_length,
+        return_tensors="pt",
+    )
+    return encoded["input_ids"].to(torch.int64), encoded["attention_mask"].to(torch.int64)

@@ -1,0 +1,568 @@
+"""The training loop: one function, `fit(recipe, run_dir)`, called the same way by `surgery build`,
+by DDP / Ray Train workers and by Ray Tune trials; and `build_command`, the CLI's `surgery build`.
+
+`fit` reads top to bottom as the steps of a run: pick the device, seed, build the model, load the
+data, make the optimizer and schedule, restore a checkpoint when resuming, then epochs of
+(unfreeze due parameters → train steps with accumulation → validate → checkpoint → early stop).
+Everything random derives from `train.seed` and is saved in checkpoints, so a CPU run killed and
+resumed ends bit-identical to the same run uninterrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import math
+import os
+import platform
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgery import checkpoint as ckpt
+from surgery.data import TrainingData, load_data
+from surgery.errors import CheckpointError, SurgeryError
+from surgery.monitor import Progress, RunMonitor, memory_scalars
+from surgery.optim import build_optimizer, build_scheduler
+from surgery.schema import Recipe
+
+LOCK_FILE = "recipe.lock.yaml"
+LOCK_PACKAGES = ("torch", "torchvision", "timm", "transformers", "safetensors", "numpy", "surgery")
+
+
+@dataclass
+class FitResult:
+    """What a finished `fit` leaves: checkpoints and the final metrics."""
+
+    best_checkpoint: Path | None
+    last_checkpoint: Path
+    metrics: dict[str, float]
+    stopped_early: bool
+
+
+@dataclass
+class TrainState:
+    """Progress and watch state saved in every checkpoint (besides model/optimizer/RNG)."""
+
+    epoch: int = 0  # epoch in progress (0-based)
+    batch: int = 0  # micro-batches of `epoch` already consumed
+    step: int = 0  # optimizer steps done
+    best: float | None = None  # early stopping: best monitored value
+    bad_epochs: int = 0  # early stopping: evaluations without improvement
+    stopped_early: bool = False
+    unfrozen_through: int = -1  # last epoch whose `unfreeze_at` entries were applied
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- set-up steps
+
+
+def select_device(setting: str) -> torch.device:
+    """`placement.device` → a torch device; `auto` is CUDA (this process's LOCAL_RANK) if present."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if setting == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    device = torch.device(setting)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SurgeryError(f"placement.device is {setting!r} but CUDA is not available here; use `auto` or `cpu`")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SurgeryError("placement.device is 'mps' but MPS is not available here; use `auto` or `cpu`")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = False
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """The autocast context of `train.precision` (fp32: none)."""
+    if precision == "fp16" and device.type != "cuda":
+        raise SurgeryError(f"train.precision fp16 needs a CUDA device (this run is on {device.type}); use bf16 or fp32")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _distributed() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def with_class_names(recipe: Recipe, model: Any, class_names: dict[str, list[str]]) -> Recipe:
+    """Fill unset head `labels` with the class names the data provided (folder names, label
+    strings), so the bundle serves names; a user's own `labels` are never changed."""
+    heads = []
+    for head in recipe.heads:
+        names = class_names.get(head.name)
+        if head.labels is None and names and model.head_info[head.name]["task"] == "multiclass":
+            head = head.model_copy(update={"labels": list(names)})
+            model.head_info[head.name]["labels"] = list(names)
+        heads.append(head)
+    return recipe.model_copy(update={"heads": heads})
+
+
+def _package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LOCK_PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[name] = importlib.metadata.version(name)
+    return versions
+
+
+def _weight_hashes(recipe: Recipe) -> dict[str, str]:
+    weights = recipe.backbone.weights
+    if not weights:
+        return {}
+    path = Path(weights)
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(
+            p
+            for p in path.iterdir()
+            if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".json", ".txt", ".model")
+        )
+        if path.is_dir()
+        else []
+    )
+    return {str(p): ckpt.sha256_file(p) for p in files}
+
+
+def write_lock(recipe: Recipe, run_dir: Path) -> Path:
+    """`recipe.lock.yaml`: the resolved recipe, with package versions and weight hashes as a
+    comment header (so the file loads back as the recipe itself)."""
+    from surgery.recipe import dump_recipe, recipe_hash
+
+    lines = ["# surgery lock: the resolved recipe of this run; load it like any recipe (comments are ignored)"]
+    lines.append(f"# recipe_sha256: {recipe_hash(recipe)}")
+    lines.append("# packages: " + ", ".join(f"{k} {v}" for k, v in _package_versions().items()))
+    if recipe.backbone.pretrained:
+        lines.append(f"# pretrained: {recipe.backbone.source} {recipe.backbone.name} (from the zoo's hub/cache)")
+    lines.extend(f"# weights: {path} sha256:{digest}" for path, digest in _weight_hashes(recipe).items())
+    path = Path(run_dir) / LOCK_FILE
+    tmp = path.with_name(f".{LOCK_FILE}.tmp")
+    tmp.write_text("\n".join(lines) + "\n" + dump_recipe(recipe))
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------- checkpoint state
+
+
+def _trainer_state(state: TrainState, optimizer: Any, scheduler: Any, scaler: Any, model: Any) -> dict[str, Any]:
+    from surgery.freeze import freeze_state
+
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": ckpt.rng_state(),
+        "freeze": freeze_state(model),
+        "state": dataclasses.asdict(state),
+    }
+
+
+def _save(
+    run_dir: Path,
+    recipe: Recipe,
+    recipe_text: str,
+    state: TrainState,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any,
+) -> Path:
+    from surgery.recipe import recipe_hash
+
+    meta = {
+        "epoch": state.epoch,
+        "step": state.step,
+        "batch_in_epoch": state.batch,
+        "metrics": state.metrics,
+        "recipe_sha256": recipe_hash(recipe),
+    }
+    c = recipe.train.checkpoint
+    return ckpt.save_checkpoint(
+        run_dir,
+        model=model,
+        trainer_state=_trainer_state(state, optimizer, scheduler, scaler, model),
+        meta=meta,
+        recipe_text=recipe_text,
+        monitor=c.monitor,
+        mode=c.mode,
+        keep_best=c.keep_best,
+    )
+
+
+def _restore(
+    run_dir: Path,
+    recipe: Recipe,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any,
+    *,
+    force: bool,
+    progress: Progress,
+) -> tuple[TrainState, dict[str, Any]]:
+    """Load the last complete checkpoint after checking the resume contract; RNG state is returned
+    to be applied last, right before training continues."""
+    from surgery.freeze import load_freeze_state
+    from surgery.recipe import load_recipe_text, recipe_hash
+
+    last = ckpt.find_last(run_dir)
+    meta = ckpt.read_meta(last)
+    if meta.get("recipe_sha256") != recipe_hash(recipe):
+        old = load_recipe_text((last / ckpt.RECIPE_FILE).read_text(), filename=str(last / ckpt.RECIPE_FILE))
+        changes = ckpt.check_resume(old, recipe, force=force)
+        progress.note("resuming with a changed recipe:\n" + "\n".join(changes))
+    trainer, meta = ckpt.load_checkpoint(last, model)
+    load_freeze_state(model, trainer["freeze"])
+    optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    scaler.load_state_dict(trainer["scaler"])
+    state = TrainState(**trainer["state"])
+    progress.note(f"resuming from {last} (epoch {state.epoch + 1}, batch {state.batch}, step {state.step})")
+    return state, trainer["rng"]
+
+
+# --------------------------------------------------------------------------- loop steps
+
+
+def _to_device(
+    batch: tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]], device: torch.device
+) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    inputs, targets = batch
+    blocking = device.type == "cuda"
+    return (
+        tuple(t.to(device, non_blocking=blocking) for t in inputs),
+        {k: t.to(device, non_blocking=blocking) for k, t in targets.items()},
+    )
+
+
+def _groups(loader_iter: Iterator[Any], first: int, total: int, accumulate: int) -> Iterator[list[Any]]:
+    """Micro-batches grouped per optimizer step; group boundaries are fixed by position in the
+    epoch (so a resumed epoch groups exactly as the uninterrupted one)."""
+    group: list[Any] = []
+    for position in range(first, total):
+        group.append(next(loader_iter))
+        if (position + 1) % accumulate == 0 or position + 1 == total:
+            yield group
+            group = []
+
+
+def evaluate(model: Any, data: TrainingData, recipe: Recipe, device: torch.device) -> tuple[dict[str, float], Any]:
+    """Validation losses and metrics under inference mode; also the first batch (for samples)."""
+    from surgery.heads import compute_losses
+    from surgery.metrics import MetricTracker
+
+    model.eval()
+    tracker = MetricTracker(recipe, model.head_info)
+    totals: dict[str, float] = {}
+    count = 0
+    first = None
+    with torch.inference_mode(), autocast(recipe.train.precision, device):
+        for batch in data.val:
+            inputs, targets = _to_device(batch, device)
+            outputs = model(*inputs)
+            loss, per_head = compute_losses(model, outputs, targets, recipe)
+            n = inputs[0].shape[0]
+            count += n
+            totals["val/loss"] = totals.get("val/loss", 0.0) + float(loss) * n
+            for name, value in per_head.items():
+                totals[f"val/{name}/loss"] = totals.get(f"val/{name}/loss", 0.0) + float(value) * n
+            tracker.update({k: v.float() for k, v in outputs.items()}, targets)
+            if first is None:
+                first = (inputs, targets, {k: v.float().cpu() for k, v in outputs.items()})
+    metrics = {k: v / max(1, count) for k, v in totals.items()}
+    metrics.update(tracker.compute())
+    return metrics, first
+
+
+def _log_samples(monitor: RunMonitor, model: Any, first: Any, data: TrainingData, step: int) -> None:
+    if first is None or model.input_spec.kind != "image":
+        return
+    inputs, targets, outputs = first
+    head = next((name for name, info in model.head_info.items() if info["task"] == "multiclass"), None)
+    if head is None:
+        return
+    k = monitor.settings.sample_predictions
+    names = data.class_names.get(head) or model.head_info[head].get("labels")
+    label = lambda i: str(names[i]) if names and i < len(names) else str(i)  # noqa: E731
+    predicted = outputs[head][:k].argmax(-1).tolist()
+    truth = targets[head][:k].cpu().tolist()
+    monitor.sample_predictions(
+        inputs[0][:k].cpu(), [label(p) for p in predicted], [label(t) for t in truth], model.input_spec, step
+    )
+
+
+def _improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+def _early_stop(state: TrainState, recipe: Recipe) -> bool:
+    """Update early-stopping state from `state.metrics`; True when patience ran out."""
+    es = recipe.train.early_stopping
+    if es is None or es.monitor not in state.metrics:
+        return False
+    value = state.metrics[es.monitor]
+    if _improved(value, state.best, es.mode, es.min_delta):
+        state.best, state.bad_epochs = value, 0
+        return False
+    state.bad_epochs += 1
+    return state.bad_epochs >= es.patience
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def fit(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: bool = False) -> FitResult:
+    """Train `recipe` into `run_dir` (checkpoints/, tb/, metrics.jsonl, recipe.lock.yaml).
+
+    `resume`: continue from the run's last complete checkpoint (refused when the recipe changed
+    in an unsafe way, unless `force`). Returns the best and last checkpoints and final metrics.
+    """
+    from surgery.freeze import apply_unfreeze_schedule, set_frozen_batchnorm_eval
+    from surgery.heads import compute_losses
+    from surgery.model import build_model
+    from surgery.recipe import dump_recipe
+
+    run_dir = Path(run_dir)
+    rank, _world = _distributed()
+    main = rank == 0
+    train_cfg = recipe.train
+    device = select_device(recipe.placement.device)
+    autocast(train_cfg.precision, device)  # fp16 on CPU fails here, before any work
+    progress = Progress(recipe.monitor.progress, enabled=main)
+
+    # 1. seed and build (build_model applies the freeze rules)
+    seed_everything(train_cfg.seed)
+    model = build_model(recipe)
+    model.to(device)
+
+    # 2. data (bad data fails here, before training starts)
+    data = load_data(recipe, model, device)
+    recipe = with_class_names(recipe, model, data.class_names)
+    recipe_text = dump_recipe(recipe)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_lock(recipe, run_dir)
+
+    # 3. optimizer, schedule, scaler
+    batches_per_epoch = data.sampler.batches_per_epoch
+    steps_per_epoch = math.ceil(batches_per_epoch / train_cfg.accumulate)
+    total_steps = train_cfg.epochs * steps_per_epoch
+    if train_cfg.max_steps:
+        total_steps = min(total_steps, train_cfg.max_steps)
+    optimizer = build_optimizer(model, recipe)
+    scheduler = build_scheduler(optimizer, recipe, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=train_cfg.precision == "fp16")
+
+    # 4. resume
+    state, rng = TrainState(), None
+    if resume:
+        state, rng = _restore(run_dir, recipe, model, optimizer, scheduler, scaler, force=force, progress=progress)
+    monitor = RunMonitor(run_dir, recipe, resume_step=state.step if resume else None, enabled=main)
+    if not resume and main:
+        model.eval()
+        monitor.graph(model, tuple(t.to(device) for t in model.example_inputs(2)))
+    if rng is not None:
+        ckpt.set_rng_state(rng)  # last: nothing random may run between this and the next batch
+
+    # 5. epochs
+    last_path: Path | None = None
+    started = time.perf_counter()
+    done = state.step >= total_steps or state.stopped_early
+    while not done and state.epoch < train_cfg.epochs:
+        epoch = state.epoch
+        if state.unfrozen_through < epoch:
+            newly = apply_unfreeze_schedule(model, recipe, epoch)
+            state.unfrozen_through = epoch
+            if newly:
+                progress.note(f"epoch {epoch + 1}: unfroze {len(newly)} parameters")
+        model.train()
+        set_frozen_batchnorm_eval(model, recipe)
+        data.sampler.set_epoch(epoch, skip=state.batch)
+        progress.start_epoch(epoch, train_cfg.epochs, batches_per_epoch, done=state.batch)
+        loader_iter = iter(data.train)
+        window_loss = torch.zeros((), device=device)
+        window_batches, window_samples, window_start = 0, 0, time.perf_counter()
+        shown: dict[str, float] = {}
+        for group in _groups(loader_iter, state.batch, batches_per_epoch, train_cfg.accumulate):
+            for batch in group:
+                inputs, targets = _to_device(batch, device)
+                with autocast(train_cfg.precision, device):
+                    outputs = model(*inputs)
+                    loss, _per_head = compute_losses(model, outputs, targets, recipe)
+                scaler.scale(loss / len(group)).backward()
+                window_loss += loss.detach().float()
+                window_batches += 1
+                window_samples += inputs[0].shape[0]
+            if train_cfg.clip_grad_norm:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.grad is not None], train_cfg.clip_grad_norm
+                )
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state.step += 1
+            state.batch += len(group)
+            log = state.step % recipe.monitor.log_every_steps == 0
+            if log:
+                elapsed = max(1e-9, time.perf_counter() - window_start)
+                throughput = window_samples / elapsed
+                shown = {"train/loss": float(window_loss) / max(1, window_batches)}
+                scalars = {**shown, "train/samples_per_s": throughput, **_lrs(optimizer), **memory_scalars(device)}
+                monitor.scalars(state.step, scalars, epoch=epoch)
+                window_loss.zero_()
+                window_batches, window_samples, window_start = 0, 0, time.perf_counter()
+                progress.update(state.batch, shown, throughput, log=True)
+            elif progress.mode == "rich":
+                progress.update(
+                    state.batch, shown, window_samples / max(1e-9, time.perf_counter() - window_start), log=False
+                )
+            if shown:
+                state.metrics["train/loss"] = shown["train/loss"]
+            at_end = state.batch >= batches_per_epoch
+            out_of_steps = state.step >= total_steps
+            every = train_cfg.checkpoint.every_steps
+            if main and every and state.step % every == 0 and not (at_end or out_of_steps):
+                last_path = _save(run_dir, recipe, recipe_text, state, model, optimizer, scheduler, scaler)
+            if out_of_steps:
+                break
+
+        # end of epoch (or of the step budget): validate, checkpoint, maybe stop
+        last_epoch = state.epoch + 1 >= train_cfg.epochs or state.step >= total_steps
+        evaluated = (epoch + 1) % train_cfg.eval_every_epochs == 0 or last_epoch
+        if evaluated:
+            metrics, first = evaluate(model, data, recipe, device)
+            state.metrics.update(metrics)
+            if main:
+                monitor.scalars(state.step, metrics, epoch=epoch)
+                monitor.histograms(model, state.step)
+                _log_samples(monitor, model, first, data, state.step)
+            if _early_stop(state, recipe):
+                state.stopped_early = True
+        progress.end_epoch({k: v for k, v in state.metrics.items() if k.startswith("val/")} if evaluated else {})
+        state.epoch, state.batch = epoch + 1, 0
+        done = last_epoch or state.stopped_early
+        if main and (train_cfg.checkpoint.every_epoch or done):
+            last_path = _save(run_dir, recipe, recipe_text, state, model, optimizer, scheduler, scaler)
+
+    # 6. finish
+    elapsed = time.perf_counter() - started
+    if main and last_path is None:  # nothing left to train (a finished run resumed), or no epoch saves
+        last_path = (
+            ckpt.find_last(run_dir)
+            if resume
+            else _save(run_dir, recipe, recipe_text, state, model, optimizer, scheduler, scaler)
+        )
+    best = None
+    if main:
+        monitor.hparams(state.metrics)
+        monitor.close()
+        index = ckpt.read_index(run_dir)
+        best = run_dir / ckpt.CHECKPOINTS / index["best"][0][0] if index.get("best") else None
+        rows = {k: v for k, v in sorted(state.metrics.items())}
+        rows.update(
+            {
+                "epochs": state.epoch,
+                "steps": state.step,
+                "stopped early": state.stopped_early,
+                "time (s)": round(elapsed, 1),
+            }
+        )
+        if best is not None:
+            rows["best checkpoint"] = best.name
+        progress.summary(f"{recipe.name}: run summary", rows)
+    return FitResult(best, last_path or ckpt.find_last(run_dir), dict(state.metrics), state.stopped_early)
+
+
+def _lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    lrs: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        lrs[f"lr/scale_{group.get('lr_scale', 1.0):g}"] = float(group["lr"])
+    return lrs
+
+
+# --------------------------------------------------------------------------- surgery build
+
+
+def _latest_run(recipe_dir: Path) -> Path | None:
+    runs = (
+        [p for p in recipe_dir.iterdir() if p.is_dir() and (p / ckpt.CHECKPOINTS).is_dir()]
+        if recipe_dir.is_dir()
+        else []
+    )
+    return max(runs, key=lambda p: (p.stat().st_mtime, p.name)) if runs else None
+
+
+def run_folder(runs_root: Path, name: str, run_id: str | None, *, resume: bool) -> Path:
+    """`runs/<name>/<run-id>/`: a new timestamped folder, or with `resume` the given/latest run."""
+    recipe_dir = Path(runs_root) / name
+    if resume:
+        run_dir = recipe_dir / run_id if run_id else _latest_run(recipe_dir)
+        if run_dir is None or not (run_dir / ckpt.CHECKPOINTS).is_dir():
+            where = run_dir if run_id else recipe_dir
+            raise CheckpointError(f"no run to resume at {where}; run `surgery build` without --resume first")
+        return run_dir
+    if run_id is None:
+        run_id = datetime.now().strftime("%Y%m%d-%H%M%S")
+        base, n = run_id, 1
+        while (recipe_dir / run_id).exists():
+            n += 1
+            run_id = f"{base}-{n}"
+    run_dir = recipe_dir / run_id
+    if (run_dir / ckpt.CHECKPOINTS).is_dir() and any((run_dir / ckpt.CHECKPOINTS).iterdir()):
+        raise CheckpointError(
+            f"run {run_dir} already has checkpoints; add --resume to continue it, or pick another --run-id"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def build_command(
+    recipe_path: str | Path,
+    overrides: Sequence[str],
+    *,
+    resume: bool = False,
+    force: bool = False,
+    runs_root: Path = Path("runs"),
+    run_id: str | None = None,
+) -> Path:
+    """`surgery build`: load the recipe, make (or find) the run folder, train, export the bundle."""
+    from surgery.export import export_run
+    from surgery.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, overrides)
+    if recipe.data is None:
+        raise SurgeryError(f"{recipe_path}: the recipe has no `data:` section; `surgery build` needs training data")
+    run_dir = run_folder(Path(runs_root), recipe.name, run_id, resume=resume)
+    fit(recipe, run_dir, resume=resume, force=force)
+    export_run(run_dir)
+    return run_dir
