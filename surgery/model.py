@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from surgery.backbones import BuiltBackbone, Taps, build_backbone, pool_tokens
 from surgery.errors import BuildError
 from surgery.freeze import apply_freeze_rules, check_unfreeze_schedule, set_frozen_batchnorm_eval
-from surgery.heads import build_head, head_info
+from surgery.heads import build_head, head_info, output_shape
 from surgery.inputs import InputSpec
 from surgery.ops import adapt_stats, apply_surgery
 from surgery.schema import Head, Recipe
@@ -137,9 +137,13 @@ def _build(recipe: Recipe, load_weights: bool) -> SurgicalModel:
     run = _dry_runner(built, wanted)
     apply_surgery(built, recipe.surgery, run)
     taps = run()
-    heads = {h.name: build_head(h, _tap_shape(taps, h)) for h in recipe.heads}
+    heads, infos = {}, {}
+    for h in recipe.heads:
+        shape = _tap_shape(taps, h)
+        heads[h.name] = build_head(h, shape)
+        infos[h.name] = head_info(h, output_shape(heads[h.name], shape))
     model = SurgicalModel(built, heads, recipe)
-    model.head_info = _head_infos(model, recipe)
+    model.head_info = infos
     apply_freeze_rules(model, recipe)
     check_unfreeze_schedule(model, recipe)
     set_frozen_batchnorm_eval(model, recipe)
@@ -148,7 +152,7 @@ def _build(recipe: Recipe, load_weights: bool) -> SurgicalModel:
 
 def _dry_runner(built: BuiltBackbone, wanted: set[str]) -> Any:
     def run() -> dict[str, Any]:
-        inputs = example_inputs(built.input_spec, built.tokenizer, 2, seq_len=min(built.input_spec.max_length, 16))
+        inputs = example_inputs(built.input_spec, built.tokenizer, 1, seq_len=min(built.input_spec.max_length, 16))
         was_training = built.module.training
         built.module.eval()
         try:
@@ -180,12 +184,3 @@ def _feature(taps: dict[str, Any], head: Head) -> Tensor:
             f"heads.{head.name}.feature_index {head.feature_index} is out of range; the backbone gives {len(maps)} feature maps"
         )
     return maps[head.feature_index]
-
-
-def _head_infos(model: SurgicalModel, recipe: Recipe) -> dict[str, dict[str, Any]]:
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        outputs = model(*model.example_inputs(2, seq_len=min(model.input_spec.max_length, 16)))
-    model.train(was_training)
-    return {h.name: head_info(h, tuple(outputs[h.name].shape)) for h in recipe.heads}
