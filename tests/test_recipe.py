@@ -618,3 +618,11 @@ def test_random_overrides_never_raise_anything_but_recipe_error(override: str) -
 
 def test_unmutated_base_is_valid() -> None:
     assert load_recipe_text(yaml.safe_dump(BASE_DATA)) == load_recipe_text(RICH)
+
+
+def test_readme_example_recipe_validates() -> None:
+    readme = (RECIPES_DIR.parent / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(# yaml-language-server: .*?)```", readme, re.S) if "\nname:" in b]
+    assert blocks
+    for block in blocks:
+        assert load_recipe_text(block).name
