@@ -10,8 +10,6 @@ Nothing here imports training code: a bundle (`surgery.bundle.load_bundle`) and 
 preprocessing (`surgery.preprocess`) are all a replica reads.
 """
 
-from __future__ import annotations
-
 import asyncio
 import base64
 import binascii
@@ -49,6 +47,11 @@ TOKEN_ENV = "SURGERY_SERVE_TOKEN"
 INGRESS_NAME = "SurgeryAPI"
 MAX_INPUTS_PER_REQUEST = 256
 MAX_IMAGE_PIXELS = 40_000_000  # a decompression bomb is refused before it is decoded
+BATCH_KEYS = ("max_batch_size", "batch_wait_timeout_s")
+BATCH_DEFAULTS = {
+    "max_batch_size": ServeSection().max_batch_size,
+    "batch_wait_timeout_s": ServeSection().batch_wait_ms / 1000,
+}
 
 
 class InputError(Exception):
@@ -278,7 +281,9 @@ class ModelServer:
         self.manifest = loaded.manifest
         self.name: str = self.manifest["name"]
         self.heads: list[dict[str, Any]] = list(self.manifest["heads"])
-        self.settings = dict(settings)
+        # Batch settings arrive through `reconfigure` (the deployment's user_config), so changing
+        # them never changes init args, and Ray updates running replicas instead of replacing them.
+        self.settings = {**BATCH_DEFAULTS, **settings}
         self.batch_sizes: Counter[int] = Counter()
         self._transform = None
         if self.spec.kind == "image":
@@ -293,8 +298,8 @@ class ModelServer:
             return await loop.run_in_executor(self._forward_pool, self._forward, rows)
 
         self._batched = serve.batch(
-            max_batch_size=int(settings["max_batch_size"]),
-            batch_wait_timeout_s=float(settings["batch_wait_timeout_s"]),
+            max_batch_size=int(self.settings["max_batch_size"]),
+            batch_wait_timeout_s=float(self.settings["batch_wait_timeout_s"]),
         )(surgery_predict_batch)
         with torch.inference_mode():  # the first forward pays allocations; not the first user
             self.model(*self.model.example_inputs(1))
@@ -448,7 +453,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return JSONResponse({"error": "invalid request"}, status_code=400)
+    where = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors()[:3])
+    return JSONResponse({"error": f"invalid request ({where})"}, status_code=400)
 
 
 @api.exception_handler(Exception)
@@ -641,7 +647,7 @@ def build_app(args: dict[str, Any]) -> Application:
         names[name] = bundle
         section = read_serve_section(bundle)
         settings = model_settings(parsed, section)
-        models[name] = {"bundle": bundle, "settings": settings}
+        models[name] = {"bundle": bundle, "settings": {k: v for k, v in settings.items() if k not in BATCH_KEYS}}
         options[name] = deployment_options(parsed, section, settings)
         limits[name] = settings["max_body_mb"]
         timeouts[name] = settings["request_timeout_s"]

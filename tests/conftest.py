@@ -12,13 +12,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now (for servers bound to 127.0.0.1 in tests)."""
+def _free_port() -> int:
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """Call it for a TCP port nothing listens on right now (servers in tests bind 127.0.0.1)."""
+    return _free_port
 
 
 @pytest.fixture(scope="session")

