@@ -22,8 +22,7 @@ BUNDLE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 RECIPE = "recipe.yaml"
-TOKENIZER_DIR = "tokenizer"
-BACKBONE_CONFIG_DIR = "backbone"  # a transformers backbone's config.json (architecture only, no weights)
+TOKENIZER_DIR = "tokenizer"  # tokenizer files, and a transformers backbone's config.json (no weights)
 
 _CHUNK = 1 << 20
 
@@ -129,8 +128,10 @@ def _recipe_for_loading(recipe: Any, path: Path, manifest: dict[str, Any]) -> An
     backbone.pretrained = False
     backbone.sha256 = None
     backbone.weights = None
-    if (path / BACKBONE_CONFIG_DIR).is_dir():
-        backbone.name = str(path / BACKBONE_CONFIG_DIR)
+    if backbone.source == "transformers":
+        if not (path / TOKENIZER_DIR / "config.json").is_file():
+            raise BundleError(f"{path}: transformers bundle without {TOKENIZER_DIR}/config.json; export it again")
+        backbone.name = str(path / TOKENIZER_DIR)
         backbone.revision = None
     return rebuilt
 
@@ -138,8 +139,6 @@ def _recipe_for_loading(recipe: Any, path: Path, manifest: dict[str, Any]) -> An
 def load_bundle(path: Path) -> LoadedBundle:
     """Verify and load a bundle: every sha256 checked, the model rebuilt from the bundled recipe
     with no network access, weights loaded strictly from `model.safetensors`, eval mode."""
-    from safetensors.torch import load_model
-
     from surgery.model import build_model
     from surgery.recipe import load_recipe_text, recipe_hash
 
@@ -154,14 +153,9 @@ def load_bundle(path: Path) -> LoadedBundle:
         )
     model = build_model(_recipe_for_loading(recipe, path, manifest), load_weights=False)
     try:
-        missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
-    except Exception as err:  # safetensors header or shape problems
-        raise BundleError(f"{path / WEIGHTS}: cannot load weights into the rebuilt model: {err}") from None
-    if missing or unexpected:
-        raise BundleError(
-            f"{path / WEIGHTS}: weights do not fit the model rebuilt from {RECIPE} "
-            f"(missing: {', '.join(missing[:5]) or 'none'}; unexpected: {', '.join(unexpected[:5]) or 'none'})"
-        )
+        load_weights(model, path / WEIGHTS)
+    except ValueError as err:
+        raise BundleError(f"{path / WEIGHTS}: {err}") from None
     model.eval()
     spec = InputSpec.from_dict(manifest["input"])
     tokenizer = None
@@ -169,6 +163,34 @@ def load_bundle(path: Path) -> LoadedBundle:
         spec.tokenizer = str(path / TOKENIZER_DIR)
         tokenizer = getattr(model, "tokenizer", None) or _load_tokenizer(path / TOKENIZER_DIR)
     return LoadedBundle(path=path, model=model, manifest=manifest, recipe=recipe, input_spec=spec, tokenizer=tokenizer)
+
+
+def load_weights(model: Any, file: Path) -> None:
+    """Load a safetensors state dict into `model`, every tensor accounted for. Tied tensors may be
+    stored once (as safetensors' `save_model` writes them) or under each of their names."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"unreadable safetensors file ({err})") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"weights do not fit the model: {str(err).splitlines()[-1].strip()}") from None
+    own = model.state_dict(keep_vars=True)
+    loaded_storage = {_storage_key(own[k]) for k in state if k in own}
+    missing = [k for k in missing if _storage_key(own[k]) not in loaded_storage]
+    if missing or unexpected:
+        raise ValueError(
+            f"weights do not fit the model (missing: {', '.join(missing[:5]) or 'none'}; "
+            f"unexpected: {', '.join(unexpected[:5]) or 'none'})"
+        )
+
+
+def _storage_key(tensor: Any) -> tuple[int, int, tuple[int, ...]]:
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
 
 
 def _load_tokenizer(folder: Path) -> Any:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import json
 import logging
@@ -34,13 +35,13 @@ import torch
 from torch import nn
 
 from surgery.bundle import (
-    BACKBONE_CONFIG_DIR,
     BUNDLE_FORMAT_VERSION,
     MANIFEST,
     RECIPE,
     TOKENIZER_DIR,
     WEIGHTS,
     hash_files,
+    load_weights,
 )
 from surgery.errors import ExportError
 from surgery.registry import EXPORT_FORMATS
@@ -48,6 +49,7 @@ from surgery.registry import EXPORT_FORMATS
 FORMAT_FILES = {"safetensors": WEIGHTS, "onnx": "model.onnx", "torchscript": "model.ts", "pt2": "model.pt2"}
 VERIFY_BATCH_SIZES = (1, 3)  # besides the batch size the graph was captured with (2)
 CAPTURE_BATCH_SIZE = 2  # torch.export specialises sizes 0 and 1, so capture with 2
+CAPTURE_SEQUENCE_LENGTH = 16
 _ONNX_EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit: larger weights go to model.onnx.data
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _PACKAGES = (
@@ -88,20 +90,25 @@ class ExportJob:
     expected: list[dict[str, torch.Tensor]]  # eager outputs on `samples`
     dynamic_batch: bool
     dynamic_sequence: bool
+    max_sequence: int
     opset: int | None
     details: dict[str, Any] = field(default_factory=dict)  # exporter notes for the manifest
 
-    def dynamic_shapes(self) -> tuple[dict[int, Any], ...] | None:
+    def dynamic_shapes(self) -> tuple[Any, ...] | None:
         if not self.dynamic_batch and not self.dynamic_sequence:
             return None
         batch = torch.export.Dim("batch", min=1)
-        sequence = torch.export.Dim("sequence", min=2)
+        sequence = torch.export.Dim("sequence", min=2, max=max(self.max_sequence, 2))
         dims: dict[int, Any] = {}
         if self.dynamic_batch:
             dims[0] = batch
         if self.dynamic_sequence:
             dims[1] = sequence
-        return tuple(dict(dims) for _ in self.input_names)
+        shapes = tuple(dict(dims) for _ in self.input_names)
+        # torch.export matches dynamic_shapes to forward's signature: `forward(*inputs)` takes one
+        # (variadic) argument holding every input
+        params = inspect.signature(self.model.forward).parameters.values()
+        return (shapes,) if any(p.kind is p.VAR_POSITIONAL for p in params) else shapes
 
 
 Runner = Callable[[tuple[torch.Tensor, ...]], dict[str, Any]]
@@ -289,10 +296,10 @@ def _check_replaceable(out: Path) -> None:
 def _merged(model: nn.Module) -> tuple[nn.Module, bool]:
     """The model with LoRA adapters merged into the base weights (a copy; the caller's model
     keeps training as it was)."""
-    if not any("lora_" in name for name, _ in model.named_parameters()):
-        return model, False
-    from surgery.ops import merge_lora
+    from surgery.ops import has_lora, merge_lora
 
+    if not has_lora(model):
+        return model, False
     merged = copy.deepcopy(model)
     result = merge_lora(merged)
     return (result if isinstance(result, nn.Module) else merged), True
@@ -301,12 +308,16 @@ def _merged(model: nn.Module) -> tuple[nn.Module, bool]:
 def _job(model: nn.Module, recipe: Any, folder: Path) -> ExportJob:
     spec = model.input_spec
     text = spec.kind == "text"
-    capture = tuple(model.example_inputs(CAPTURE_BATCH_SIZE))
-    samples = [capture] + [tuple(model.example_inputs(b)) for b in VERIFY_BATCH_SIZES]
-    if text and capture[0].shape[1] >= 4:
-        # a shorter sequence too: the graphs accept any padded length, not just max_length
-        short = capture[0].shape[1] // 2
-        samples.append(tuple(t[:, :short].contiguous() for t in samples[-1]))
+    if text:
+        # short sequences keep export quick; a second length checks the sequence axis is dynamic
+        length = min(spec.max_length, CAPTURE_SEQUENCE_LENGTH)
+        capture = tuple(model.example_inputs(CAPTURE_BATCH_SIZE, seq_len=length))
+        samples = [capture] + [tuple(model.example_inputs(b, seq_len=length)) for b in VERIFY_BATCH_SIZES]
+        if length >= 4:
+            samples.append(tuple(model.example_inputs(VERIFY_BATCH_SIZES[-1], seq_len=length // 2)))
+    else:
+        capture = tuple(model.example_inputs(CAPTURE_BATCH_SIZE))
+        samples = [capture] + [tuple(model.example_inputs(b)) for b in VERIFY_BATCH_SIZES]
     with torch.no_grad():
         expected = [{k: v.detach().clone() for k, v in model(*s).items()} for s in samples]
     return ExportJob(
@@ -319,6 +330,7 @@ def _job(model: nn.Module, recipe: Any, folder: Path) -> ExportJob:
         expected=expected,
         dynamic_batch=recipe.export.dynamic_batch,
         dynamic_sequence=text,
+        max_sequence=spec.max_length,
         opset=recipe.export.opset,
     )
 
@@ -347,13 +359,14 @@ def _remove_format_files(folder: Path, fmt: str) -> None:
 
 
 def _save_backbone_files(model: nn.Module, folder: Path) -> None:
-    """Tokenizer files and a transformers backbone's config: what rebuilding needs besides weights."""
+    """Tokenizer files, plus a transformers backbone's config.json in the same folder: together
+    they are a model folder `AutoTokenizer`/`AutoConfig` (and so `build_model`) read offline."""
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
     config = _hf_config(model.backbone)
     if config is not None:
-        config.save_pretrained(str(folder / BACKBONE_CONFIG_DIR))
+        config.save_pretrained(str(folder / TOKENIZER_DIR))
 
 
 def _hf_config(backbone: nn.Module) -> Any:
@@ -521,8 +534,6 @@ def export_command(target: Path, formats: list[str] | None, out: Path | None) ->
 
 
 def _export_checkpoint(run_dir: Path, checkpoint: Path, formats: list[str] | None, out: Path | None) -> Path:
-    from safetensors.torch import load_model
-
     from surgery.checkpoint import read_meta
     from surgery.model import build_model
     from surgery.recipe import load_recipe
@@ -533,9 +544,9 @@ def _export_checkpoint(run_dir: Path, checkpoint: Path, formats: list[str] | Non
     recipe = load_recipe(lock)
     model = build_model(recipe, load_weights=False)
     try:
-        load_model(model, str(checkpoint / WEIGHTS), strict=True)
-    except Exception as err:
-        raise ExportError(f"{checkpoint / WEIGHTS}: does not fit the model of {lock}: {_reason(err)}") from None
+        load_weights(model, checkpoint / WEIGHTS)
+    except ValueError as err:
+        raise ExportError(f"{checkpoint / WEIGHTS}: {err} (model of {lock})") from None
     meta = read_meta(checkpoint)
     return export_bundle(
         model,
