@@ -26,10 +26,14 @@ app = typer.Typer(
 )
 
 # Options shared by every command that reads a recipe.
-RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file, or the name of a shipped recipe.", show_default=False)]
+RecipeArg = Annotated[
+    Path, typer.Argument(help="Recipe YAML file, or the name of a shipped recipe.", show_default=False)
+]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a field: --set train.optimizer.lr=3e-4 (value parsed as YAML). Repeatable."),
+    typer.Option(
+        "--set", "-s", help="Override a field: --set train.optimizer.lr=3e-4 (value parsed as YAML). Repeatable."
+    ),
 ]
 
 
@@ -41,7 +45,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     """Declarative model surgery, training, export and serving for PyTorch."""
 
@@ -103,10 +109,16 @@ def plan(
 def build(
     recipe: RecipeArg,
     set_: SetOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Resume the latest run of this recipe from its last complete checkpoint.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Resume even though the recipe changed in a way that is not safe.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Resume the latest run of this recipe from its last complete checkpoint.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Resume even though the recipe changed in a way that is not safe.")
+    ] = False,
     runs: Annotated[Path, typer.Option(help="Folder that holds run folders.")] = Path("runs"),
-    run_id: Annotated[str | None, typer.Option(help="Run folder name (default: a timestamp; with --resume: the latest run).")] = None,
+    run_id: Annotated[
+        str | None, typer.Option(help="Run folder name (default: a timestamp; with --resume: the latest run).")
+    ] = None,
 ) -> None:
     """Compile, train, checkpoint and export a recipe into runs/<recipe>/<run-id>/."""
     from surgery.train import build_command
@@ -118,7 +130,12 @@ def build(
 @app.command()
 def export(
     target: Annotated[Path, typer.Argument(help="A run folder or a checkpoint file.", show_default=False)],
-    formats: Annotated[str | None, typer.Option("--format", help="Comma-separated: safetensors,onnx,torchscript,pt2 (default: the recipe's export.formats).")] = None,
+    formats: Annotated[
+        str | None,
+        typer.Option(
+            "--format", help="Comma-separated: safetensors,onnx,torchscript,pt2 (default: the recipe's export.formats)."
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Bundle folder (default: <run>/bundle).")] = None,
 ) -> None:
     """Export a run's best checkpoint (or a given checkpoint) as a verified bundle."""
@@ -130,15 +147,27 @@ def export(
 
 @app.command()
 def serve(
-    targets: Annotated[list[Path] | None, typer.Argument(help="Bundles or run folders to serve.", show_default=False)] = None,
+    targets: Annotated[
+        list[Path] | None, typer.Argument(help="Bundles or run folders to serve.", show_default=False)
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
-    replicas: Annotated[int | None, typer.Option(help="Replicas per model (default: the recipe's serve.replicas).")] = None,
+    replicas: Annotated[
+        int | None, typer.Option(help="Replicas per model (default: the recipe's serve.replicas).")
+    ] = None,
     max_batch_size: Annotated[int | None, typer.Option(help="Largest dynamic batch (default: the recipe's).")] = None,
     batch_wait_ms: Annotated[float | None, typer.Option(help="Batch wait in ms (default: the recipe's).")] = None,
-    token_file: Annotated[Path | None, typer.Option(help="File holding a bearer token required on every route but /healthz (or set SURGERY_SERVE_TOKEN).")] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="File holding a bearer token required on every route but /healthz (or set SURGERY_SERVE_TOKEN)."
+        ),
+    ] = None,
     detach: Annotated[bool, typer.Option("--detach", help="Deploy and return, leaving the server running.")] = False,
-    config_out: Annotated[Path | None, typer.Option(help="Write a Ray Serve config file for `serve run`/`serve deploy` instead of serving.")] = None,
+    config_out: Annotated[
+        Path | None,
+        typer.Option(help="Write a Ray Serve config file for `serve run`/`serve deploy` instead of serving."),
+    ] = None,
 ) -> None:
     """Serve bundles over HTTP with Ray Serve and dynamic batching."""
     from serve.launch import serve_command
@@ -158,7 +187,9 @@ def serve(
 
 @app.command()
 def predict(
-    url: Annotated[str, typer.Argument(help="Model URL, e.g. http://127.0.0.1:8000/v1/models/quickstart.", show_default=False)],
+    url: Annotated[
+        str, typer.Argument(help="Model URL, e.g. http://127.0.0.1:8000/v1/models/quickstart.", show_default=False)
+    ],
     inputs: Annotated[list[str], typer.Argument(help="Image files, text strings, or JSON arrays.", show_default=False)],
     token_file: Annotated[Path | None, typer.Option(help="Bearer token file (or SURGERY_SERVE_TOKEN).")] = None,
 ) -> None:
@@ -194,7 +225,10 @@ def main() -> None:
             sys.exit(err.exit_code)
         if os.environ.get("SURGERY_DEBUG"):
             raise
-        typer.echo(f"internal error: {type(err).__name__}: {err} (a bug in surgery; SURGERY_DEBUG=1 shows the traceback)", err=True)
+        typer.echo(
+            f"internal error: {type(err).__name__}: {err} (a bug in surgery; SURGERY_DEBUG=1 shows the traceback)",
+            err=True,
+        )
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 
