@@ -45,7 +45,9 @@ monitor: {{progress: none, histograms: false, graph: false, sample_predictions: 
 """
 
 
-def write_recipe(tmp_path: Path, *, samples: int = 64, epochs: int = 2, accumulate: int = 1, every: int = 2, name: str = "tiny.yaml") -> Path:
+def write_recipe(
+    tmp_path: Path, *, samples: int = 64, epochs: int = 2, accumulate: int = 1, every: int = 2, name: str = "tiny.yaml"
+) -> Path:
     path = tmp_path / name
     path.write_text(RECIPE.format(samples=samples, epochs=epochs, accumulate=accumulate, every=every))
     return path
@@ -79,7 +81,9 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path: Path) -> None:
     run_fit(recipe, reference)
 
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(fit_script(recipe, interrupted, False), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        fit_script(recipe, interrupted, False), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     target = interrupted / "checkpoints" / ckpt.checkpoint_name(3)  # mid-epoch 1
     deadline = time.monotonic() + 240
     while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -91,10 +95,14 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path: Path) -> None:
     assert killed_at["step"] < 20, "the run finished before it could be killed"
 
     run_fit(recipe, interrupted, resume=True)
-    assert ckpt.read_meta(ckpt.find_last(interrupted))["step"] == ckpt.read_meta(ckpt.find_last(reference))["step"] == 20
+    assert (
+        ckpt.read_meta(ckpt.find_last(interrupted))["step"] == ckpt.read_meta(ckpt.find_last(reference))["step"] == 20
+    )
     assert final_weights(interrupted) == final_weights(reference)
     # early-stopping/metrics state resumed too: the final metrics agree exactly
-    assert ckpt.read_meta(ckpt.find_last(interrupted))["metrics"] == ckpt.read_meta(ckpt.find_last(reference))["metrics"]
+    assert (
+        ckpt.read_meta(ckpt.find_last(interrupted))["metrics"] == ckpt.read_meta(ckpt.find_last(reference))["metrics"]
+    )
 
 
 def test_checkpoint_layout_index_and_keep_best(tmp_path: Path) -> None:

@@ -1,0 +1,265 @@
+"""Data sources, preprocessing parity with serving, seeded order and resumable position."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from surgery.data import EpochBatchSampler, load_data
+from surgery.errors import DataError
+from surgery.inputs import InputSpec
+from surgery.model import build_model
+from surgery.preprocess import images_to_batch
+from surgery.schema import Recipe
+
+CPU = torch.device("cpu")
+
+
+def image_recipe(data: dict, out_features: int = 10, labels: list[str] | None = None) -> Recipe:
+    head = {
+        "name": "cls",
+        "layers": [{"linear": {"out_features": out_features}}],
+        "loss": "cross_entropy",
+        "metrics": ["accuracy"],
+    }
+    if labels:
+        head["labels"] = labels
+    return Recipe.model_validate(
+        {
+            "name": "t",
+            "backbone": {"source": "timm", "name": "test_resnet"},
+            "input": {"size": [16, 16]},
+            "surgery": [{"input_channels": 1}],
+            "heads": [head],
+            "data": data,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    return build_model(image_recipe({"source": "digits"}))
+
+
+def test_digits_batches_match_serving_preprocessing(digits_model) -> None:
+    recipe = image_recipe({"source": "digits", "batch_size": 32})
+    data = load_data(recipe, digits_model, CPU)
+    assert (data.num_train, data.num_val) == (1438, 359)
+    assert data.class_names["cls"] == [str(i) for i in range(10)]
+    inputs, targets = next(iter(data.val))
+    assert inputs[0].shape == (32, 1, 16, 16) and inputs[0].dtype == torch.float32
+    assert targets["cls"].dtype == torch.long and targets["cls"].shape == (32,)
+    # the same PIL images through the serving path give the same tensors
+    images = data.val.dataset.examples.inputs[:32]
+    torch.testing.assert_close(inputs[0], images_to_batch(images, digits_model.input_spec), rtol=0, atol=0)
+
+
+def test_digits_split_is_seeded_by_split_seed(digits_model) -> None:
+    a = load_data(image_recipe({"source": "digits", "split_seed": 1}), digits_model, CPU)
+    b = load_data(image_recipe({"source": "digits", "split_seed": 1}), digits_model, CPU)
+    c = load_data(image_recipe({"source": "digits", "split_seed": 2}), digits_model, CPU)
+    assert torch.equal(a.val.dataset.examples.targets["cls"], b.val.dataset.examples.targets["cls"])
+    assert not torch.equal(a.val.dataset.examples.targets["cls"], c.val.dataset.examples.targets["cls"])
+
+
+def test_class_count_mismatch_with_head_is_an_error() -> None:
+    recipe = image_recipe({"source": "digits"}, out_features=7)
+    with pytest.raises(DataError, match="head 'cls' has 7 outputs, but the digits data has 10 classes"):
+        load_data(recipe, build_model(recipe), CPU)
+
+
+def test_sampler_order_depends_on_seed_and_epoch_and_skips_batches() -> None:
+    sampler = EpochBatchSampler(10, 3, shuffle=True, drop_last=False, seed=5)
+    first = list(sampler)
+    assert [len(b) for b in first] == [3, 3, 3, 1]
+    assert sorted(i for b in first for _, i in b) == list(range(10))
+    assert list(sampler) == first  # a pure function of (seed, epoch)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert [i for b in second for _, i in b] != [i for b in first for _, i in b]
+    sampler.set_epoch(1, skip=2)
+    assert len(sampler) == 2 and list(sampler) == second[2:]
+    # two ranks of a distributed run split every epoch between them
+    ranks = [EpochBatchSampler(10, 5, shuffle=True, drop_last=False, seed=5, rank=r, world_size=2) for r in (0, 1)]
+    assert sorted(i for s in ranks for b in s for _, i in b) == list(range(10))
+
+
+def test_augmentations_are_a_function_of_seed_epoch_and_index(digits_model) -> None:
+    recipe = image_recipe(
+        {"source": "digits", "augment": [{"rotate": {"degrees": 30}}, {"gaussian_noise": {"std": 0.5}}]}
+    )
+    data = load_data(recipe, digits_model, CPU)
+    dataset = data.train.dataset
+    torch.manual_seed(0)
+    a = dataset[(0, 7)][0][0]
+    torch.manual_seed(123)  # the global RNG neither matters nor is consumed
+    state = torch.get_rng_state()
+    b = dataset[(0, 7)][0][0]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, dataset[(1, 7)][0][0])
+    assert not torch.equal(a, dataset[7][0][0])  # plain index: no augmentation (validation)
+
+
+def make_image_folder(root: Path, classes: dict[str, int], size: int = 12) -> Path:
+    for i, (name, count) in enumerate(classes.items()):
+        (root / name).mkdir(parents=True)
+        for j in range(count):
+            Image.new("RGB", (size, size), (40 * i, 10 * j, 200)).save(root / name / f"{j}.png")
+    return root
+
+
+def test_image_folder_with_val_folder_and_labels(tmp_path: Path) -> None:
+    train = make_image_folder(tmp_path / "train", {"cat": 4, "dog": 3})
+    val = make_image_folder(tmp_path / "val", {"cat": 1, "dog": 2})
+    recipe = image_recipe(
+        {"source": "image_folder", "train": str(train), "val": str(val), "batch_size": 4}, out_features=2
+    )
+    data = load_data(recipe, build_model(recipe), CPU)
+    assert (data.num_train, data.num_val) == (7, 3)
+    assert data.class_names["cls"] == ["cat", "dog"]
+    _, targets = next(iter(data.val))
+    assert targets["cls"].tolist() == [0, 1, 1]
+
+
+def test_image_folder_seeded_split_and_head_label_order(tmp_path: Path) -> None:
+    train = make_image_folder(tmp_path / "train", {"a": 5, "b": 5})
+    recipe = image_recipe(
+        {"source": "image_folder", "train": str(train), "val_split": 0.2}, out_features=2, labels=["b", "a"]
+    )
+    data = load_data(recipe, build_model(recipe), CPU)
+    assert (data.num_train, data.num_val) == (8, 2)
+    assert data.class_names["cls"] == ["b", "a"]  # the head's label order wins
+    # folder "a" is class 1 of the head
+    examples = data.train.dataset.examples
+    assert all(
+        int(t) == (1 if Path(p).parent.name == "a" else 0)
+        for p, t in zip(examples.inputs, examples.targets["cls"], strict=True)
+    )
+
+
+def test_image_folder_errors(tmp_path: Path) -> None:
+    train = make_image_folder(tmp_path / "train", {"a": 2, "b": 2, "c": 2})
+    recipe = image_recipe({"source": "image_folder", "train": str(train)}, out_features=2)
+    model = build_model(recipe)
+    with pytest.raises(DataError, match="head 'cls' has 2 outputs, but .* has 3 classes"):
+        load_data(recipe, model, CPU)
+    (train / "c" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    recipe3 = image_recipe({"source": "image_folder", "train": str(train)}, out_features=3)
+    with pytest.raises(DataError, match=r"unreadable image .*c/1\.png"):
+        load_data(recipe3, build_model(recipe3), CPU)
+    missing = image_recipe({"source": "image_folder", "train": str(tmp_path / "nope")}, out_features=2)
+    with pytest.raises(DataError, match="does not exist"):
+        load_data(missing, model, CPU)
+
+
+def vector_model(features: int = 3, out: int = 2, task: str = "multiclass") -> SimpleNamespace:
+    spec = InputSpec(kind="vector", features=features)
+    return SimpleNamespace(
+        input_spec=spec,
+        tokenizer=None,
+        head_info={"cls": {"task": task, "labels": None, "out_features": out}},
+        example_inputs=lambda n=2: (torch.zeros(n, features),),
+    )
+
+
+def table_recipe(source: str, train: Path, **data) -> Recipe:
+    return Recipe.model_validate(
+        {
+            "name": "t",
+            "backbone": {"source": "timm", "name": "test_resnet"},
+            "heads": [{"name": "cls", "layers": [{"linear": {"out_features": 2}}], "loss": "cross_entropy"}],
+            "data": {"source": source, "train": str(train), **data},
+        }
+    )
+
+
+def test_csv_feature_columns_and_string_labels(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("x,y,z,label\n" + "".join(f"{i},{i * 2},{-i},{'yes' if i % 2 else 'no'}\n" for i in range(10)))
+    recipe = table_recipe("csv", path, feature_columns=["x", "y", "z"], batch_size=4, val_split=0.3)
+    data = load_data(recipe, vector_model(), CPU)
+    assert (data.num_train, data.num_val) == (7, 3)
+    assert data.class_names["cls"] == ["no", "yes"]
+    inputs, targets = next(iter(data.val))
+    assert inputs[0].dtype == torch.float32 and inputs[0].shape == (3, 3)
+    assert targets["cls"].tolist() == [int(x) % 2 for x in inputs[0][:, 0].tolist()]
+
+
+def test_jsonl_label_column_absent_names_the_columns(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"x": i, "y": i, "z": i, "target": i % 2}) + "\n" for i in range(6)))
+    recipe = table_recipe("jsonl", path, feature_columns=["x", "y", "z"])
+    with pytest.raises(DataError, match="column 'label' not found in .*d.jsonl; columns are: x, y, z, target"):
+        load_data(recipe, vector_model(), CPU)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"x": 1}\n{oops\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid JSON"):
+        load_data(table_recipe("jsonl", bad, feature_columns=["x"]), vector_model(1), CPU)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "movie", "very", "a"]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(1)
+    config = BertConfig(
+        vocab_size=len(words),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_csv_text_column_is_tokenised_like_serving(tmp_path: Path, tiny_bert: Path) -> None:
+    from surgery.preprocess import texts_to_batch
+
+    path = tmp_path / "t.csv"
+    rows = ["a good movie,1", "a very bad movie,0", "good,1", "bad bad,0"]
+    path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    recipe = Recipe.model_validate(
+        {
+            "name": "t",
+            "backbone": {"source": "transformers", "name": str(tiny_bert), "pretrained": True},
+            "heads": [
+                {
+                    "name": "cls",
+                    "input": "tokens",
+                    "pool": "cls",
+                    "layers": [{"linear": {"out_features": 2}}],
+                    "loss": "cross_entropy",
+                }
+            ],
+            "data": {"source": "csv", "train": str(path), "val": str(path), "text_column": "text", "batch_size": 4},
+        }
+    )
+    model = build_model(recipe)
+    data = load_data(recipe, model, CPU)
+    (ids, mask), targets = next(iter(data.val))
+    expected = texts_to_batch([r.split(",")[0] for r in rows], model.tokenizer, model.input_spec)
+    assert torch.equal(ids, expected[0]) and torch.equal(mask, expected[1])
+    assert targets["cls"].tolist() == [1, 0, 1, 0]
+    model.eval()
+    assert model(ids, mask)["cls"].shape == (4, 2)
+
+
+def test_synthetic_follows_model_input_and_heads(digits_model) -> None:
+    recipe = image_recipe({"source": "synthetic", "synthetic": {"num_samples": 20, "num_classes": 3}, "batch_size": 8})
+    data = load_data(recipe, digits_model, CPU)
+    assert (data.num_train, data.num_val) == (20, 5)
+    inputs, targets = next(iter(data.train))
+    assert inputs[0].shape == (8, 1, 16, 16)
+    assert int(targets["cls"].max()) < 3
