@@ -147,7 +147,7 @@ def test_image_folder_errors(tmp_path: Path) -> None:
     train = make_image_folder(tmp_path / "train", {"a": 2, "b": 2, "c": 2})
     recipe = image_recipe({"source": "image_folder", "train": str(train)}, out_features=2)
     model = build_model(recipe)
-    with pytest.raises(DataError, match="head 'cls' has 2 outputs, but .* has 3 classes"):
+    with pytest.raises(DataError, match=r"head 'cls' has 2 outputs, but .* has 3 classes"):
         load_data(recipe, model, CPU)
     (train / "c" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     recipe3 = image_recipe({"source": "image_folder", "train": str(train)}, out_features=3)
@@ -195,7 +195,7 @@ def test_jsonl_label_column_absent_names_the_columns(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"x": i, "y": i, "z": i, "target": i % 2}) + "\n" for i in range(6)))
     recipe = table_recipe("jsonl", path, feature_columns=["x", "y", "z"])
-    with pytest.raises(DataError, match="column 'label' not found in .*d.jsonl; columns are: x, y, z, target"):
+    with pytest.raises(DataError, match=r"column 'label' not found in .*d\.jsonl; columns are: x, y, z, target"):
         load_data(recipe, vector_model(), CPU)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"x": 1}\n{oops\n')
