@@ -45,8 +45,12 @@ class SurgicalModel(nn.Module):
         return self._taps(self.backbone, inputs, self._wanted)
 
     def forward(self, *inputs: Tensor) -> dict[str, Tensor]:
+        return self.forward_with_taps(*inputs)[0]
+
+    def forward_with_taps(self, *inputs: Tensor) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """`forward`'s outputs and the taps they were computed from."""
         taps = self.taps(*inputs)
-        return {name: head(select_tap(taps, *self._reads[name])) for name, head in self.heads.items()}
+        return {name: head(select_tap(taps, *self._reads[name])) for name, head in self.heads.items()}, taps
 
     def example_inputs(self, batch_size: int = 2, *, seq_len: int | None = None) -> tuple[Tensor, ...]:
         """Valid inputs for `forward` (and export): deterministic values of the right shape and dtype."""

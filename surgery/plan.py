@@ -46,6 +46,7 @@ class Measurement:
     shapes: dict[str, list[int]] = field(default_factory=dict)
     activation_bytes: dict[str, int] = field(default_factory=dict)  # by innermost module
     flops: int = 0
+    taps: dict[str, list[int]] = field(default_factory=dict)  # tap kind → shape (first per-head view)
 
 
 def plan_command(recipe_path: str | Path, overrides: Sequence[str], *, depth: int, as_json: bool) -> str:
@@ -71,6 +72,7 @@ def make_plan(recipe: Recipe, *, depth: int = 3) -> dict[str, Any]:
         "recipe": recipe.name,
         "input": model.input_spec.to_dict(),
         "heads": model.head_info,
+        "taps": measured.taps,
         "modules": [row.__dict__ for row in rows],
         "totals": {"params": total, "trainable": trainable, "frozen": total - trainable},
         "flops_per_sample": measured.flops // MEASURE_BATCH,
@@ -161,10 +163,24 @@ def measure(model: nn.Module) -> Measurement:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), FlopCounterMode(display=False) as counter:
-            model(*inputs)
+            _, taps = model.forward_with_taps(*inputs)
         measured.flops = int(counter.get_total_flops())
     model.eval()
+    measured.taps = tap_shapes(taps)
     return measured
+
+
+def tap_shapes(taps: dict[str, Any]) -> dict[str, list[int]]:
+    """Shapes of what the backbone gives the heads (`tokens` before pooling, each feature map)."""
+    shapes: dict[str, Any] = {}
+    for kind, value in taps.items():
+        if kind == "tokens":
+            shapes[kind] = list(value[0].shape)
+        elif kind == "features":
+            shapes[kind] = [list(f.shape) for f in value]
+        else:
+            shapes[kind] = list(value.shape)
+    return shapes
 
 
 def _parameter_storages(model: nn.Module) -> set[int]:
@@ -281,7 +297,11 @@ def render_plan(plan: dict[str, Any]) -> str:
     for column in ("module", "type", "output shape", "params", "trainable", "device"):
         table.add_column(column, justify="right" if column in ("params", "trainable") else "left")
     for row in plan["modules"]:
-        shape = "×".join(str(d) for d in row["output_shape"][1:]) if row["output_shape"] else "-"
+        shape = _shape_text(row["output_shape"]) if row["output_shape"] else "-"
+        if row["name"] == "backbone" and row["output_shape"] is None:
+            shape = (
+                ", ".join(f"{kind} {_shape_text(s)}" for kind, s in plan["taps"].items() if kind != "features") or "-"
+            )
         state = (
             "all"
             if row["trainable"] == row["params"] and row["params"]
@@ -299,6 +319,10 @@ def render_plan(plan: dict[str, Any]) -> str:
     console.print(_totals_text(plan))
     console.print(_memory_table(plan, Table))
     return buffer.getvalue().rstrip() + "\n"
+
+
+def _shape_text(shape: list[int]) -> str:
+    return "×".join(str(d) for d in shape[1:])
 
 
 def _totals_text(plan: dict[str, Any]) -> str:
