@@ -24,6 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+# Replicas share cores with the HTTP proxy and with each other: OpenMP threads that spin while
+# waiting make an oversubscribed forward tens of times slower. Set before torch loads libgomp.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import yaml
 from fastapi import FastAPI, Request
@@ -360,10 +364,14 @@ class ModelServer:
         media = content_type.split(";", 1)[0].strip().lower()
         if media == "multipart/form-data":
             items = await _multipart_items(content_type, body)
+        elif media.startswith("image/") or media == "application/octet-stream":
+            items = [body]  # one encoded image as the whole body
         elif media in ("application/json", "") or media.endswith("+json"):
             items = await asyncio.to_thread(_json_items, body)
         else:
-            raise InputError(f"unsupported content type {media!r}; send application/json or multipart/form-data", 415)
+            raise InputError(
+                f"unsupported content type {media!r}; send application/json, multipart/form-data or image/*", 415
+            )
         if not items:
             raise InputError("no inputs given")
         if len(items) > MAX_INPUTS_PER_REQUEST:

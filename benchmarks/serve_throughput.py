@@ -1,0 +1,207 @@
+"""Serving throughput and latency against the raw model, in one run.
+
+Clients send JPEG images (224x224) from one async httpx load generator on this machine to
+`surgery serve`'s application (Ray Serve, dynamic batching), for a resnet18-class and a
+mobilenet-class model (torchvision, random init):
+
+- served throughput at 32 concurrent clients vs raw in-process `inference_mode` throughput at
+  the batch size Serve formed (target >= 0.7x);
+- p50 latency at concurrency 1 vs the model's own batch-1 forward time (target <= +15 ms);
+- batching on vs off, next to the raw batch-N / batch-1 speed-up.
+
+    python benchmarks/serve_throughput.py [--seconds 12] [--models resnet18,mobilenet_v3_small]
+
+Reports; asserts nothing. About 4 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what serve/app.py sets in replicas: same for raw
+
+RECIPE = """
+name: {name}
+backbone: {{source: torchvision, name: {name}, pretrained: false}}
+input: {{size: [224, 224]}}
+heads:
+  - name: cls
+    input: logits
+    layers: [{{linear: {{out_features: 10}}}}]
+    loss: cross_entropy
+"""
+BATCH = 16
+WAIT_MS = 2.0
+
+
+def export(name: str, root: Path) -> Path:
+    from surgery.export import export_bundle
+    from surgery.model import build_model
+    from surgery.recipe import load_recipe_text
+
+    recipe = load_recipe_text(RECIPE.format(name=name))
+    return export_bundle(build_model(recipe, load_weights=False), recipe, root / name, formats=["safetensors"])
+
+
+def jpeg_images(n: int = 16) -> list[bytes]:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(n):
+        base = np.linspace(0, 255, 224, dtype=np.float32)
+        pixels = (base[None, :, None] * rng.uniform(0.3, 1, (1, 1, 3)) + rng.normal(0, 12, (224, 224, 3))).clip(0, 255)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels.astype("uint8")).save(buffer, "JPEG", quality=90)
+        images.append(buffer.getvalue())
+    return images
+
+
+def raw_times(bundle: Path, sizes: list[int], threads: int) -> dict[int, float]:
+    """Seconds per forward at each batch size (median), in-process, inference_mode."""
+    import torch
+
+    from surgery.bundle import load_bundle
+
+    torch.set_num_threads(threads)
+    model = load_bundle(bundle).model
+    out = {}
+    with torch.inference_mode():
+        for n in sizes:
+            x = torch.randn(n, 3, 224, 224)
+            for _ in range(2):
+                model(x)
+            times = []
+            budget = time.perf_counter() + 4
+            while len(times) < 5 or (time.perf_counter() < budget and len(times) < 40):
+                start = time.perf_counter()
+                model(x)
+                times.append(time.perf_counter() - start)
+            out[n] = statistics.median(times)
+    return out
+
+
+async def load(url: str, images: list[bytes], concurrency: int, seconds: float) -> tuple[float, list[float], list[int]]:
+    """(requests/s, latencies, batch sizes) with `concurrency` clients posting JPEGs for `seconds`."""
+    import httpx
+
+    latencies: list[float] = []
+    batches: list[int] = []
+    stop = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+
+        async def worker(i: int) -> None:
+            k = i
+            while time.perf_counter() < stop:
+                start = time.perf_counter()
+                r = await client.post(url, content=images[k % len(images)], headers={"content-type": "image/jpeg"})
+                latencies.append(time.perf_counter() - start)
+                r.raise_for_status()
+                batches.append(r.json()["batch_sizes"][0])
+                k += concurrency
+
+        begin = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        elapsed = time.perf_counter() - begin
+    return len(latencies) / elapsed, latencies, batches
+
+
+def deploy(bundle: Path, max_batch_size: int, wait_ms: float, threads: int) -> None:
+    from ray import serve
+
+    from serve.app import build_app
+
+    args = {
+        "bundles": [str(bundle)],
+        "max_batch_size": max_batch_size,
+        "batch_wait_ms": wait_ms,
+        "num_cpus": 1,
+        "threads": threads,
+    }
+    serve.run(build_app(args), name="surgery", route_prefix="/")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=12)
+    parser.add_argument("--models", default="resnet18,mobilenet_v3_small")
+    parser.add_argument("--port", type=int, default=8765)
+    opts = parser.parse_args()
+    threads = os.cpu_count() or 1
+    models = opts.models.split(",")
+    images = jpeg_images()
+    root = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    bundles = {name: export(name, root) for name in models}
+    raw = {name: raw_times(bundles[name], [1, 2, 4, 8, 16], threads) for name in models}
+
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=threads, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": opts.port})
+    base = f"http://127.0.0.1:{opts.port}"
+    rows = []
+    try:
+        for name in models:
+            url = f"{base}/v1/models/{name}:predict"
+            deploy(bundles[name], BATCH, WAIT_MS, threads)
+            asyncio.run(load(url, images, 8, 2))  # warm-up
+            on_rps, _, on_batches = asyncio.run(load(url, images, 32, opts.seconds))
+            _, lat1, _ = asyncio.run(load(url, images, 1, min(opts.seconds, 8)))
+            deploy(bundles[name], 1, 0.0, threads)
+            asyncio.run(load(url, images, 8, 2))
+            off_rps, _, _ = asyncio.run(load(url, images, 32, opts.seconds))
+            mean_batch = statistics.mean(on_batches)
+            n = min(raw[name], key=lambda size: abs(size - mean_batch))
+            rows.append(
+                {
+                    "model": name,
+                    "mean_batch": mean_batch,
+                    "raw_n": n,
+                    "raw_rps_n": n / raw[name][n],
+                    "raw_rps_1": 1 / raw[name][1],
+                    "raw_rps_16": 16 / raw[name][16],
+                    "on_rps": on_rps,
+                    "off_rps": off_rps,
+                    "p50_c1_ms": statistics.median(lat1) * 1000,
+                    "raw_b1_ms": raw[name][1] * 1000,
+                }
+            )
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    print(
+        f"\n{threads} CPU threads, JPEG 224x224, batching max {BATCH} / wait {WAIT_MS} ms, {opts.seconds:.0f} s per run"
+    )
+    for r in rows:
+        print(f"\n{r['model']}")
+        print(
+            f"  served, 32 clients, batching on : {r['on_rps']:7.1f} img/s (mean batch {r['mean_batch']:.1f}); "
+            f"raw batch {r['raw_n']}: {r['raw_rps_n']:7.1f} img/s -> {r['on_rps'] / r['raw_rps_n']:.2f}x raw"
+        )
+        print(
+            f"  served, 32 clients, batching off: {r['off_rps']:7.1f} img/s -> on/off {r['on_rps'] / r['off_rps']:.2f}x "
+            f"(raw batch-16/batch-1 speed-up {r['raw_rps_16'] / r['raw_rps_1']:.2f}x, "
+            f"batch-{r['raw_n']}/batch-1 {r['raw_rps_n'] / r['raw_rps_1']:.2f}x)"
+        )
+        print(
+            f"  p50 latency, 1 client: {r['p50_c1_ms']:.1f} ms vs raw batch-1 forward {r['raw_b1_ms']:.1f} ms "
+            f"(+{r['p50_c1_ms'] - r['raw_b1_ms']:.1f} ms)"
+        )
+
+
+if __name__ == "__main__":
+    main()
