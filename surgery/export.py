@@ -72,7 +72,7 @@ class PartialExportError(ExportError):
     def __init__(self, bundle: Path, written: list[str], failures: dict[str, str]) -> None:
         self.bundle = bundle
         self.failures = dict(failures)
-        lines = [f"bundle {bundle} written with {', '.join(written)}; {len(failures)} format(s) failed:"]
+        lines = [f"export incomplete: bundle {bundle} holds {', '.join(written)}; failed formats:"]
         lines += [f"  {fmt}: {reason}" for fmt, reason in failures.items()]
         super().__init__("\n".join(lines))
 
@@ -236,7 +236,7 @@ def export_bundle(
     out = Path(out).resolve()
     wanted = _formats(formats if formats is not None else recipe.export.formats)
     _check_replaceable(out)
-    model, lora_merged = _merged(model)
+    model, lora_merged = _merged(_on_cpu(model))
     was_training = model.training
     model.eval()
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -291,6 +291,14 @@ def _check_replaceable(out: Path) -> None:
     # Never swap away a folder that isn't a bundle (a typo'd --out pointing at a project dir).
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
         raise ExportError(f"{out}: exists and is not a bundle; choose another --out or remove it")
+
+
+def _on_cpu(model: nn.Module) -> nn.Module:
+    """Export from CPU: the graphs are portable, and eager CUDA (TF32 convolutions) would not be
+    the reference onnxruntime's CPU results are held to. A GPU model is copied, not moved."""
+    if all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()]):
+        return model
+    return copy.deepcopy(model).to("cpu")
 
 
 def _merged(model: nn.Module) -> tuple[nn.Module, bool]:
@@ -507,16 +515,10 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 def export_run(run_dir: Path, formats: list[str] | None = None, out: Path | None = None) -> Path:
     """Export a run's best checkpoint (else its last) to `out` (default `<run>/bundle`)."""
-    from surgery.checkpoint import find_best, find_last
+    from surgery.checkpoint import find_best
 
     run_dir = Path(run_dir)
-    try:
-        checkpoint = find_best(run_dir)
-    except Exception:
-        checkpoint = None
-    if checkpoint is None:
-        checkpoint = find_last(run_dir)
-    return _export_checkpoint(run_dir, Path(checkpoint), formats, out)
+    return _export_checkpoint(run_dir, find_best(run_dir), formats, out)  # find_best falls back to the last
 
 
 def export_command(target: Path, formats: list[str] | None, out: Path | None) -> Path:

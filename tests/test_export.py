@@ -40,7 +40,7 @@ export: {formats: [safetensors, onnx, torchscript, pt2]}
 
 TORCHVISION = """
 name: tiny-tv
-backbone: {source: torchvision, name: mobilenet_v3_small}
+backbone: {source: torchvision, name: resnet18}
 input: {size: [32, 32]}
 heads:
   - name: label
@@ -296,7 +296,8 @@ def test_a_format_that_cannot_represent_the_model_fails_alone(tmp_path: Path) ->
     assert set(err.failures) == {"pt2", "onnx"}
     assert "data-dependent control flow" in err.failures["pt2"]
     message = str(err)
-    assert "pt2:" in message and "onnx:" in message and "safetensors, torchscript" in message
+    assert message.startswith("export incomplete") and "holds safetensors, torchscript" in message
+    assert "\n  pt2: " in message and "\n  onnx: " in message
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     assert set(manifest["formats"]) == {"safetensors", "torchscript"}
     assert set(manifest["failed_formats"]) == {"pt2", "onnx"}
@@ -420,3 +421,36 @@ def test_export_command_takes_a_checkpoint_and_formats(tmp_path: Path) -> None:
         export_command(tmp_path / "nope", None, None)
     with pytest.raises(ExportError, match="not a run folder"):
         export_command(tmp_path, None, None)
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    import cli
+
+    monkeypatch.setattr(sys, "argv", ["surgery", *args])
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    return done.value.code
+
+
+def test_cli_exports_and_exits_nonzero_listing_failed_formats(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from surgery.registry import EXPORT_FORMATS
+
+    recipe = recipe_from(TIMM_MULTIHEAD, tmp_path)
+    run = fake_run(tmp_path, recipe, build_model(recipe, load_weights=False), {10: 0.3})
+    assert run_cli(monkeypatch, "export", str(run), "--format", "torchscript") == 0
+    assert f"bundle: {(run / 'bundle').resolve()}" in capsys.readouterr().out
+
+    def cannot(job):
+        raise ExportError("this model uses an operator the format lacks")
+
+    EXPORT_FORMATS.get("pt2")  # make sure the real builders are attached before replacing one
+    monkeypatch.setitem(EXPORT_FORMATS._builders, "pt2", cannot)
+    assert run_cli(monkeypatch, "export", str(run), "--format", "torchscript,pt2") == 2
+    err = capsys.readouterr().err
+    assert "pt2: this model uses an operator the format lacks" in err
+    assert set(json.loads((run / "bundle" / "manifest.json").read_text())["formats"]) == {"safetensors", "torchscript"}
+
+    assert run_cli(monkeypatch, "export", str(run), "--format", "tflite") == 2
+    assert "unknown export format 'tflite'" in capsys.readouterr().err
