@@ -5,12 +5,11 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-HUBS = {"huggingface.co": 443, "download.pytorch.org": 443}
+HUBS = ("https://huggingface.co", "https://download.pytorch.org")
 PACKAGES = ("torch", "torchvision", "timm", "transformers", "ray", "safetensors", "onnxruntime")
 
 
@@ -65,27 +64,33 @@ def device_lines() -> list[str]:
     return lines
 
 
-def _reachable(host: str, port: int, timeout: float) -> bool:
+def _reachable(url: str, timeout: float) -> bool:
+    # A real HTTPS request: a bare TCP connect succeeds through some sandboxes' black holes.
+    import httpx
+
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
+        httpx.head(url, timeout=timeout)
+        return True
+    except Exception:
         return False
 
 
 def hub_lines(timeout: float = 1.0) -> list[str]:
-    """Reachability of the model hubs; all probes run at once, ≤ `timeout` + DNS in total."""
+    """Reachability of the model hubs; all probes run at once, about `timeout` seconds in total."""
     if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "TRUE", "yes"):
         return ["hubs          offline (HF_HUB_OFFLINE=1): only cached or local weights load"]
     start = time.perf_counter()
-    with ThreadPoolExecutor(len(HUBS)) as pool:
-        futures = {host: pool.submit(_reachable, host, port, timeout) for host, port in HUBS.items()}
+    pool = ThreadPoolExecutor(len(HUBS))
+    futures = {url: pool.submit(_reachable, url, timeout) for url in HUBS}
+    results = {}
+    for url, future in futures.items():
         try:
-            results = {host: f.result(timeout=timeout + 1.0) for host, f in futures.items()}
+            results[url] = future.result(timeout=max(0.1, timeout + 0.5 - (time.perf_counter() - start)))
         except Exception:
-            results = {host: f.done() and f.result() for host, f in futures.items()}
+            results[url] = False
+    pool.shutdown(wait=False, cancel_futures=True)
     elapsed = time.perf_counter() - start
-    lines = [f"hub           {host}: {'reachable' if ok else 'unreachable'}" for host, ok in results.items()]
+    lines = [f"hub           {url}: {'reachable' if ok else 'unreachable'}" for url, ok in results.items()]
     if not any(results.values()):
         lines.append(
             f"hubs          offline ({elapsed:.1f}s probe): use local `weights:` files or set HF_HUB_OFFLINE=1"

@@ -176,7 +176,7 @@ def prediction_grid(
 
 
 def _fmt(values: dict[str, float], limit: int = 4) -> str:
-    return "  ".join(f"{k.split('/', 1)[-1]} {v:.4g}" for k, v in list(values.items())[:limit])
+    return "  ".join(f"{k.removeprefix('train/')} {v:.4g}" for k, v in list(values.items())[:limit])
 
 
 class Progress:

@@ -428,10 +428,12 @@ def fit(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: bool = Fa
                 )
             scaler.step(optimizer)
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
             state.step += 1
             state.batch += len(group)
+            if main and (state.batch >= batches_per_epoch or state.step >= total_steps):
+                monitor.histograms(model, state.step)  # once per epoch, while the gradients exist
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
             log = state.step % recipe.monitor.log_every_steps == 0
             if log:
                 elapsed = max(1e-9, time.perf_counter() - window_start)
@@ -464,7 +466,6 @@ def fit(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: bool = Fa
             state.metrics.update(metrics)
             if main:
                 monitor.scalars(state.step, metrics, epoch=epoch)
-                monitor.histograms(model, state.step)
                 _log_samples(monitor, model, first, data, state.step)
             if _early_stop(state, recipe):
                 state.stopped_early = True
