@@ -528,6 +528,8 @@ def export_command(target: Path, formats: list[str] | None, out: Path | None) ->
         raise ExportError(f"{target}: no such run or checkpoint")
     if target.is_file():
         target = target.parent
+    if target.name == "checkpoints" and (target.parent / "recipe.lock.yaml").is_file():
+        target = target.parent
     if (target / WEIGHTS).is_file() and target.parent.name == "checkpoints":
         return _export_checkpoint(target.parent.parent, target, formats, out)
     if (target / "checkpoints").is_dir():
@@ -556,5 +558,5 @@ def _export_checkpoint(run_dir: Path, checkpoint: Path, formats: list[str] | Non
         Path(out) if out is not None else run_dir / "bundle",
         formats=formats,
         metrics=meta.get("metrics") or {},
-        source=checkpoint,
+        source=checkpoint.resolve(),
     )

@@ -417,6 +417,7 @@ def test_export_command_takes_a_checkpoint_and_formats(tmp_path: Path) -> None:
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["source"] == str(ckpt) and manifest["metrics"] == {"val/loss": 0.9}
     assert set(manifest["formats"]) == {"safetensors", "torchscript"}
+    assert export_command(run / "checkpoints", None, None) == (run / "bundle").resolve()
     with pytest.raises(ExportError, match="no such run"):
         export_command(tmp_path / "nope", None, None)
     with pytest.raises(ExportError, match="not a run folder"):
