@@ -155,13 +155,28 @@ def _build(recipe: Recipe, load_weights: bool) -> SurgicalModel:
 
 
 def _dry_runner(built: BuiltBackbone, wanted: set[str]) -> Any:
-    def run() -> dict[str, Any]:
+    """A function doing one no-grad forward of example inputs, for shapes and module order.
+
+    It runs under `FakeTensorMode` (shapes without arithmetic, as `torch.export` does), which makes
+    a build cost about what constructing the module costs; a model with an op fake tensors can't
+    run falls back to a real forward, decided once so every run of one build sees the same calls."""
+    mode: dict[str, bool] = {}
+
+    def forward() -> dict[str, Any]:
         inputs = example_inputs(built.input_spec, built.tokenizer, 1, seq_len=min(built.input_spec.max_length, 16))
+        if mode.setdefault("fake", True):
+            try:
+                return _fake_forward(built, inputs, wanted)
+            except Exception:  # any op without a fake kernel: measure for real from now on
+                mode["fake"] = False
+        return built.taps(built.module, inputs, wanted)
+
+    def run() -> dict[str, Any]:
         was_training = built.module.training
         built.module.eval()
         try:
             with torch.no_grad():
-                return built.taps(built.module, inputs, wanted)
+                return forward()
         except RuntimeError as exc:
             raise BuildError(
                 f"the backbone fails on a {built.input_spec.kind} input of the recipe's input spec: {str(exc).splitlines()[0]}"
@@ -170,6 +185,13 @@ def _dry_runner(built: BuiltBackbone, wanted: set[str]) -> Any:
             built.module.train(was_training)
 
     return run
+
+
+def _fake_forward(built: BuiltBackbone, inputs: tuple[Tensor, ...], wanted: set[str]) -> dict[str, Any]:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        return built.taps(built.module, inputs, wanted)
 
 
 def _tap_shape(taps: dict[str, Any], head: Head) -> tuple[int, ...]:

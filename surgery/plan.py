@@ -1,6 +1,6 @@
 """`surgery plan`: build a recipe's model without weights and show what it is before training.
 
-One measured forward (train mode, batch of 2, gradients on, for the recipe's input spec) gives
+One measured forward (train mode, batch of 1 — 2 if BatchNorm needs it — gradients on, for the recipe's input spec) gives
 everything: each module's output shape (forward hooks), FLOPs per sample
 (`torch.utils.flop_counter.FlopCounterMode`) and activation memory — the bytes of the tensors
 autograd saves for the backward pass (`torch.autograd.graph.saved_tensors_hooks`, counted once
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from surgery.freeze import match_params
 from surgery.schema import Recipe
 
-MEASURE_BATCH = 2
+MEASURE_BATCHES = (1, 2)  # batch 2 when batch 1 can't train (BatchNorm over a single value)
 # Optimizer state per trainable parameter, in parameter-sized slots.
 _STATE_SLOTS = {"adam": 2, "adamw": 2, "sgd": 1, "rmsprop": 1}
 
@@ -46,7 +46,8 @@ class Measurement:
     shapes: dict[str, list[int]] = field(default_factory=dict)
     activation_bytes: dict[str, int] = field(default_factory=dict)  # by innermost module
     flops: int = 0
-    taps: dict[str, list[int]] = field(default_factory=dict)  # tap kind → shape (first per-head view)
+    taps: dict[str, list[int]] = field(default_factory=dict)  # tap kind → shape
+    batch: int = 1
 
 
 def plan_command(recipe_path: str | Path, overrides: Sequence[str], *, depth: int, as_json: bool) -> str:
@@ -75,7 +76,7 @@ def make_plan(recipe: Recipe, *, depth: int = 3) -> dict[str, Any]:
         "taps": measured.taps,
         "modules": [row.__dict__ for row in rows],
         "totals": {"params": total, "trainable": trainable, "frozen": total - trainable},
-        "flops_per_sample": measured.flops // MEASURE_BATCH,
+        "flops_per_sample": measured.flops // measured.batch,
         "memory": memory_estimate(model, recipe, measured, placement),
     }
 
@@ -145,12 +146,22 @@ def _shape_hooks(model: nn.Module, measured: Measurement) -> Iterator[list[str]]
 
 def measure(model: nn.Module) -> Measurement:
     """One training-mode forward: output shapes, FLOPs and saved-activation bytes."""
+    for batch in MEASURE_BATCHES:
+        try:
+            return _measure(model, batch)
+        except ValueError:  # "Expected more than 1 value per channel when training"
+            if batch == MEASURE_BATCHES[-1]:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _measure(model: nn.Module, batch: int) -> Measurement:
     from torch.utils.flop_counter import FlopCounterMode
 
-    measured = Measurement()
+    measured = Measurement(batch=batch)
     seen: set[tuple[int, int]] = set()
     weights = _parameter_storages(model)
-    inputs = model.example_inputs(MEASURE_BATCH)
+    inputs = model.example_inputs(batch)
     model.train()
     with _shape_hooks(model, measured) as stack:
 
@@ -257,7 +268,7 @@ def memory_estimate(
             entry["optimizer_state"] += nbytes * slots
     for device, nbytes in _activation_devices(model, measured, placement).items():
         entry = devices.setdefault(device, dict.fromkeys(("weights", "gradients", "optimizer_state", "activations"), 0))
-        scaled = nbytes * batch // MEASURE_BATCH
+        scaled = nbytes * batch // measured.batch
         entry["activations"] += scaled // 2 if half else scaled
     for entry in devices.values():
         entry["total"] = sum(entry.values())
@@ -265,7 +276,7 @@ def memory_estimate(
         "batch_size": batch,
         "optimizer": optimizer.name,
         "precision": recipe.train.precision,
-        "activations": f"measured: tensors saved for backward in one forward of batch {MEASURE_BATCH}, scaled to {batch}"
+        "activations": f"measured: tensors saved for backward in one forward of batch {measured.batch}, scaled to {batch}"
         + (" and halved for autocast" if half else ""),
         "per_device": devices,
     }
