@@ -138,8 +138,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=12)
     parser.add_argument("--models", default="resnet18,mobilenet_v3_small")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (raw and replica)")
+    parser.add_argument("--wait-ms", type=float, default=WAIT_MS, help="batch wait")
     opts = parser.parse_args()
-    threads = os.cpu_count() or 1
+    threads = opts.threads
     models = opts.models.split(",")
     images = jpeg_images()
     root = Path(tempfile.mkdtemp(prefix="serve-bench-"))
@@ -149,14 +151,14 @@ def main() -> None:
     import ray
     from ray import serve
 
-    ray.init(num_cpus=threads, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": opts.port})
     base = f"http://127.0.0.1:{opts.port}"
     rows = []
     try:
         for name in models:
             url = f"{base}/v1/models/{name}:predict"
-            deploy(bundles[name], BATCH, WAIT_MS, threads)
+            deploy(bundles[name], BATCH, opts.wait_ms, threads)
             asyncio.run(load(url, images, 8, 2))  # warm-up
             on_rps, _, on_batches = asyncio.run(load(url, images, 32, opts.seconds))
             _, lat1, _ = asyncio.run(load(url, images, 1, min(opts.seconds, 8)))
@@ -184,7 +186,7 @@ def main() -> None:
         ray.shutdown()
 
     print(
-        f"\n{threads} CPU threads, JPEG 224x224, batching max {BATCH} / wait {WAIT_MS} ms, {opts.seconds:.0f} s per run"
+        f"\n{threads} CPU threads, JPEG 224x224, batching max {BATCH} / wait {opts.wait_ms} ms, {opts.seconds:.0f} s per run"
     )
     for r in rows:
         print(f"\n{r['model']}")

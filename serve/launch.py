@@ -162,8 +162,15 @@ def serve_command(
     for key, value in (("replicas", replicas), ("max_batch_size", max_batch_size), ("batch_wait_ms", batch_wait_ms)):
         if value is not None:
             args[key] = value
+    token = read_token(token_file)
+    if token is None and not _is_loopback(host):
+        print(
+            f"warning: serving on {host} without a bearer token: anyone who can reach this port can use the models "
+            f"(pass --token-file or set {TOKEN_ENV})",
+            file=sys.stderr,
+        )
     if config_out is not None:
-        if token_file is not None:
+        if token_file is not None:  # the path, never the secret, goes into a config file
             args["token_file"] = str(Path(token_file).resolve())
         config = serve_config(args, host, port)
         Path(config_out).write_text(
@@ -174,15 +181,8 @@ def serve_command(
         print(f"wrote {config_out}")
         return
 
-    token = read_token(token_file)
     if token is not None:
         args["token_sha256"] = hashlib.sha256(token.encode()).hexdigest()
-    elif not _is_loopback(host):
-        print(
-            f"warning: serving on {host} without a bearer token: anyone who can reach this port can use the models "
-            f"(pass --token-file or set {TOKEN_ENV})",
-            file=sys.stderr,
-        )
     config = serve_config(args, host, port)
     if not os.environ.get("RAY_ADDRESS"):
         total = sum(

@@ -153,6 +153,10 @@ def test_served_prediction_equals_in_process(server, bundles):
 
     as_json = _predict(server, json={"inputs": [base64.b64encode(png).decode(), base64.b64encode(jpeg).decode()]})
     as_form = _predict(server, files=[("file", ("a.png", png, "image/png")), ("file", ("b.jpg", jpeg, "image/jpeg"))])
+    raw_png = _predict(server, content=png, headers={"content-type": "image/png"})
+    assert raw_png.status_code == 200, raw_png.text
+    served_raw = torch.tensor(raw_png.json()["predictions"][0]["cls"]["output"])
+    torch.testing.assert_close(served_raw, expected["cls"][0].float(), atol=1e-5, rtol=1e-4)
     for response in (as_json, as_form):
         assert response.status_code == 200, response.text
         predictions = response.json()["predictions"]
@@ -514,3 +518,19 @@ def test_surgery_serve_command_serves_then_shuts_down_cleanly(bundles, tmp_path,
     ) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"Ray processes left behind: {[psutil.Process(p).cmdline()[:3] for p in left]}"
+
+
+def test_public_host_without_token_warns_and_config_keeps_only_the_token_path(bundles, tmp_path, capsys, monkeypatch):
+    from serve.launch import serve_command
+
+    monkeypatch.delenv("SURGERY_SERVE_TOKEN", raising=False)
+    serve_command([bundles["tiny"]], host="0.0.0.0", config_out=tmp_path / "open.yaml")
+    assert "warning: serving on 0.0.0.0 without a bearer token" in capsys.readouterr().err
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    serve_command([bundles["tiny"]], host="0.0.0.0", token_file=token_file, config_out=tmp_path / "tok.yaml")
+    assert "warning" not in capsys.readouterr().err
+    text = (tmp_path / "tok.yaml").read_text()
+    assert TOKEN not in text and yaml.safe_load(text)["applications"][0]["args"]["token_file"] == str(token_file)
+    serve_command([bundles["tiny"]], config_out=tmp_path / "local.yaml")
+    assert "warning" not in capsys.readouterr().err
