@@ -37,7 +37,7 @@ def recipe(samples: int = 32, epochs: int = 1, train: str = "", extra: str = "")
 
 
 def test_fp16_on_cpu_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(SurgeryError, match="fp16 needs a CUDA device .* use bf16 or fp32"):
+    with pytest.raises(SurgeryError, match=r"fp16 needs a CUDA device .* use bf16 or fp32"):
         fit(recipe(train="  precision: fp16\n"), tmp_path / "run")
 
 
