@@ -103,9 +103,31 @@ class RunMonitor:
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
-            self.writer.add_histogram(f"weights/{name}", param.detach().float().cpu(), step)
+            self._histogram(f"weights/{name}", param.detach(), step)
             if param.grad is not None:
-                self.writer.add_histogram(f"grads/{name}", param.grad.detach().float().cpu(), step)
+                self._histogram(f"grads/{name}", param.grad.detach(), step)
+
+    def _histogram(self, tag: str, values: torch.Tensor, step: int, bins: int = 64) -> None:
+        # torch.histc, not TensorBoard's numpy path (which sorts every value: 10× slower).
+        values = values.float().flatten()
+        if values.numel() == 0 or not torch.isfinite(values).all():
+            return
+        low, high = float(values.min()), float(values.max())
+        if high <= low:
+            high = low + 1e-12
+        counts = torch.histc(values, bins=bins, min=low, max=high).cpu()
+        limits = torch.linspace(low, high, bins + 1)[1:]
+        self.writer.add_histogram_raw(
+            tag,
+            min=low,
+            max=high,
+            num=values.numel(),
+            sum=float(values.sum()),
+            sum_squares=float((values * values).sum()),
+            bucket_limits=limits.tolist(),
+            bucket_counts=counts.tolist(),
+            global_step=step,
+        )
 
     def graph(self, model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> None:
         if self.writer is None or not self.settings.graph:
