@@ -69,7 +69,9 @@ class Registry:
         try:
             return self._builders[name]
         except KeyError:
-            raise NotImplementedError(f"{self.kind} {name!r} is declared but {self.owner} has no builder for it") from None
+            raise NotImplementedError(
+                f"{self.kind} {name!r} is declared but {self.owner} has no builder for it"
+            ) from None
 
     def describe(self) -> str:
         return "; ".join(f"`{k}`: {v}" for k, v in self.docs.items())
