@@ -102,8 +102,10 @@ def _local_resources(replicas: int) -> tuple[float, int]:
 def _start_ray(detach: bool) -> None:
     import ray
 
-    address = os.environ.get("RAY_ADDRESS") or None
-    if address is None and detach:
+    # Without RAY_ADDRESS, start a Ray of our own ("local"): never attach to some other local
+    # instance (a test session, a notebook) and shut down its Serve apps on exit.
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local" and detach:
         # A detached server must outlive this process: start Ray the way `ray start` does.
         ray_cli = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
         done = subprocess.run(
