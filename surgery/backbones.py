@@ -9,7 +9,6 @@ heads read. Weights come from the zoo's own hub/cache (`pretrained: true`) or a 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from surgery.errors import BuildError
+from surgery.files import sha256_file
 from surgery.inputs import InputSpec
 from surgery.registry import BACKBONE_SOURCES, did_you_mean
 from surgery.schema import Backbone
@@ -139,14 +139,6 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
 
 
 # --------------------------------------------------------------------------- local weights
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: Path, sha256: str | None) -> dict[str, Tensor]:

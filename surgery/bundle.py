@@ -9,13 +9,13 @@ backbone's config and tokenizer from the bundle's own folders. Nothing in a bund
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from surgery.errors import BundleError
+from surgery.files import sha256_file
 from surgery.inputs import InputSpec
 
 BUNDLE_FORMAT_VERSION = 1
@@ -23,16 +23,6 @@ MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 RECIPE = "recipe.yaml"
 TOKENIZER_DIR = "tokenizer"  # tokenizer files, and a transformers backbone's config.json (no weights)
-
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def hash_files(root: Path) -> dict[str, str]:

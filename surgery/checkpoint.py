@@ -20,7 +20,6 @@ with a warning and never loaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 
 from surgery.errors import CheckpointError
+from surgery.files import fsync_path, sha256_file
 
 CHECKPOINTS = "checkpoints"
 INDEX = "index.json"
@@ -49,28 +49,12 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
 
 
 def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -117,13 +101,13 @@ def save_checkpoint(
     files = {f: sha256_file(tmp / f) for f in (MODEL_FILE, TRAINER_FILE, RECIPE_FILE)}
     (tmp / META_FILE).write_text(json.dumps({**meta, "files": files, "complete": True}, indent=2, sort_keys=True))
     for f in (*files, META_FILE):
-        _fsync(tmp / f)
-    _fsync(tmp)
+        fsync_path(tmp / f)
+    fsync_path(tmp)
     final = folder / name
     if final.exists():  # the same step saved again (e.g. a resumed run): replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync(folder)
+    fsync_path(folder)
     _update_index(folder, name, meta.get("metrics", {}).get(monitor), mode, keep_best)
     return final
 

@@ -44,6 +44,7 @@ from surgery.bundle import (
     load_weights,
 )
 from surgery.errors import ExportError
+from surgery.files import fsync_path, fsync_tree
 from surgery.registry import EXPORT_FORMATS
 
 FORMAT_FILES = {"safetensors": WEIGHTS, "onnx": "model.onnx", "torchscript": "model.ts", "pt2": "model.pt2"}
@@ -266,7 +267,7 @@ def export_bundle(
         manifest = _manifest(model, recipe, recipe_hash(recipe), job, results, failures, metrics, source, lora_merged)
         manifest["files"] = hash_files(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         _swap_in(tmp, out)
     finally:
         if tmp.exists():
@@ -472,26 +473,6 @@ def _quiet():
 # --------------------------------------------------------------------------- atomic writes
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _swap_in(tmp: Path, out: Path) -> None:
     """Replace `out` by `tmp` with renames only: the old bundle is moved aside whole, the new one
     moved in whole, then the old one deleted."""
@@ -505,7 +486,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
         if old is not None:
             os.replace(old, out)
         raise
-    _fsync_dir(out.parent)
+    fsync_path(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -40,8 +40,6 @@ from surgery.registry import (
     did_you_mean,
 )
 
-FORMAT_VERSION = 1
-
 
 class Strict(BaseModel):
     """Base of every recipe model: unknown keys are errors, values are checked on assignment."""

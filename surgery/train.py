@@ -29,6 +29,7 @@ import torch
 from surgery import checkpoint as ckpt
 from surgery.data import TrainingData, load_data
 from surgery.errors import CheckpointError, SurgeryError
+from surgery.files import sha256_file
 from surgery.monitor import Progress, RunMonitor, memory_scalars
 from surgery.optim import build_optimizer, build_scheduler
 from surgery.schema import Recipe
@@ -146,7 +147,7 @@ def _weight_hashes(recipe: Recipe) -> dict[str, str]:
         if path.is_dir()
         else []
     )
-    return {str(p): ckpt.sha256_file(p) for p in files}
+    return {str(p): sha256_file(p) for p in files}
 
 
 def write_lock(recipe: Recipe, run_dir: Path) -> Path:
@@ -514,13 +515,28 @@ def _lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 # --------------------------------------------------------------------------- surgery build
 
 
+LATEST = "latest"  # runs/<name>/latest: a link to the run folder most recently built
+
+
 def _latest_run(recipe_dir: Path) -> Path | None:
+    link = recipe_dir / LATEST
+    if link.is_symlink() and link.resolve().is_dir():
+        return link.resolve()
     runs = (
-        [p for p in recipe_dir.iterdir() if p.is_dir() and (p / ckpt.CHECKPOINTS).is_dir()]
+        [p for p in recipe_dir.iterdir() if p.is_dir() and not p.is_symlink() and (p / ckpt.CHECKPOINTS).is_dir()]
         if recipe_dir.is_dir()
         else []
     )
     return max(runs, key=lambda p: (p.stat().st_mtime, p.name)) if runs else None
+
+
+def _link_latest(run_dir: Path) -> None:
+    """Point `runs/<name>/latest` at `run_dir` (atomically: a new link renamed over the old)."""
+    link = run_dir.parent / LATEST
+    tmp = run_dir.parent / f".{LATEST}.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run_dir.name, target_is_directory=True)
+    os.replace(tmp, link)
 
 
 def run_folder(runs_root: Path, name: str, run_id: str | None, *, resume: bool) -> Path:
@@ -532,6 +548,10 @@ def run_folder(runs_root: Path, name: str, run_id: str | None, *, resume: bool) 
             where = run_dir if run_id else recipe_dir
             raise CheckpointError(f"no run to resume at {where}; run `surgery build` without --resume first")
         return run_dir
+    if run_id == LATEST:
+        raise CheckpointError(
+            f"--run-id {LATEST} names the link to the newest run; use it with --resume, or pick another"
+        )
     if run_id is None:
         run_id = datetime.now().strftime("%Y%m%d-%H%M%S")
         base, n = run_id, 1
@@ -564,6 +584,7 @@ def build_command(
     if recipe.data is None:
         raise SurgeryError(f"{recipe_path}: the recipe has no `data:` section; `surgery build` needs training data")
     run_dir = run_folder(Path(runs_root), recipe.name, run_id, resume=resume)
+    _link_latest(run_dir)
     fit(recipe, run_dir, resume=resume, force=force)
     export_run(run_dir)
     return run_dir

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from surgery import backbones
-from surgery.backbones import sha256_file
 from surgery.errors import BuildError
+from surgery.files import sha256_file
 from surgery.model import build_model, select_tap
 from surgery.schema import Recipe
 

@@ -45,6 +45,5 @@ def test_quickstart_builds_offline_to_97_percent(tmp_path: Path) -> None:
     assert (run / "bundle" / "model.onnx").is_file()
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val/digit/accuracy" in line for line in lines)
-    # generous on a loaded CI box; the quickstart itself takes well under a minute on 2 idle cores
-    assert elapsed < 300, elapsed
+    assert (run.parent / "latest").resolve() == run.resolve()
     print(f"quickstart: accuracy {accuracy:.4f} in {elapsed:.1f}s")

@@ -373,7 +373,7 @@ def fake_run(tmp_path: Path, recipe, model: nn.Module, steps: dict[int, float]) 
     run = tmp_path / "runs" / recipe.name / "r1"
     (run / "checkpoints").mkdir(parents=True)
     (run / "recipe.lock.yaml").write_text(dump_recipe(recipe))
-    from surgery.checkpoint import sha256_file
+    from surgery.files import sha256_file
 
     for step, loss in steps.items():
         folder = run / "checkpoints" / f"step-{step:08d}"
