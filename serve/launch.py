@@ -102,21 +102,39 @@ def _local_resources(replicas: int) -> tuple[float, int]:
 def _start_ray(detach: bool) -> None:
     import ray
 
-    # Without RAY_ADDRESS, start a Ray of our own ("local"): never attach to some other local
-    # instance (a test session, a notebook) and shut down its Serve apps on exit.
-    address = os.environ.get("RAY_ADDRESS") or "local"
-    if address == "local" and detach:
-        # A detached server must outlive this process: start Ray the way `ray start` does.
-        ray_cli = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
-        done = subprocess.run(
-            [ray_cli, "start", "--head", "--include-dashboard=false", "--disable-usage-stats"],
-            capture_output=True,
-            text=True,
+    # Without RAY_ADDRESS, use a Ray of our own on loopback: never attach to some other local
+    # instance (a test session, a notebook) whose Serve apps we would then shut down on exit.
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        return
+    if not detach:
+        ray.init(
+            address="local",
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            logging_level="WARNING",
+            log_to_driver=False,
         )
-        if done.returncode != 0:
-            raise SurgeryError(f"`ray start --head` failed: {done.stderr.strip().splitlines()[-1:]}")
-        address = "auto"
-    ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        return
+    # A detached server must outlive this process: start Ray the way `ray start` does, or reuse
+    # the one an earlier `surgery serve --detach` started (redeploying replaces the app).
+    ray_cli = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+    done = subprocess.run(
+        [
+            ray_cli,
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0 and "already running" not in done.stderr + done.stdout:
+        raise SurgeryError(f"`ray start --head` failed: {done.stderr.strip().splitlines()[-1:]}")
+    ray.init(address="auto", include_dashboard=False, logging_level="WARNING", log_to_driver=False)
 
 
 def _deploy(app: Any, host: str, port: int, timeout_s: float) -> None:
