@@ -9,7 +9,7 @@ mobilenet-class model (torchvision, random init):
 - p50 latency at concurrency 1 vs the model's own batch-1 forward time (target <= +15 ms);
 - batching on vs off, next to the raw batch-N / batch-1 speed-up.
 
-    python benchmarks/serve_throughput.py [--seconds 12] [--models resnet18,mobilenet_v3_small]
+    python benchmarks/serve_throughput.py [--seconds 12] [--models resnet18,mobilenet_v3_small] [--replicas 1]
 
 Reports; asserts nothing. About 4 minutes on 2 cores.
 """
@@ -118,7 +118,7 @@ async def load(url: str, images: list[bytes], concurrency: int, seconds: float) 
     return len(latencies) / elapsed, latencies, batches
 
 
-def deploy(bundle: Path, max_batch_size: int, wait_ms: float, threads: int) -> None:
+def deploy(bundle: Path, max_batch_size: int, wait_ms: float, threads: int, replicas: int) -> None:
     from ray import serve
 
     from serve.app import build_app
@@ -127,8 +127,9 @@ def deploy(bundle: Path, max_batch_size: int, wait_ms: float, threads: int) -> N
         "bundles": [str(bundle)],
         "max_batch_size": max_batch_size,
         "batch_wait_ms": wait_ms,
-        "num_cpus": 1,
+        "num_cpus": max(0.5, (os.cpu_count() or 1) / replicas),
         "threads": threads,
+        "replicas": replicas,
     }
     serve.run(build_app(args), name="surgery", route_prefix="/")
 
@@ -138,15 +139,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=12)
     parser.add_argument("--models", default="resnet18,mobilenet_v3_small")
     parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (raw and replica)")
+    parser.add_argument("--replicas", type=int, default=1, help="model replicas")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per replica (default: cores / replicas)"
+    )
     parser.add_argument("--wait-ms", type=float, default=WAIT_MS, help="batch wait")
     opts = parser.parse_args()
-    threads = opts.threads
+    cores = os.cpu_count() or 1
+    threads = opts.threads or max(1, cores // opts.replicas)
     models = opts.models.split(",")
     images = jpeg_images()
     root = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     bundles = {name: export(name, root) for name in models}
-    raw = {name: raw_times(bundles[name], [1, 2, 4, 8, 16], threads) for name in models}
+    # the raw baseline is the machine's best in-process forward: every core in one process
+    raw = {name: raw_times(bundles[name], [1, 2, 4, 8, 16], cores) for name in models}
 
     import ray
     from ray import serve
@@ -158,11 +164,11 @@ def main() -> None:
     try:
         for name in models:
             url = f"{base}/v1/models/{name}:predict"
-            deploy(bundles[name], BATCH, opts.wait_ms, threads)
+            deploy(bundles[name], BATCH, opts.wait_ms, threads, opts.replicas)
             asyncio.run(load(url, images, 8, 2))  # warm-up
             on_rps, _, on_batches = asyncio.run(load(url, images, 32, opts.seconds))
             _, lat1, _ = asyncio.run(load(url, images, 1, min(opts.seconds, 8)))
-            deploy(bundles[name], 1, 0.0, threads)
+            deploy(bundles[name], 1, 0.0, threads, opts.replicas)
             asyncio.run(load(url, images, 8, 2))
             off_rps, _, _ = asyncio.run(load(url, images, 32, opts.seconds))
             mean_batch = statistics.mean(on_batches)
@@ -186,7 +192,7 @@ def main() -> None:
         ray.shutdown()
 
     print(
-        f"\n{threads} CPU threads, JPEG 224x224, batching max {BATCH} / wait {opts.wait_ms} ms, {opts.seconds:.0f} s per run"
+        f"\n{opts.replicas} replica(s) x {threads} torch threads (raw: {cores}), JPEG 224x224, batching max {BATCH} / wait {opts.wait_ms} ms, {opts.seconds:.0f} s per run"
     )
     for r in rows:
         print(f"\n{r['model']}")

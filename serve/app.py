@@ -42,12 +42,13 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from serve.tokens import TOKEN_ENV, read_token
+from surgery.bundle import read_manifest
 from surgery.errors import BundleError
 from surgery.schema import Serve as ServeSection
 
 logger = logging.getLogger("ray.serve")
 
-TOKEN_ENV = "SURGERY_SERVE_TOKEN"
 INGRESS_NAME = "SurgeryAPI"
 MAX_INPUTS_PER_REQUEST = 256
 MAX_IMAGE_PIXELS = 40_000_000  # a decompression bomb is refused before it is decoded
@@ -88,20 +89,6 @@ class AppArgs(BaseModel):
         None, description=f"File holding the bearer token (else ${TOKEN_ENV} in the replica)."
     )
     token_sha256: str | None = Field(None, description="sha256 hex of the bearer token (what `surgery serve` passes).")
-
-
-def read_manifest(bundle: str | Path) -> dict[str, Any]:
-    """The bundle's manifest.json, checked just enough to route to it."""
-    path = Path(bundle) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BundleError(f"{bundle}: not a bundle (no manifest.json); pass a bundle folder or a run folder") from None
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"{path}: unreadable manifest ({exc})") from None
-    if not isinstance(manifest, dict) or "name" not in manifest or "heads" not in manifest:
-        raise BundleError(f"{path}: not a surgery bundle manifest (no name/heads)")
-    return manifest
 
 
 def read_serve_section(bundle: str | Path) -> ServeSection:
@@ -296,10 +283,22 @@ class ModelServer:
             self._transform = image_eval_transform(self.spec)
         # One thread runs the model so the event loop keeps decoding and queueing the next batch.
         self._forward_pool = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{self.name}")
+        # `serve.batch` forms the next batch as soon as the previous one is handed off, not when
+        # the model is free: under load that makes many batches of one or two queue up behind a
+        # running forward. Rows therefore enter the batch queue only while the model is idle; rows
+        # arriving during a forward wait here and form the next batch together.
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._preparing = 0  # requests being decoded: the batch may still grow with them
+        self._waiting = 0  # rows queued for a batch and not answered yet
 
         async def surgery_predict_batch(rows: list[Any]) -> list[tuple[dict[str, Any], int]]:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._forward_pool, self._forward, rows)
+            self._idle.clear()
+            try:
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(self._forward_pool, self._forward, rows)
+            finally:
+                self._idle.set()
 
         self._batched = serve.batch(
             max_batch_size=int(self.settings["max_batch_size"]),
@@ -343,10 +342,12 @@ class ModelServer:
     async def predict(self, content_type: str, body: bytes) -> tuple[int, dict[str, Any]]:
         """Answer one predict request: (HTTP status, JSON payload). Never raises."""
         try:
-            rows = await self._rows(content_type, body)
-            results = await asyncio.wait_for(
-                asyncio.gather(*(self._batched(row) for row in rows)), self.settings["request_timeout_s"]
-            )
+            self._preparing += 1
+            try:
+                rows = await self._rows(content_type, body)
+            finally:
+                self._preparing -= 1
+            results = await asyncio.wait_for(self._enqueue(rows), self.settings["request_timeout_s"])
         except InputError as exc:
             return exc.status, {"error": str(exc)}
         except TimeoutError:
@@ -359,6 +360,18 @@ class ModelServer:
             "predictions": [r[0] for r in results],
             "batch_sizes": [r[1] for r in results],
         }
+
+    async def _enqueue(self, rows: list[Any]) -> list[tuple[dict[str, Any], int]]:
+        """Queue rows for the next batch once the model is idle. A lone request (nothing queued,
+        nothing else being decoded) has nobody to wait for, so its batch starts at once."""
+        await self._idle.wait()
+        alone = self._preparing == 0 and self._waiting == 0 and len(rows) == 1
+        self._batched.set_batch_wait_timeout_s(0.0 if alone else float(self.settings["batch_wait_timeout_s"]))
+        self._waiting += len(rows)
+        try:
+            return await asyncio.gather(*(self._batched(row) for row in rows))
+        finally:
+            self._waiting -= len(rows)
 
     async def _rows(self, content_type: str, body: bytes) -> list[Any]:
         media = content_type.split(";", 1)[0].strip().lower()
@@ -503,11 +516,7 @@ _PREDICT_DOC = {
 def _token_digest(settings: dict[str, Any]) -> bytes | None:
     if settings.get("token_sha256"):
         return bytes.fromhex(settings["token_sha256"])
-    token = None
-    if settings.get("token_file"):
-        token = Path(settings["token_file"]).read_text().strip()
-    elif os.environ.get(TOKEN_ENV):
-        token = os.environ[TOKEN_ENV].strip()
+    token = read_token(settings.get("token_file"))
     return hashlib.sha256(token.encode()).digest() if token else None
 
 

@@ -10,8 +10,7 @@ from typing import Any
 
 import httpx
 
-from serve.app import TOKEN_ENV
-from serve.launch import read_token
+from serve.tokens import TOKEN_ENV, read_token
 from surgery.errors import SurgeryError
 
 

@@ -18,15 +18,15 @@ import yaml
 
 from serve.app import (
     INGRESS_NAME,
-    TOKEN_ENV,
     AppArgs,
     build_app,
     deployment_options,
     model_deployment_name,
     model_settings,
-    read_manifest,
     read_serve_section,
 )
+from serve.tokens import TOKEN_ENV, read_token
+from surgery.bundle import read_manifest
 from surgery.errors import BundleError, SurgeryError
 
 APP_NAME = "surgery"
@@ -42,19 +42,6 @@ def resolve_bundle(target: Path) -> Path:
     if not target.exists():
         raise BundleError(f"{target}: no such bundle or run folder")
     raise BundleError(f"{target}: neither a bundle nor a run folder with bundle/ (run `surgery export {target}` first)")
-
-
-def read_token(token_file: Path | None) -> str | None:
-    """The bearer token from --token-file, else from $SURGERY_SERVE_TOKEN, else None."""
-    if token_file is not None:
-        try:
-            token = Path(token_file).read_text().strip()
-        except OSError as exc:
-            raise SurgeryError(f"--token-file {token_file}: cannot read it ({exc.strerror})") from None
-        if not token:
-            raise SurgeryError(f"--token-file {token_file}: the file is empty")
-        return token
-    return os.environ.get(TOKEN_ENV, "").strip() or None
 
 
 def _is_loopback(host: str) -> bool:
@@ -214,12 +201,22 @@ def serve_command(
     timeout_s = config["http_options"]["request_timeout_s"]
 
     _start_ray(detach)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         _deploy(app, host, port, timeout_s)
-    except BaseException:
+        _announce(bundles, host, port, detach)
+        if detach:
+            return
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, during deployment or while serving
+        print("shutting down", flush=True)
+    finally:
         if not detach:
             _shutdown()
-        raise
+
+
+def _announce(bundles: list[str], host: str, port: int, detach: bool) -> None:
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     for bundle in bundles:
         name = read_manifest(bundle)["name"]
@@ -227,13 +224,6 @@ def serve_command(
     print(f"docs: {base}/docs")
     if detach:
         print("running in the background; stop it with `serve shutdown -y` (the app) or `ray stop` (Ray itself)")
-        return
-    print("press Ctrl-C to stop")
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        print("shutting down")
-    finally:
-        _shutdown()
+    else:
+        print("press Ctrl-C to stop")
+    sys.stdout.flush()

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -479,11 +480,14 @@ def test_surgery_serve_command_serves_then_shuts_down_cleanly(bundles, tmp_path,
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
     )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     seen: set[int] = set()
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
+            assert proc.poll() is None, "".join(lines)
             seen.update(_descendants(proc.pid))
             try:
                 if (
@@ -506,9 +510,14 @@ def test_surgery_serve_command_serves_then_shuts_down_cleanly(bundles, tmp_path,
             headers={"Authorization": f"Bearer {TOKEN}"},
         )
         assert response.status_code == 200
+        # the command announces itself once `serve.run` returns, which can trail the first 200
+        while not any("press Ctrl-C" in line for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGINT)
-        output, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        reader.join(timeout=10)
+    output = "".join(lines)
     assert proc.returncode == 0, output
     assert "serving tiny: POST http://127.0.0.1" in output and "shutting down" in output
     assert seen, "the command started no Ray processes?"
