@@ -631,7 +631,8 @@ def auto_num_workers(setting: str | int, device: torch.device) -> int:
     return max(0, min(4 * max(1, torch.cuda.device_count()), cpus - 1))
 
 
-def _distributed() -> tuple[int, int]:
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside torch.distributed."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -655,7 +656,7 @@ def load_data(recipe: Recipe, model: Any, device: torch.device) -> TrainingData:
         )
     spec: InputSpec = model.input_spec
     augmentations = build_augmentations(data.augment, spec)
-    rank, world_size = _distributed()
+    rank, world_size = distributed_rank()
     sampler = EpochBatchSampler(
         len(train),
         data.batch_size,

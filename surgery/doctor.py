@@ -11,6 +11,20 @@ from pathlib import Path
 
 HUBS = ("https://huggingface.co", "https://download.pytorch.org")
 PACKAGES = ("torch", "torchvision", "timm", "transformers", "ray", "safetensors", "onnxruntime")
+# What a run's lock file and a bundle's manifest record (what made the weights and the formats).
+RECORDED_PACKAGES = (
+    "surgery",
+    "torch",
+    "torchvision",
+    "timm",
+    "transformers",
+    "safetensors",
+    "numpy",
+    "peft",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+)
 
 
 def _version(package: str) -> str:
@@ -18,6 +32,17 @@ def _version(package: str) -> str:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+def package_versions() -> dict[str, str]:
+    """Python's and the installed `RECORDED_PACKAGES`' versions (for lock files and manifests)."""
+    versions = {"python": platform.python_version()}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
 
 
 def _gib(n: float) -> str:

@@ -27,7 +27,6 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from surgery.bundle import (
     hash_files,
     load_weights,
 )
+from surgery.doctor import package_versions
 from surgery.errors import ExportError
 from surgery.files import fsync_path, fsync_tree
 from surgery.registry import EXPORT_FORMATS
@@ -53,18 +53,6 @@ CAPTURE_BATCH_SIZE = 2  # torch.export specialises sizes 0 and 1, so capture wit
 CAPTURE_SEQUENCE_LENGTH = 16
 _ONNX_EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit: larger weights go to model.onnx.data
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_PACKAGES = (
-    "surgery",
-    "torch",
-    "torchvision",
-    "timm",
-    "transformers",
-    "safetensors",
-    "peft",
-    "onnx",
-    "onnxruntime",
-    "onnxscript",
-)
 
 
 class PartialExportError(ExportError):
@@ -429,7 +417,7 @@ def _manifest(
         "lora_merged": lora_merged,
         "metrics": dict(metrics or {}),
         "source": str(source) if source is not None else None,
-        "packages": _package_versions(),
+        "packages": package_versions(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
@@ -443,14 +431,6 @@ def _symbolic_shape(job: ExportJob, head: str) -> list[int | str]:
         varies = any(len(s) != len(first) or s[i] != size for s in shapes)
         result.append(("batch" if i == 0 else "sequence") if varies else int(size))
     return result
-
-
-def _package_versions() -> dict[str, str]:
-    versions = {}
-    for name in _PACKAGES:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[name] = metadata.version(name)
-    return versions
 
 
 def _param_bytes(model: nn.Module) -> int:

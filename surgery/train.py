@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.metadata
 import math
 import os
-import platform
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -27,7 +25,8 @@ from typing import Any
 import torch
 
 from surgery import checkpoint as ckpt
-from surgery.data import TrainingData, load_data
+from surgery.data import TrainingData, distributed_rank, load_data
+from surgery.doctor import package_versions
 from surgery.errors import CheckpointError, SurgeryError
 from surgery.files import sha256_file
 from surgery.monitor import Progress, RunMonitor, memory_scalars
@@ -35,7 +34,6 @@ from surgery.optim import build_optimizer, build_scheduler
 from surgery.schema import Recipe
 
 LOCK_FILE = "recipe.lock.yaml"
-LOCK_PACKAGES = ("torch", "torchvision", "timm", "transformers", "safetensors", "numpy", "surgery")
 
 
 @dataclass
@@ -102,14 +100,6 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _distributed() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def with_class_names(recipe: Recipe, model: Any, class_names: dict[str, list[str]]) -> Recipe:
     """Fill unset head `labels` with the class names the data provided (folder names, label
     strings), so the bundle serves names; a user's own `labels` are never changed."""
@@ -121,14 +111,6 @@ def with_class_names(recipe: Recipe, model: Any, class_names: dict[str, list[str
             model.head_info[head.name]["labels"] = list(names)
         heads.append(head)
     return recipe.model_copy(update={"heads": heads})
-
-
-def _package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in LOCK_PACKAGES:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[name] = importlib.metadata.version(name)
-    return versions
 
 
 def _weight_hashes(recipe: Recipe) -> dict[str, str]:
@@ -157,7 +139,7 @@ def write_lock(recipe: Recipe, run_dir: Path) -> Path:
 
     lines = ["# surgery lock: the resolved recipe of this run; load it like any recipe (comments are ignored)"]
     lines.append(f"# recipe_sha256: {recipe_hash(recipe)}")
-    lines.append("# packages: " + ", ".join(f"{k} {v}" for k, v in _package_versions().items()))
+    lines.append("# packages: " + ", ".join(f"{k} {v}" for k, v in package_versions().items()))
     if recipe.backbone.pretrained:
         lines.append(f"# pretrained: {recipe.backbone.source} {recipe.backbone.name} (from the zoo's hub/cache)")
     lines.extend(f"# weights: {path} sha256:{digest}" for path, digest in _weight_hashes(recipe).items())
@@ -352,7 +334,7 @@ def fit(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: bool = Fa
     from surgery.recipe import dump_recipe
 
     run_dir = Path(run_dir)
-    rank, _world = _distributed()
+    rank, _world = distributed_rank()
     main = rank == 0
     train_cfg = recipe.train
     device = select_device(recipe.placement.device)
