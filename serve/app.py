@@ -119,6 +119,11 @@ def model_settings(args: AppArgs, section: ServeSection) -> dict[str, Any]:
     }
 
 
+def replica_count(setting: str | int) -> int:
+    """`serve.replicas` as a number: `auto` is one replica per CPU core, at most 4."""
+    return min(4, os.cpu_count() or 1) if setting == "auto" else int(setting)
+
+
 def deployment_options(args: AppArgs, section: ServeSection, settings: dict[str, Any]) -> dict[str, Any]:
     """Ray Serve deployment options for one model (replicas, autoscaling, batch user_config)."""
     options: dict[str, Any] = {
@@ -137,7 +142,7 @@ def deployment_options(args: AppArgs, section: ServeSection, settings: dict[str,
             "target_ongoing_requests": auto.target_ongoing_requests,
         }
     else:
-        options["num_replicas"] = args.replicas or section.replicas
+        options["num_replicas"] = args.replicas or replica_count(section.replicas)
     return options
 
 

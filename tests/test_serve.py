@@ -91,7 +91,7 @@ def server(ray_session, bundles, free_port) -> str:
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
-    common = {"num_cpus": 0.5, "threads": 1}
+    common = {"num_cpus": 0.5, "threads": 1, "replicas": 1}  # one replica: its stats see every batch
     serve.run(build_app({"bundles": [str(bundles["tiny"])], **common}), name="surgery", route_prefix="/")
     secure = {
         "bundles": [str(bundles["tiny"]), str(bundles["tinytext"])],
@@ -204,7 +204,7 @@ def test_config_file_deploys_and_user_config_reconfigures_in_place(server, bundl
     from serve.launch import serve_command
 
     out = tmp_path / "serve.yaml"
-    serve_command([bundles["tiny"]], max_batch_size=8, config_out=out)
+    serve_command([bundles["tiny"]], max_batch_size=8, replicas=1, config_out=out)
     config = yaml.safe_load(out.read_text())
     app = config["applications"][0]
     app.update(name="cfg", route_prefix="/cfg")
@@ -384,7 +384,7 @@ def test_config_out_is_a_valid_serve_config(bundles, tmp_path):
     assert app.import_path == "serve.app:build_app" and app.route_prefix == "/"
     assert app.args["bundles"] == [str(bundles["tiny"])]
     (deployment,) = app.deployments
-    assert deployment.name == "SurgeryAPI" and deployment.num_replicas == 1
+    assert deployment.name == "SurgeryAPI" and deployment.num_replicas == min(4, os.cpu_count() or 1)  # auto
     assert deployment.user_config == {"max_batch_size": 4, "batch_wait_timeout_s": 0.02}
     assert config.http_options.host == "127.0.0.1"
 
