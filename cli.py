@@ -164,6 +164,13 @@ def serve(
         ),
     ] = None,
     detach: Annotated[bool, typer.Option("--detach", help="Deploy and return, leaving the server running.")] = False,
+    ingress: Annotated[
+        str,
+        typer.Option(
+            help="HTTP ingress of a Ray started here: haproxy (Ray Serve's high-throughput ingress, about 8 ms "
+            "faster per request), proxy (Ray's Python proxy), or auto (haproxy when installed)."
+        ),
+    ] = "auto",
     config_out: Annotated[
         Path | None,
         typer.Option(help="Write a Ray Serve config file for `serve run`/`serve deploy` instead of serving."),
@@ -181,6 +188,7 @@ def serve(
         batch_wait_ms=batch_wait_ms,
         token_file=token_file,
         detach=detach,
+        ingress=ingress,
         config_out=config_out,
     )
 

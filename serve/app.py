@@ -19,8 +19,12 @@ import io
 import json
 import logging
 import os
+import tempfile
+import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +55,7 @@ logger = logging.getLogger("ray.serve")
 
 INGRESS_NAME = "SurgeryAPI"
 MAX_INPUTS_PER_REQUEST = 256
+INLINE_DECODE_BYTES = 256 * 1024  # a lone request this small is decoded on the event loop
 MAX_IMAGE_PIXELS = 40_000_000  # a decompression bomb is refused before it is decoded
 BATCH_KEYS = ("max_batch_size", "batch_wait_timeout_s")
 BATCH_DEFAULTS = {
@@ -85,6 +90,13 @@ class AppArgs(BaseModel):
     threads: int | None = Field(
         None, ge=1, description="torch threads per model replica (default: num_cpus, at least 1)."
     )
+    solo_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads for a request the replica has to itself, with no other replica on the node "
+        "busy (default: threads). `surgery serve` on one machine sets it to the core count, so a lone request "
+        "uses every core while load is still spread one replica per core.",
+    )
     token_file: str | None = Field(
         None, description=f"File holding the bearer token (else ${TOKEN_ENV} in the replica)."
     )
@@ -116,6 +128,7 @@ def model_settings(args: AppArgs, section: ServeSection) -> dict[str, Any]:
         "request_timeout_s": args.request_timeout_s or section.request_timeout_s,
         "top_k": section.top_k,
         "threads": threads,
+        "solo_threads": max(threads, args.solo_threads or threads),
     }
 
 
@@ -261,6 +274,45 @@ def _head_rows(head: dict[str, Any], values: Any, top_k: int) -> list[dict[str, 
 # --------------------------------------------------------------------------- the model
 
 
+class CoreClaim:
+    """Replicas on one machine share its cores. A forward may use more torch threads than its
+    replica's share only while no other replica on the machine is running one, or the two would
+    fight over the same cores. Every forward takes a shared `flock` on one per-user file; a forward
+    that wants the whole machine takes it exclusively, without waiting, or makes do with its share."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        path = path or Path(tempfile.gettempdir()) / f"surgery-cores-{os.getuid()}.lock"
+        try:
+            import fcntl
+
+            self._flock = fcntl.flock
+            self._modes = (fcntl.LOCK_EX | fcntl.LOCK_NB, fcntl.LOCK_SH | fcntl.LOCK_NB, fcntl.LOCK_UN)
+            self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except (ImportError, OSError):  # no flock here: never take more than the replica's share
+            self._fd = None
+
+    @contextmanager
+    def claim(self, whole: bool) -> Iterator[bool]:
+        """Hold the claim for one forward; yields True when this forward has the machine alone."""
+        if self._fd is None:
+            yield False
+            return
+        exclusive, shared, unlock = self._modes
+        held = alone = False
+        for mode, gives_whole in ((exclusive, True), (shared, False)) if whole else ((shared, False),):
+            try:
+                self._flock(self._fd, mode)
+            except OSError:  # held the other way by another replica: carry on without it
+                continue
+            held, alone = True, gives_whole
+            break
+        try:
+            yield alone
+        finally:
+            if held:
+                self._flock(self._fd, unlock)
+
+
 class ModelServer:
     """One bundle in one replica: decodes and validates requests, batches them, predicts."""
 
@@ -281,11 +333,13 @@ class ModelServer:
         # them never changes init args, and Ray updates running replicas instead of replacing them.
         self.settings = {**BATCH_DEFAULTS, **settings}
         self.batch_sizes: Counter[int] = Counter()
+        self.threads_used: Counter[int] = Counter()  # forwards run with each torch thread count
         self._transform = None
         if self.spec.kind == "image":
             from surgery.preprocess import image_eval_transform
 
             self._transform = image_eval_transform(self.spec)
+        self._cores = CoreClaim()
         # One thread runs the model so the event loop keeps decoding and queueing the next batch.
         self._forward_pool = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{self.name}")
         # `serve.batch` forms the next batch as soon as the previous one is handed off, not when
@@ -295,15 +349,11 @@ class ModelServer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._preparing = 0  # requests being decoded: the batch may still grow with them
-        self._waiting = 0  # rows queued for a batch and not answered yet
+        self._gated = 0  # requests decoded and waiting for the model to be idle
+        self._waiting = 0  # rows queued for a batch or running, not answered yet
 
-        async def surgery_predict_batch(rows: list[Any]) -> list[tuple[dict[str, Any], int]]:
-            self._idle.clear()
-            try:
-                loop = asyncio.get_running_loop()
-                return await loop.run_in_executor(self._forward_pool, self._forward, rows)
-            finally:
-                self._idle.set()
+        async def surgery_predict_batch(rows: list[Any]) -> list[tuple[dict[str, Any], int, float, float]]:
+            return await self._run(rows, solo=False)
 
         self._batched = serve.batch(
             max_batch_size=int(self.settings["max_batch_size"]),
@@ -340,52 +390,84 @@ class ModelServer:
         return {
             "batches": sum(self.batch_sizes.values()),
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "threads": {str(k): v for k, v in sorted(self.threads_used.items())},
             "max_batch_size": self.settings["max_batch_size"],
             "batch_wait_timeout_s": self.settings["batch_wait_timeout_s"],
         }
 
-    async def predict(self, content_type: str, body: bytes) -> tuple[int, dict[str, Any]]:
-        """Answer one predict request: (HTTP status, JSON payload). Never raises."""
+    async def predict(self, content_type: str, body: bytes) -> tuple[int, dict[str, Any], dict[str, float]]:
+        """Answer one predict request: (HTTP status, JSON payload, timings in ms). Never raises.
+
+        The timings (decode, queue, forward, respond) become the response's `Server-Timing`."""
+        start = time.perf_counter()
+        timings: dict[str, float] = {}
         try:
+            # a lone small request is decoded right here: a thread hop would only add latency
+            inline = self._alone() and len(body) <= INLINE_DECODE_BYTES
             self._preparing += 1
             try:
-                rows = await self._rows(content_type, body)
+                rows = await self._rows(content_type, body, inline)
             finally:
                 self._preparing -= 1
+            decoded = time.perf_counter()
+            timings["decode"] = (decoded - start) * 1000
             results = await asyncio.wait_for(self._enqueue(rows), self.settings["request_timeout_s"])
         except InputError as exc:
-            return exc.status, {"error": str(exc)}
+            return exc.status, {"error": str(exc)}, timings
         except TimeoutError:
-            return 504, {"error": f"prediction took longer than {self.settings['request_timeout_s']} s"}
+            return 504, {"error": f"prediction took longer than {self.settings['request_timeout_s']} s"}, timings
         except Exception:
             logger.exception("predict failed for model %s", self.name)
-            return 500, {"error": "internal error while predicting (see the server log)"}
-        return 200, {
-            "model": self.name,
-            "predictions": [r[0] for r in results],
-            "batch_sizes": [r[1] for r in results],
-        }
+            return 500, {"error": "internal error while predicting (see the server log)"}, timings
+        began = min(r[2] for r in results)
+        ended = max(r[3] for r in results)
+        timings["queue"] = (began - decoded) * 1000
+        timings["forward"] = (ended - began) * 1000
+        timings["respond"] = (time.perf_counter() - ended) * 1000
+        return (
+            200,
+            {"model": self.name, "predictions": [r[0] for r in results], "batch_sizes": [r[1] for r in results]},
+            timings,
+        )
 
-    async def _enqueue(self, rows: list[Any]) -> list[tuple[dict[str, Any], int]]:
-        """Queue rows for the next batch once the model is idle. A lone request (nothing queued,
-        nothing else being decoded) has nobody to wait for, so its batch starts at once."""
-        await self._idle.wait()
-        alone = self._preparing == 0 and self._waiting == 0 and len(rows) == 1
-        self._batched.set_batch_wait_timeout_s(0.0 if alone else float(self.settings["batch_wait_timeout_s"]))
+    def _alone(self) -> bool:
+        """Nothing else in this replica: no request decoding, waiting or running."""
+        return self._preparing == 0 and self._gated == 0 and self._waiting == 0 and self._idle.is_set()
+
+    async def _enqueue(self, rows: list[Any]) -> list[tuple[dict[str, Any], int, float, float]]:
+        """Queue rows for the next batch once the model is idle. A lone request has nobody to wait
+        for: it runs at once, as one batch, with the solo thread count."""
+        self._gated += 1
+        try:
+            await self._idle.wait()
+        finally:
+            self._gated -= 1
+        solo = self._alone() and len(rows) <= int(self.settings["max_batch_size"])
         self._waiting += len(rows)
         try:
+            if solo:
+                return await self._run(rows, solo=True)
             return await asyncio.gather(*(self._batched(row) for row in rows))
         finally:
             self._waiting -= len(rows)
 
-    async def _rows(self, content_type: str, body: bytes) -> list[Any]:
+    async def _run(self, rows: list[Any], solo: bool) -> list[tuple[dict[str, Any], int, float, float]]:
+        """One forward on the model thread; the model counts as busy until it returns."""
+        self._idle.clear()
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._forward_pool, self._forward, rows, solo)
+        finally:
+            self._idle.set()
+
+    async def _rows(self, content_type: str, body: bytes, inline: bool = False) -> list[Any]:
         media = content_type.split(";", 1)[0].strip().lower()
         if media == "multipart/form-data":
             items = await _multipart_items(content_type, body)
         elif media.startswith("image/") or media == "application/octet-stream":
             items = [body]  # one encoded image as the whole body
         elif media in ("application/json", "") or media.endswith("+json"):
-            items = await asyncio.to_thread(_json_items, body)
+            items = _json_items(body) if inline else await asyncio.to_thread(_json_items, body)
         else:
             raise InputError(
                 f"unsupported content type {media!r}; send application/json, multipart/form-data or image/*", 415
@@ -394,6 +476,8 @@ class ModelServer:
             raise InputError("no inputs given")
         if len(items) > MAX_INPUTS_PER_REQUEST:
             raise InputError(f"{len(items)} inputs in one request; at most {MAX_INPUTS_PER_REQUEST}", 413)
+        if inline and len(items) == 1:
+            return self._prepare(items)
         return await asyncio.to_thread(self._prepare, items)
 
     def _prepare(self, items: list[Any]) -> list[Any]:
@@ -423,7 +507,21 @@ class ModelServer:
                 raise InputError(f"inputs[{i}]: expected an encoded image or pixel values, got {type(item).__name__}")
         return rows
 
-    def _forward(self, rows: list[Any]) -> list[tuple[dict[str, Any], int]]:
+    def _forward(self, rows: list[Any], solo: bool) -> list[tuple[dict[str, Any], int, float, float]]:
+        """Run one batch: per row (outputs by head, batch size, start, end). A solo batch (the
+        replica's only request) uses `solo_threads` when no other replica is busy."""
+        import torch
+
+        began = time.perf_counter()
+        share, whole = int(self.settings["threads"]), int(self.settings["solo_threads"])
+        with self._cores.claim(solo and whole > share) as alone:
+            threads = whole if alone else share
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+            self.threads_used[threads] += 1
+            return self._run_model(rows, began)
+
+    def _run_model(self, rows: list[Any], began: float) -> list[tuple[dict[str, Any], int, float, float]]:
         import torch
 
         n = len(rows)
@@ -437,7 +535,8 @@ class ModelServer:
                 inputs = (torch.stack(rows),)
             outputs = self.model(*inputs)
             per_head = {h["name"]: _head_rows(h, outputs[h["name"]], self.settings["top_k"]) for h in self.heads}
-        return [({name: per_head[name][i] for name in per_head}, n) for i in range(n)]
+        ended = time.perf_counter()
+        return [({name: per_head[name][i] for name in per_head}, n, began, ended) for i in range(n)]
 
 
 @serve.deployment(name="model")
@@ -450,7 +549,7 @@ class ModelDeployment:
     def reconfigure(self, config: dict[str, Any]) -> None:
         self.server.reconfigure(config)
 
-    async def predict(self, content_type: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    async def predict(self, content_type: str, body: bytes) -> tuple[int, dict[str, Any], dict[str, float]]:
         return await self.server.predict(content_type, body)
 
     def info(self) -> dict[str, Any]:
@@ -623,18 +722,22 @@ class SurgeryAPI:
         """Predict: JSON {"inputs": [...]} or multipart image files; per-head outputs and top-k labels."""
         if denied := self._denied(request) or self._unknown(name):
             return denied
+        start = time.perf_counter()
         try:
             body = await _read_body(request, self.limits[name])
         except InputError as exc:
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        read = time.perf_counter()
         content_type = request.headers.get("content-type", "")
         try:
-            status, payload = await asyncio.wait_for(
+            status, payload, timings = await asyncio.wait_for(
                 self._call(name, "predict", content_type, body), self.timeouts[name] + 5
             )
         except TimeoutError:
-            status, payload = 504, {"error": f"prediction took longer than {self.timeouts[name]} s"}
-        return JSONResponse(payload, status_code=status)
+            status, payload, timings = 504, {"error": f"prediction took longer than {self.timeouts[name]} s"}, {}
+        timings = {"read": (read - start) * 1000, **timings, "total": (time.perf_counter() - start) * 1000}
+        header = ", ".join(f"{key};dur={value:.2f}" for key, value in timings.items())
+        return JSONResponse(payload, status_code=status, headers={"Server-Timing": header})
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request) -> Any:

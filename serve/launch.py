@@ -25,6 +25,7 @@ from serve.app import (
     model_settings,
     read_serve_section,
 )
+from serve.ingress import INGRESSES, ingress_environment
 from serve.tokens import TOKEN_ENV, read_token
 from surgery.bundle import read_manifest
 from surgery.errors import BundleError, SurgeryError
@@ -80,10 +81,11 @@ def serve_config(args: dict[str, Any], host: str, port: int) -> dict[str, Any]:
     }
 
 
-def _local_resources(replicas: int) -> tuple[float, int]:
-    """(CPUs reserved per replica, torch threads per replica) sharing this machine's cores."""
+def _local_resources(replicas: int) -> dict[str, Any]:
+    """CPUs reserved and torch threads for each replica sharing this machine's cores, and the
+    threads a lone request may use while no other replica is busy (all of them)."""
     cores = os.cpu_count() or 1
-    return min(1.0, cores / replicas), max(1, cores // replicas)
+    return {"num_cpus": min(1.0, cores / replicas), "threads": max(1, cores // replicas), "solo_threads": cores}
 
 
 def _start_ray(detach: bool) -> None:
@@ -159,11 +161,14 @@ def serve_command(
     batch_wait_ms: float | None = None,
     token_file: Path | None = None,
     detach: bool = False,
+    ingress: str = "auto",
     config_out: Path | None = None,
 ) -> None:
     """Serve bundles (or run folders) over HTTP until Ctrl-C, or write a Serve config file."""
     if not targets:
         raise SurgeryError("give at least one bundle or run folder to serve")
+    if ingress not in INGRESSES:
+        raise SurgeryError(f"unknown --ingress {ingress!r}; choose one of {', '.join(INGRESSES)}")
     bundles = [str(resolve_bundle(t)) for t in targets]
     args: dict[str, Any] = {"bundles": bundles}
     for key, value in (("replicas", replicas), ("max_batch_size", max_batch_size), ("batch_wait_ms", batch_wait_ms)):
@@ -196,10 +201,12 @@ def serve_command(
             d.get("num_replicas") or d.get("autoscaling_config", {}).get("max_replicas", 1)
             for d in config["applications"][0]["deployments"]
         )
-        args["num_cpus"], args["threads"] = _local_resources(total)
+        args.update(_local_resources(total))
     app = build_app(args)  # reads every manifest: a bad bundle fails here, before Ray starts
     timeout_s = config["http_options"]["request_timeout_s"]
 
+    if not os.environ.get("RAY_ADDRESS"):  # a cluster's ingress is the cluster's business
+        os.environ.update(ingress_environment(ingress, port))
     _start_ray(detach)
     signal.signal(signal.SIGTERM, _interrupt)
     try:

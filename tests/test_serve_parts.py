@@ -1,0 +1,131 @@
+"""Pieces of `surgery serve` that need no Ray: the core claim between replicas and the private
+HAProxy ingress set-up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from serve.app import CoreClaim
+from serve.ingress import MAX_STATE_DIR, haproxy_environment, ingress_environment
+from surgery.errors import SurgeryError
+
+
+def test_a_forward_takes_the_whole_machine_only_while_no_other_replica_runs(tmp_path):
+    path = tmp_path / "cores.lock"
+    a, b, c = CoreClaim(path), CoreClaim(path), CoreClaim(path)  # three replicas, one machine
+    with a.claim(whole=True) as alone:
+        assert alone
+        with b.claim(whole=False) as other:  # a share never waits, even behind a whole-machine forward
+            assert not other
+        with b.claim(whole=True) as other:
+            assert not other
+    with a.claim(whole=False) as alone:
+        assert not alone
+        with b.claim(whole=True) as other:  # someone is busy on their share: stay on yours
+            assert not other
+    with c.claim(whole=True) as alone:  # all released
+        assert alone
+
+
+def test_claims_never_block_a_forward(tmp_path):
+    path = tmp_path / "cores.lock"
+    holder, other = CoreClaim(path), CoreClaim(path)
+    results: list[bool] = []
+
+    def forward() -> None:
+        for whole in (True, False):
+            with other.claim(whole) as alone:
+                results.append(alone)
+
+    with holder.claim(whole=True):
+        worker = threading.Thread(target=forward)
+        worker.start()
+        worker.join(timeout=5)
+    assert not worker.is_alive() and results == [False, False]
+
+
+def _fake_haproxy(tmp_path: Path) -> Path:
+    fake = tmp_path / "fake-haproxy"
+    fake.write_text(
+        f"#!{sys.executable}\nimport sys\nargs = sys.argv[1:]\nprint(' '.join(args))\n"
+        "print(open(args[args.index('-f') + 1]).read())\n"
+    )
+    fake.chmod(0o755)
+    return fake
+
+
+@pytest.fixture
+def state_name():
+    """A state folder name of this test's own; the folder is removed afterwards."""
+    import shutil
+    import tempfile
+
+    name = f"t{os.getpid()}"
+    yield name
+    for root in {Path(tempfile.gettempdir()), Path("/tmp")}:
+        path = root / f"surgery-{os.getuid()}-{name}"
+        if path.is_symlink():
+            path.unlink()
+        elif path.exists():
+            shutil.rmtree(path)
+
+
+def test_haproxy_is_started_with_every_wildcard_listener_on_loopback(tmp_path, monkeypatch, state_name):
+    monkeypatch.setattr("serve.ingress.haproxy_binary", lambda: str(_fake_haproxy(tmp_path)))
+    env = haproxy_environment(state_name)
+    state = Path(env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent
+    assert state.stat().st_mode & 0o777 == 0o700 and len(str(state)) <= MAX_STATE_DIR
+    for key in ("SOCKET_PATH", "METRICS_SOCKET_PATH", "SERVER_STATE_FILE"):
+        assert Path(env[f"RAY_SERVE_HAPROXY_{key}"]).parent == state
+    ports = {env[f"RAY_SERVE_{k}"] for k in ("HAPROXY_STATS_PORT", "HAPROXY_METRICS_PORT", "FALLBACK_PROXY_HTTP_PORT")}
+    assert len(ports) == 3 and "8404" not in ports
+
+    config = state / "node" / "haproxy.cfg"  # where Ray writes it: a folder per node inside ours
+    config.parent.mkdir()
+    config.write_text(
+        "frontend prometheus\n    bind :9101\nfrontend http_frontend\n    bind 0.0.0.0:8000\n"
+        "listen stats\n  bind *:8404\n  stats enable\n"
+    )
+    done = subprocess.run(
+        [env["RAY_SERVE_HAPROXY_BINARY_PATH"], "-db", "-f", str(config), "-sf", "123"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    args, _, rewritten = done.stdout.partition("\n")
+    assert args == f"-db -f {config}.loopback -sf 123"
+    assert "bind 127.0.0.1:9101" in rewritten and "bind 127.0.0.1:8404" in rewritten
+    assert "bind 0.0.0.0:8000" in rewritten  # the request listener keeps the host the user chose
+    assert config.read_text().count("bind *:8404") == 1  # Ray's own file is left as Ray wrote it
+
+
+def test_haproxy_state_folder_must_be_our_own(tmp_path, monkeypatch, state_name):
+    import tempfile
+
+    monkeypatch.setattr("serve.ingress.haproxy_binary", lambda: "/bin/true")
+    (Path(tempfile.gettempdir()) / f"surgery-{os.getuid()}-{state_name}").symlink_to(tmp_path)
+    with pytest.raises(SurgeryError, match="not a folder of this user's"):
+        haproxy_environment(state_name)
+
+
+def test_haproxy_state_folder_is_short_enough_for_socket_paths(tmp_path, monkeypatch, state_name):
+    monkeypatch.setattr("serve.ingress.haproxy_binary", lambda: "/bin/true")
+    env = haproxy_environment(state_name, state_root=tmp_path / ("d" * 80))
+    state = Path(env["RAY_SERVE_HAPROXY_SOCKET_PATH"]).parent
+    assert state == Path("/tmp") / f"surgery-{os.getuid()}-{state_name}" and len(str(state)) <= MAX_STATE_DIR
+
+
+def test_ingress_choice(monkeypatch):
+    assert ingress_environment("proxy", 8000) == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    monkeypatch.setattr("serve.ingress.haproxy_binary", lambda: None)
+    assert ingress_environment("auto", 8000) == {}  # no HAProxy installed: Ray's proxy serves
+    with pytest.raises(SurgeryError, match="needs HAProxy"):
+        ingress_environment("haproxy", 8000)
+    with pytest.raises(SurgeryError, match="unknown ingress"):
+        ingress_environment("nginx", 8000)
