@@ -350,6 +350,7 @@ class ModelServer:
         self._idle.set()
         self._preparing = 0  # requests being decoded: the batch may still grow with them
         self._gated = 0  # requests decoded and waiting for the model to be idle
+        self._running = 0  # forwards handed to the model thread and not returned
         self._waiting = 0  # rows queued for a batch or running, not answered yet
 
         async def surgery_predict_batch(rows: list[Any]) -> list[tuple[dict[str, Any], int, float, float]]:
@@ -452,13 +453,17 @@ class ModelServer:
             self._waiting -= len(rows)
 
     async def _run(self, rows: list[Any], solo: bool) -> list[tuple[dict[str, Any], int, float, float]]:
-        """One forward on the model thread; the model counts as busy until it returns."""
+        """One forward on the model thread; the model counts as busy until every forward handed to
+        it has returned."""
+        self._running += 1
         self._idle.clear()
         try:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._forward_pool, self._forward, rows, solo)
         finally:
-            self._idle.set()
+            self._running -= 1
+            if self._running == 0:
+                self._idle.set()
 
     async def _rows(self, content_type: str, body: bytes, inline: bool = False) -> list[Any]:
         media = content_type.split(";", 1)[0].strip().lower()

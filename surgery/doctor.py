@@ -66,6 +66,12 @@ def version_lines() -> list[str]:
     lines = [f"python        {platform.python_version()} ({platform.platform()})"]
     lines += [f"{p:<13} {_version(p)}" for p in PACKAGES]
     lines.append(f"cuda          {torch.version.cuda or 'none'} (available: {torch.cuda.is_available()})")
+    from serve.ingress import haproxy_binary
+
+    haproxy = haproxy_binary()
+    lines.append(
+        f"haproxy       {haproxy or 'none'} (surgery serve's ingress: {'haproxy' if haproxy else 'Ray proxy'})"
+    )
     return lines
 
 

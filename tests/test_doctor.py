@@ -16,9 +16,10 @@ def test_report_lists_versions_devices_hubs_and_caches(monkeypatch: pytest.Monke
     (tmp_path / "hub").mkdir()
     (tmp_path / "hub" / "blob").write_bytes(b"x" * 2**20)
     report = doctor.doctor_report()
-    for name in ("python", "torch", "timm", "transformers", "ray", "cuda"):
+    for name in ("python", "torch", "timm", "transformers", "ray", "cuda", "haproxy"):
         assert f"\n{name}" in report
     assert "cores usable; RAM" in report
+    assert "surgery serve's ingress: haproxy" in report  # ray[serve] on Linux bundles it
     assert "offline (HF_HUB_OFFLINE=1)" in report
     assert f"cache huggingface {tmp_path / 'hub'} (0.0 GiB)" in report
 
