@@ -205,8 +205,10 @@ def serve_command(
     app = build_app(args)  # reads every manifest: a bad bundle fails here, before Ray starts
     timeout_s = config["http_options"]["request_timeout_s"]
 
+    ingress_env: dict[str, str] = {}
     if not os.environ.get("RAY_ADDRESS"):  # a cluster's ingress is the cluster's business
-        os.environ.update(ingress_environment(ingress, port))
+        ingress_env = ingress_environment(ingress, port)
+        os.environ.update(ingress_env)
     _start_ray(detach)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -221,6 +223,8 @@ def serve_command(
     finally:
         if not detach:
             _shutdown()
+            if "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC" in ingress_env:  # HAProxy's state: ours, and done
+                shutil.rmtree(Path(ingress_env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent, ignore_errors=True)
 
 
 def _announce(bundles: list[str], host: str, port: int, detach: bool) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -509,7 +510,15 @@ def test_surgery_serve_command_serves_then_shuts_down_cleanly(bundles, tmp_path,
         str(token_file),
     ]
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+        # Ctrl-C is what this test sends; a test run started in the background (`cmd &` in a
+        # script) would hand it down ignored, the way shells protect background jobs from Ctrl-C
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
@@ -534,6 +543,11 @@ def test_surgery_serve_command_serves_then_shuts_down_cleanly(bundles, tmp_path,
         else:
             pytest.fail("surgery serve did not come up in 180 s")
         seen.update(_descendants(proc.pid))
+        names = set()
+        for pid in seen:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                names.add(psutil.Process(pid).name())
+        assert "haproxy" in names, "`surgery serve` should front its replicas with HAProxy (--ingress auto)"
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
         response = httpx.post(
             f"http://127.0.0.1:{port}/v1/models/tiny:predict",
@@ -558,6 +572,9 @@ def test_surgery_serve_command_serves_then_shuts_down_cleanly(bundles, tmp_path,
     ) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"Ray processes left behind: {[psutil.Process(p).cmdline()[:3] for p in left]}"
+    import tempfile
+
+    assert not (Path(tempfile.gettempdir()) / f"surgery-{os.getuid()}-{port}").exists(), "HAProxy state left behind"
 
 
 def test_public_host_without_token_warns_and_config_keeps_only_the_token_path(bundles, tmp_path, capsys, monkeypatch):
