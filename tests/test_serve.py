@@ -466,6 +466,8 @@ def test_bad_targets_are_one_line_errors(tmp_path):
         serve_command([tmp_path / "empty"], config_out=tmp_path / "x.yaml")
     with pytest.raises(SurgeryError, match="at least one"):
         serve_command([], config_out=tmp_path / "x.yaml")
+    with pytest.raises(SurgeryError, match="unknown --ingress 'nginx'; choose one of auto, haproxy, proxy"):
+        serve_command([tmp_path / "empty"], ingress="nginx")
 
 
 # --------------------------------------------------------------------------- the command, end to end
