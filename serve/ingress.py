@@ -111,10 +111,20 @@ def haproxy_environment(name: str, state_root: Path | None = None) -> dict[str, 
     }
 
 
+def check_ingress(ingress: str) -> None:
+    if ingress not in INGRESSES:
+        raise SurgeryError(f"unknown --ingress {ingress!r}; choose one of {', '.join(INGRESSES)}")
+
+
+def state_folder(env: dict[str, str]) -> Path | None:
+    """The HAProxy state folder an environment from `haproxy_environment` names, if any."""
+    config = env.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC")
+    return Path(config).parent if config else None
+
+
 def ingress_environment(ingress: str, port: int) -> dict[str, str]:
     """Environment for the chosen ingress (`auto`: HAProxy when installed, else Ray's proxy)."""
-    if ingress not in INGRESSES:
-        raise SurgeryError(f"unknown ingress {ingress!r}; choose one of {', '.join(INGRESSES)}")
+    check_ingress(ingress)
     if ingress == "proxy":
         return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
     env = haproxy_environment(str(port))

@@ -25,7 +25,7 @@ from serve.app import (
     model_settings,
     read_serve_section,
 )
-from serve.ingress import INGRESSES, ingress_environment
+from serve.ingress import check_ingress, ingress_environment, state_folder
 from serve.tokens import TOKEN_ENV, read_token
 from surgery.bundle import read_manifest
 from surgery.errors import BundleError, SurgeryError
@@ -167,8 +167,7 @@ def serve_command(
     """Serve bundles (or run folders) over HTTP until Ctrl-C, or write a Serve config file."""
     if not targets:
         raise SurgeryError("give at least one bundle or run folder to serve")
-    if ingress not in INGRESSES:
-        raise SurgeryError(f"unknown --ingress {ingress!r}; choose one of {', '.join(INGRESSES)}")
+    check_ingress(ingress)
     bundles = [str(resolve_bundle(t)) for t in targets]
     args: dict[str, Any] = {"bundles": bundles}
     for key, value in (("replicas", replicas), ("max_batch_size", max_batch_size), ("batch_wait_ms", batch_wait_ms)):
@@ -223,8 +222,8 @@ def serve_command(
     finally:
         if not detach:
             _shutdown()
-            if "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC" in ingress_env:  # HAProxy's state: ours, and done
-                shutil.rmtree(Path(ingress_env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent, ignore_errors=True)
+            if state := state_folder(ingress_env):  # HAProxy's state: ours, and done with
+                shutil.rmtree(state, ignore_errors=True)
 
 
 def _announce(bundles: list[str], host: str, port: int, detach: bool) -> None:

@@ -33,7 +33,7 @@ def ray_session():
     Serve on it uses the HAProxy ingress, as `surgery serve` does by default."""
     import ray
 
-    from serve.ingress import haproxy_environment
+    from serve.ingress import haproxy_environment, state_folder
 
     ingress = haproxy_environment(str(os.getpid()))
     os.environ.update(ingress)
@@ -51,10 +51,10 @@ def ray_session():
         serve.shutdown()
     finally:
         ray.shutdown()
-        if ingress:
+        if state := state_folder(ingress):
             import shutil
 
-            shutil.rmtree(Path(ingress["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent, ignore_errors=True)
+            shutil.rmtree(state, ignore_errors=True)
 
 
 TINY_BERT_WORDS = [

@@ -127,5 +127,5 @@ def test_ingress_choice(monkeypatch):
     assert ingress_environment("auto", 8000) == {}  # no HAProxy installed: Ray's proxy serves
     with pytest.raises(SurgeryError, match="needs HAProxy"):
         ingress_environment("haproxy", 8000)
-    with pytest.raises(SurgeryError, match="unknown ingress"):
+    with pytest.raises(SurgeryError, match="unknown --ingress 'nginx'"):
         ingress_environment("nginx", 8000)
