@@ -121,7 +121,7 @@ def build(
     ] = None,
 ) -> None:
     """Compile, train, checkpoint and export a recipe into runs/<recipe>/<run-id>/."""
-    from surgery.train import build_command
+    from surgery.build import build_command
 
     run_dir = build_command(recipe, set_ or (), resume=resume, force=force, runs_root=runs, run_id=run_id)
     typer.echo(f"run: {run_dir}\nbundle: {run_dir / 'bundle'}")

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from surgery.data import load_data
 from surgery.model import build_model
+from surgery.placement import SingleDevice
 from surgery.recipe import load_recipe_text
 from surgery.train import fit, seed_everything
 
@@ -44,7 +45,7 @@ def hand_written(recipe, epochs: int) -> tuple[float, int, float]:
     samples/s of the training steps alone."""
     seed_everything(recipe.train.seed)
     model = build_model(recipe)
-    data = load_data(recipe, model, torch.device("cpu"))
+    data = load_data(recipe, model, SingleDevice(torch.device("cpu")))
     (x,), y = data.train.dataset.examples.inputs, data.train.dataset.examples.targets["cls"]
     (vx,), vy = data.val.dataset.examples.inputs, data.val.dataset.examples.targets["cls"]
     train = DataLoader(
@@ -78,7 +79,7 @@ def with_fit(recipe, epochs: int) -> tuple[float, int, float]:
         started = time.perf_counter()
         seed_everything(recipe.train.seed)
         model = build_model(recipe)
-        load_data(recipe, model, torch.device("cpu"))
+        load_data(recipe, model, SingleDevice(torch.device("cpu")))
         setup = time.perf_counter() - started
         started = time.perf_counter()
         fit(recipe, run)

@@ -25,6 +25,7 @@ from torchvision.transforms import v2
 
 from surgery.errors import DataError
 from surgery.inputs import InputSpec
+from surgery.placement import SingleDevice
 from surgery.preprocess import image_mode, image_to_uint8, normalise, texts_to_batch
 from surgery.registry import AUGMENTATIONS, DATA_SOURCES
 from surgery.schema import Augmentation, Recipe
@@ -631,17 +632,9 @@ def auto_num_workers(setting: str | int, device: torch.device) -> int:
     return max(0, min(4 * max(1, torch.cuda.device_count()), cpus - 1))
 
 
-def distributed_rank() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) outside torch.distributed."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def load_data(recipe: Recipe, model: Any, device: torch.device) -> TrainingData:
-    """Build train/val loaders for the recipe's data and the built model; bad data is a DataError here."""
+def load_data(recipe: Recipe, model: Any, placement: SingleDevice) -> TrainingData:
+    """Build train/val loaders for the recipe's data and the built model, for this process's
+    `placement` (its device, and its rank's shard of each epoch); bad data is a DataError here."""
     data = recipe.data
     if data is None:
         raise DataError("the recipe has no `data:` section; `surgery build` needs training data")
@@ -656,7 +649,7 @@ def load_data(recipe: Recipe, model: Any, device: torch.device) -> TrainingData:
         )
     spec: InputSpec = model.input_spec
     augmentations = build_augmentations(data.augment, spec)
-    rank, world_size = distributed_rank()
+    rank, world_size, device = placement.rank, placement.world_size, placement.device
     sampler = EpochBatchSampler(
         len(train),
         data.batch_size,

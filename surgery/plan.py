@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from surgery.freeze import match_params
+from surgery.placement import planned_devices
 from surgery.schema import Recipe
 
 MEASURE_BATCHES = (1, 2)  # batch 2 when batch 1 can't train (BatchNorm over a single value)
@@ -64,7 +64,7 @@ def make_plan(recipe: Recipe, *, depth: int = 3) -> dict[str, Any]:
     from surgery.model import build_model
 
     model = build_model(recipe, load_weights=False)
-    placement = device_of_params(model, recipe)
+    placement = planned_devices(model, recipe)
     measured = measure(model)
     rows = module_rows(model, measured, placement, depth)
     total = sum(p.numel() for p in model.parameters())
@@ -82,31 +82,6 @@ def make_plan(recipe: Recipe, *, depth: int = 3) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- placement
-
-
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
-
-
-def device_of_params(model: nn.Module, recipe: Recipe) -> dict[str, str]:
-    """Parameter name → the device (or pipeline stage) it lives on during training."""
-    names = [n for n, _ in model.named_parameters()]
-    placement = recipe.placement
-    if placement.strategy == "pipeline":
-        where = dict.fromkeys(names, f"stage0:{placement.stages[0].device}")
-        for i, stage in enumerate(placement.stages):
-            for glob in stage.params:
-                for n in match_params(glob, names):
-                    where[n] = f"stage{i}:{stage.device}"
-        return where
-    if placement.strategy == "ddp":
-        device = (
-            "cuda" if placement.device in ("auto", "cuda") or placement.device.startswith("cuda") else placement.device
-        )
-        return dict.fromkeys(names, f"{device} ×{placement.workers} (each)")
-    return dict.fromkeys(names, _resolve_device(placement.device))
 
 
 def _module_devices(prefix: str, placement: dict[str, str]) -> list[str]:

@@ -1,7 +1,8 @@
 """The training loop: one function, `fit(recipe, run_dir)`, called the same way by `surgery build`,
-by DDP / Ray Train workers and by Ray Tune trials; and `build_command`, the CLI's `surgery build`.
+by DDP / Ray Train workers and by Ray Tune trials. It talks to a placement (`surgery.placement`)
+for devices, ranks and gradient sync, and never asks which strategy that is.
 
-`fit` reads top to bottom as the steps of a run: pick the device, seed, build the model, load the
+`fit` reads top to bottom as the steps of a run: ask the placement for the device, seed, build the model, load the
 data, make the optimizer and schedule, restore a checkpoint when resuming, then epochs of
 (unfreeze due parameters → train steps with accumulation → validate → checkpoint → early stop).
 Everything random derives from `train.seed` and is saved in checkpoints, so a CPU run killed and
@@ -13,27 +14,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from surgery import checkpoint as ckpt
-from surgery.data import TrainingData, distributed_rank, load_data
-from surgery.doctor import package_versions
-from surgery.errors import CheckpointError, SurgeryError
-from surgery.files import sha256_file
+from surgery.data import TrainingData, load_data
+from surgery.errors import SurgeryError
 from surgery.monitor import Progress, RunMonitor, memory_scalars
 from surgery.optim import build_optimizer, build_scheduler
+from surgery.placement import SingleDevice, placement_for
+from surgery.runs import write_lock
 from surgery.schema import Recipe
-
-LOCK_FILE = "recipe.lock.yaml"
 
 
 @dataclass
@@ -41,7 +38,7 @@ class FitResult:
     """What a finished `fit` leaves: checkpoints and the final metrics."""
 
     best_checkpoint: Path | None
-    last_checkpoint: Path
+    last_checkpoint: Path | None  # None on every rank but 0
     metrics: dict[str, float]
     stopped_early: bool
 
@@ -61,24 +58,6 @@ class TrainState:
 
 
 # --------------------------------------------------------------------------- set-up steps
-
-
-def select_device(setting: str) -> torch.device:
-    """`placement.device` → a torch device; `auto` is CUDA (this process's LOCAL_RANK) if present."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if setting == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
-    device = torch.device(setting)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SurgeryError(f"placement.device is {setting!r} but CUDA is not available here; use `auto` or `cpu`")
-        if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise SurgeryError("placement.device is 'mps' but MPS is not available here; use `auto` or `cpu`")
-    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -113,43 +92,6 @@ def with_class_names(recipe: Recipe, model: Any, class_names: dict[str, list[str
     return recipe.model_copy(update={"heads": heads})
 
 
-def _weight_hashes(recipe: Recipe) -> dict[str, str]:
-    weights = recipe.backbone.weights
-    if not weights:
-        return {}
-    path = Path(weights)
-    files = (
-        [path]
-        if path.is_file()
-        else sorted(
-            p
-            for p in path.iterdir()
-            if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".json", ".txt", ".model")
-        )
-        if path.is_dir()
-        else []
-    )
-    return {str(p): sha256_file(p) for p in files}
-
-
-def write_lock(recipe: Recipe, run_dir: Path) -> Path:
-    """`recipe.lock.yaml`: the resolved recipe, with package versions and weight hashes as a
-    comment header (so the file loads back as the recipe itself)."""
-    from surgery.recipe import dump_recipe, recipe_hash
-
-    lines = ["# surgery lock: the resolved recipe of this run; load it like any recipe (comments are ignored)"]
-    lines.append(f"# recipe_sha256: {recipe_hash(recipe)}")
-    lines.append("# packages: " + ", ".join(f"{k} {v}" for k, v in package_versions().items()))
-    if recipe.backbone.pretrained:
-        lines.append(f"# pretrained: {recipe.backbone.source} {recipe.backbone.name} (from the zoo's hub/cache)")
-    lines.extend(f"# weights: {path} sha256:{digest}" for path, digest in _weight_hashes(recipe).items())
-    path = Path(run_dir) / LOCK_FILE
-    tmp = path.with_name(f".{LOCK_FILE}.tmp")
-    tmp.write_text("\n".join(lines) + "\n" + dump_recipe(recipe))
-    os.replace(tmp, path)
-    return path
-
-
 # --------------------------------------------------------------------------- checkpoint state
 
 
@@ -167,6 +109,7 @@ def _trainer_state(state: TrainState, optimizer: Any, scheduler: Any, scaler: An
 
 
 def _save(
+    placement: SingleDevice,
     run_dir: Path,
     recipe: Recipe,
     recipe_text: str,
@@ -175,7 +118,8 @@ def _save(
     optimizer: Any,
     scheduler: Any,
     scaler: Any,
-) -> Path:
+) -> Path | None:
+    """Checkpoint the run (rank 0 writes, every rank returns when it is on disk); the path on rank 0."""
     from surgery.recipe import recipe_hash
 
     meta = {
@@ -186,16 +130,20 @@ def _save(
         "recipe_sha256": recipe_hash(recipe),
     }
     c = recipe.train.checkpoint
-    return ckpt.save_checkpoint(
-        run_dir,
-        model=model,
-        trainer_state=_trainer_state(state, optimizer, scheduler, scaler, model),
-        meta=meta,
-        recipe_text=recipe_text,
-        monitor=c.monitor,
-        mode=c.mode,
-        keep_best=c.keep_best,
-    )
+    path = None
+    if placement.is_main:  # one writer; the other ranks wait until the checkpoint is complete
+        path = ckpt.save_checkpoint(
+            run_dir,
+            model=model,
+            trainer_state=_trainer_state(state, optimizer, scheduler, scaler, model),
+            meta=meta,
+            recipe_text=recipe_text,
+            monitor=c.monitor,
+            mode=c.mode,
+            keep_best=c.keep_best,
+        )
+    placement.barrier()
+    return path
 
 
 def _restore(
@@ -255,12 +203,16 @@ def _groups(loader_iter: Iterator[Any], first: int, total: int, accumulate: int)
             group = []
 
 
-def evaluate(model: Any, data: TrainingData, recipe: Recipe, device: torch.device) -> tuple[dict[str, float], Any]:
-    """Validation losses and metrics under inference mode; also the first batch (for samples)."""
+def evaluate(
+    net: Any, model: Any, data: TrainingData, recipe: Recipe, placement: SingleDevice
+) -> tuple[dict[str, float], Any]:
+    """Validation losses and metrics under inference mode, reduced over ranks; also the first
+    batch (for samples). `net` is the prepared model, `model` the `SurgicalModel` inside it."""
     from surgery.heads import compute_losses
     from surgery.metrics import MetricTracker
 
-    model.eval()
+    device = placement.device
+    net.eval()
     tracker = MetricTracker(recipe, model.head_info)
     totals: dict[str, float] = {}
     count = 0
@@ -268,7 +220,7 @@ def evaluate(model: Any, data: TrainingData, recipe: Recipe, device: torch.devic
     with torch.inference_mode(), autocast(recipe.train.precision, device):
         for batch in data.val:
             inputs, targets = _to_device(batch, device)
-            outputs = model(*inputs)
+            outputs = net(*inputs)
             loss, per_head = compute_losses(model, outputs, targets, recipe)
             n = inputs[0].shape[0]
             count += n
@@ -280,7 +232,7 @@ def evaluate(model: Any, data: TrainingData, recipe: Recipe, device: torch.devic
                 first = (inputs, targets, {k: v.float().cpu() for k, v in outputs.items()})
     metrics = {k: v / max(1, count) for k, v in totals.items()}
     metrics.update(tracker.compute())
-    return metrics, first
+    return placement.all_reduce(metrics, weight=count), first
 
 
 def _log_samples(monitor: RunMonitor, model: Any, first: Any, data: TrainingData, step: int) -> None:
@@ -322,11 +274,19 @@ def _early_stop(state: TrainState, recipe: Recipe) -> bool:
 # --------------------------------------------------------------------------- fit
 
 
-def fit(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: bool = False) -> FitResult:
+def fit(
+    recipe: Recipe,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    placement: SingleDevice | None = None,
+) -> FitResult:
     """Train `recipe` into `run_dir` (checkpoints/, tb/, metrics.jsonl, recipe.lock.yaml).
 
     `resume`: continue from the run's last complete checkpoint (refused when the recipe changed
-    in an unsafe way, unless `force`). Returns the best and last checkpoints and final metrics.
+    in an unsafe way, unless `force`). `placement`: this process's part of `recipe.placement`
+    (made from the recipe when not given). Returns the best and last checkpoints and final metrics.
     """
     from surgery.freeze import apply_unfreeze_schedule, set_frozen_batchnorm_eval
     from surgery.heads import compute_losses
@@ -334,20 +294,19 @@ def fit(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: bool = Fa
     from surgery.recipe import dump_recipe
 
     run_dir = Path(run_dir)
-    rank, _world = distributed_rank()
-    main = rank == 0
+    placement = placement or placement_for(recipe)
+    main, device = placement.is_main, placement.device
     train_cfg = recipe.train
-    device = select_device(recipe.placement.device)
     autocast(train_cfg.precision, device)  # fp16 on CPU fails here, before any work
     progress = Progress(recipe.monitor.progress, enabled=main)
 
-    # 1. seed and build (build_model applies the freeze rules)
+    # 1. seed and build (build_model applies the freeze rules); `net` is the model as placed
     seed_everything(train_cfg.seed)
     model = build_model(recipe)
-    model.to(device)
+    net = placement.prepare_model(model)
 
     # 2. data (bad data fails here, before training starts)
-    data = load_data(recipe, model, device)
+    data = load_data(recipe, model, placement)
     recipe = with_class_names(recipe, model, data.class_names)
     recipe_text = dump_recipe(recipe)
     if main:
@@ -368,6 +327,7 @@ def fit(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: bool = Fa
     state, rng = TrainState(), None
     if resume:
         state, rng = _restore(run_dir, recipe, model, optimizer, scheduler, scaler, force=force, progress=progress)
+        net = placement.prepare_model(model)  # the restored trainable set may differ from the built one
     monitor = RunMonitor(run_dir, recipe, resume_step=state.step if resume else None, enabled=main)
     if not resume and main:
         model.eval()
@@ -377,6 +337,7 @@ def fit(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: bool = Fa
 
     # 5. epochs
     last_path: Path | None = None
+    saved = False  # the same on every rank (unlike last_path, which only rank 0 knows)
     started = time.perf_counter()
     done = state.step >= total_steps or state.stopped_early
     while not done and state.epoch < train_cfg.epochs:
@@ -385,8 +346,9 @@ def fit(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: bool = Fa
             newly = apply_unfreeze_schedule(model, recipe, epoch)
             state.unfrozen_through = epoch
             if newly:
+                net = placement.prepare_model(model)  # DDP must learn the new trainable set
                 progress.note(f"epoch {epoch + 1}: unfroze {len(newly)} parameters")
-        model.train()
+        net.train()
         set_frozen_batchnorm_eval(model, recipe)
         data.sampler.set_epoch(epoch, skip=state.batch)
         progress.start_epoch(epoch, train_cfg.epochs, batches_per_epoch, done=state.batch)
@@ -395,12 +357,13 @@ def fit(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: bool = Fa
         window_batches, window_samples, window_start = 0, 0, time.perf_counter()
         shown: dict[str, float] = {}
         for group in _groups(loader_iter, state.batch, batches_per_epoch, train_cfg.accumulate):
-            for batch in group:
+            for i, batch in enumerate(group):
                 inputs, targets = _to_device(batch, device)
-                with autocast(train_cfg.precision, device):
-                    outputs = model(*inputs)
-                    loss, _per_head = compute_losses(model, outputs, targets, recipe)
-                scaler.scale(loss / len(group)).backward()
+                with placement.no_sync(net, last=i == len(group) - 1):
+                    with autocast(train_cfg.precision, device):
+                        outputs = net(*inputs)
+                        loss, _per_head = compute_losses(model, outputs, targets, recipe)
+                    scaler.scale(loss / len(group)).backward()
                 window_loss += loss.detach().float()
                 window_batches += 1
                 window_samples += inputs[0].shape[0]
@@ -436,8 +399,9 @@ def fit(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: bool = Fa
             at_end = state.batch >= batches_per_epoch
             out_of_steps = state.step >= total_steps
             every = train_cfg.checkpoint.every_steps
-            if main and every and state.step % every == 0 and not (at_end or out_of_steps):
-                last_path = _save(run_dir, recipe, recipe_text, state, model, optimizer, scheduler, scaler)
+            if every and state.step % every == 0 and not (at_end or out_of_steps):
+                last_path = _save(placement, run_dir, recipe, recipe_text, state, model, optimizer, scheduler, scaler)
+                saved = True
             if out_of_steps:
                 break
 
@@ -445,7 +409,7 @@ def fit(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: bool = Fa
         last_epoch = state.epoch + 1 >= train_cfg.epochs or state.step >= total_steps
         evaluated = (epoch + 1) % train_cfg.eval_every_epochs == 0 or last_epoch
         if evaluated:
-            metrics, first = evaluate(model, data, recipe, device)
+            metrics, first = evaluate(net, model, data, recipe, placement)
             state.metrics.update(metrics)
             if main:
                 monitor.scalars(state.step, metrics, epoch=epoch)
@@ -455,17 +419,22 @@ def fit(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: bool = Fa
         progress.end_epoch({k: v for k, v in state.metrics.items() if k.startswith("val/")} if evaluated else {})
         state.epoch, state.batch = epoch + 1, 0
         done = last_epoch or state.stopped_early
-        if main and (train_cfg.checkpoint.every_epoch or done):
-            last_path = _save(run_dir, recipe, recipe_text, state, model, optimizer, scheduler, scaler)
+        epoch_checkpoint = None
+        if train_cfg.checkpoint.every_epoch or done:
+            last_path = epoch_checkpoint = _save(
+                placement, run_dir, recipe, recipe_text, state, model, optimizer, scheduler, scaler
+            )
+            saved = True
+        if evaluated:
+            placement.report(epoch, dict(state.metrics), epoch_checkpoint)
 
     # 6. finish
     elapsed = time.perf_counter() - started
-    if main and last_path is None:  # nothing left to train (a finished run resumed), or no epoch saves
-        last_path = (
-            ckpt.find_last(run_dir)
-            if resume
-            else _save(run_dir, recipe, recipe_text, state, model, optimizer, scheduler, scaler)
-        )
+    if not saved:  # nothing left to train (a finished run resumed), or no epoch saves
+        if resume:
+            last_path = ckpt.find_last(run_dir) if main else None
+        else:
+            last_path = _save(placement, run_dir, recipe, recipe_text, state, model, optimizer, scheduler, scaler)
     best = None
     if main:
         monitor.hparams(state.metrics)
@@ -484,7 +453,7 @@ def fit(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: bool = Fa
         if best is not None:
             rows["best checkpoint"] = best.name
         progress.summary(f"{recipe.name}: run summary", rows)
-    return FitResult(best, last_path or ckpt.find_last(run_dir), dict(state.metrics), state.stopped_early)
+    return FitResult(best, last_path, dict(state.metrics), state.stopped_early)
 
 
 def _lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
@@ -492,81 +461,3 @@ def _lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     for group in optimizer.param_groups:
         lrs[f"lr/scale_{group.get('lr_scale', 1.0):g}"] = float(group["lr"])
     return lrs
-
-
-# --------------------------------------------------------------------------- surgery build
-
-
-LATEST = "latest"  # runs/<name>/latest: a link to the run folder most recently built
-
-
-def _latest_run(recipe_dir: Path) -> Path | None:
-    link = recipe_dir / LATEST
-    if link.is_symlink() and link.resolve().is_dir():
-        return link.resolve()
-    runs = (
-        [p for p in recipe_dir.iterdir() if p.is_dir() and not p.is_symlink() and (p / ckpt.CHECKPOINTS).is_dir()]
-        if recipe_dir.is_dir()
-        else []
-    )
-    return max(runs, key=lambda p: (p.stat().st_mtime, p.name)) if runs else None
-
-
-def _link_latest(run_dir: Path) -> None:
-    """Point `runs/<name>/latest` at `run_dir` (atomically: a new link renamed over the old)."""
-    link = run_dir.parent / LATEST
-    tmp = run_dir.parent / f".{LATEST}.tmp-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(run_dir.name, target_is_directory=True)
-    os.replace(tmp, link)
-
-
-def run_folder(runs_root: Path, name: str, run_id: str | None, *, resume: bool) -> Path:
-    """`runs/<name>/<run-id>/`: a new timestamped folder, or with `resume` the given/latest run."""
-    recipe_dir = Path(runs_root) / name
-    if resume:
-        run_dir = recipe_dir / run_id if run_id else _latest_run(recipe_dir)
-        if run_dir is None or not (run_dir / ckpt.CHECKPOINTS).is_dir():
-            where = run_dir if run_id else recipe_dir
-            raise CheckpointError(f"no run to resume at {where}; run `surgery build` without --resume first")
-        return run_dir
-    if run_id == LATEST:
-        raise CheckpointError(
-            f"--run-id {LATEST} names the link to the newest run; use it with --resume, or pick another"
-        )
-    if run_id is None:
-        run_id = datetime.now().strftime("%Y%m%d-%H%M%S")
-        base, n = run_id, 1
-        while (recipe_dir / run_id).exists():
-            n += 1
-            run_id = f"{base}-{n}"
-    run_dir = recipe_dir / run_id
-    if (run_dir / ckpt.CHECKPOINTS).is_dir() and any((run_dir / ckpt.CHECKPOINTS).iterdir()):
-        raise CheckpointError(
-            f"run {run_dir} already has checkpoints; add --resume to continue it, or pick another --run-id"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def build_command(
-    recipe_path: str | Path,
-    overrides: Sequence[str],
-    *,
-    resume: bool = False,
-    force: bool = False,
-    runs_root: Path = Path("runs"),
-    run_id: str | None = None,
-) -> Path:
-    """`surgery build`: load the recipe, make (or find) the run folder, train, export the bundle."""
-    from surgery.export import export_run
-    from surgery.recipe import load_recipe
-
-    recipe = load_recipe(recipe_path, overrides)
-    if recipe.data is None:
-        raise SurgeryError(f"{recipe_path}: the recipe has no `data:` section; `surgery build` needs training data")
-    run_dir = run_folder(Path(runs_root), recipe.name, run_id, resume=resume)
-    _link_latest(run_dir)
-    fit(recipe, run_dir, resume=resume, force=force)
-    export_run(run_dir)
-    return run_dir

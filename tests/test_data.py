@@ -14,10 +14,11 @@ from surgery.data import EpochBatchSampler, load_data
 from surgery.errors import DataError
 from surgery.inputs import InputSpec
 from surgery.model import build_model
+from surgery.placement import SingleDevice
 from surgery.preprocess import images_to_batch
 from surgery.schema import Recipe
 
-CPU = torch.device("cpu")
+CPU = SingleDevice(torch.device("cpu"))
 
 
 def image_recipe(data: dict, out_features: int = 10, labels: list[str] | None = None) -> Recipe:
