@@ -17,7 +17,7 @@ from surgery.train import fit, run_folder
 
 BASE = """
 name: loop
-backbone: {{source: timm, name: test_resnet}}
+backbone: {{source: timm, name: test_resnet, pretrained: false}}
 input: {{size: [16, 16]}}
 surgery: [{{input_channels: 1}}]
 heads:
