@@ -758,8 +758,13 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         found = resolve(given, Path.cwd())
     except LibraryError as err:
         raise _problem(given, str(err).removeprefix(f"{given} ")) from None
+    return load_resolved(found, overrides, display=given if found.source == "file" else None)
+
+
+def load_resolved(found: Resolved, overrides: Sequence[str] = (), *, display: str | None = None) -> Recipe:
+    """Load a recipe a reference resolved to (see `surgery.library.resolve`)."""
     file = found.path
-    source = given if found.source == "file" else _display(file)
+    source = display or _display(file)
     text = _read(file, source)
     trail: list[Resolved] = [found]
     data, pos = _load_document(text, source, file.parent, (file,), found, trail)
@@ -817,6 +822,8 @@ __all__ = [
     "dump_recipe",
     "load_recipe",
     "load_recipe_text",
+    "load_resolved",
+    "read_fields",
     "recipe_diff",
     "recipe_hash",
     "recipe_to_dict",
