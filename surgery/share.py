@@ -284,7 +284,7 @@ def extract(archive: Path, into: Path) -> None:
                     continue
                 total += member.size
                 if total > MAX_TOTAL_BYTES:
-                    raise ShareError(f"{where}: more than {MAX_TOTAL_BYTES >> 30} GiB in all; refusing the archive")
+                    raise ShareError(f"{where}: more than {_size(MAX_TOTAL_BYTES)} in all; refusing the archive")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 stream = tar.extractfile(member)
                 if stream is None:
@@ -292,6 +292,10 @@ def extract(archive: Path, into: Path) -> None:
                 _copy_member(stream, target, member, where)
         except tarfile.TarError as err:
             raise ShareError(f"{where}: damaged archive ({err})") from None
+
+
+def _size(n: int) -> str:
+    return f"{n >> 30} GiB" if n >= 1 << 30 else f"{n >> 20} MiB"
 
 
 def _member_path(member: tarfile.TarInfo, where: str) -> PurePosixPath:
@@ -308,7 +312,7 @@ def _member_path(member: tarfile.TarInfo, where: str) -> PurePosixPath:
     if member.isfile() and path.suffix.lower() in PICKLE_SUFFIXES:
         raise _refuse(where, name, "is a pickle-based file (only safetensors, ONNX, JSON and text are accepted)")
     if member.size > MAX_MEMBER_BYTES:
-        raise _refuse(where, name, f"is over the {MAX_MEMBER_BYTES >> 30} GiB limit")
+        raise _refuse(where, name, f"is over the {_size(MAX_MEMBER_BYTES)} limit")
     parts = [p for p in path.parts if p != "."]
     if not parts:
         raise _refuse(where, name, "has an empty path")
