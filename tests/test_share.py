@@ -86,7 +86,7 @@ def test_signed_round_trip_and_a_tampered_one(exported, tmp_path: Path) -> None:
     new_key("alice")
     signed, _ = pack(exported[1], tmp_path / "signed.tar", sign="alice")
     folder, signer = pull(str(signed), tmp_path / "ok")
-    assert signer is not None and signer.endswith("alice")
+    assert signer is not None and signer.endswith("alice") and (folder / "bundle" / "manifest.json").is_file()
     members = _members(signed)
     doc = json.loads(members["pack.json"])
     doc["name"] = "evil"  # any change to the signed manifest breaks the signature
