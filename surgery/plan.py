@@ -347,7 +347,7 @@ def _totals_text(plan: dict[str, Any]) -> str:
         else f"{spec['max_length']} tokens"
     )
     return (
-        f"backbone weights: {plan['weights']} (plan builds without loading them)\n"
+        f"backbone weights: {plan['weights']}{' (plan does not load them)' if plan['weights'].startswith('pretrained') else ''}\n"
         f"parameters: {totals['params']:,} total, {totals['trainable']:,} trainable, {totals['frozen']:,} frozen\n"
         f"input: {spec['kind']} {shape}; forward FLOPs per sample: {_human(plan['flops_per_sample'])} (2 per multiply-add)\n"
         f"heads: "

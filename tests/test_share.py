@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import tarfile
 import textwrap
@@ -215,3 +216,61 @@ def test_pack_refuses_a_damaged_bundle(exported, tmp_path: Path) -> None:
     (bundle / "model.onnx").write_bytes(b"broken")
     with pytest.raises(SurgeryError, match="sha256 mismatch"):
         pack(bundle, tmp_path / "x.tar")
+
+
+@pytest.mark.slow
+def test_pulled_model_serves_and_predicts(exported, archive: Path, tmp_path: Path, free_port) -> None:
+    """pack → pull → `surgery serve FOLDER` → `surgery predict`, the prediction equal to the original model's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from PIL import Image
+
+    from surgery.preprocess import images_to_batch
+
+    folder, _ = pull(str(archive), tmp_path / "pulled")
+    image_file = tmp_path / "digit.png"
+    Image.new("L", (16, 16), 200).save(image_file)
+    model, _ = exported
+    with torch.inference_mode():
+        expected = model(images_to_batch([Image.open(image_file)], load_bundle(folder / "bundle").input_spec))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cli = [sys.executable, "-c", "from cli import main; main()"]
+    proc = subprocess.Popen(
+        [*cli, "serve", str(folder), "--port", str(port), "--replicas", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("surgery serve did not come up with the pulled model in 180 s")
+        url = f"http://127.0.0.1:{port}/v1/models/shared-tiny"
+        out = subprocess.run(
+            [*cli, "predict", url, str(image_file)], capture_output=True, text=True, env=env, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        top = ["a", "b", "c"][int(expected["digit"][0].argmax())]
+        assert str(image_file) in out.stdout and top in out.stdout, out.stdout
+        response = httpx.post(f"{url}:predict", content=image_file.read_bytes(), headers={"content-type": "image/png"})
+        served = response.json()["predictions"][0]["digit"]["output"]
+        torch.testing.assert_close(torch.tensor(served), expected["digit"][0].float(), atol=1e-5, rtol=1e-4)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
