@@ -104,23 +104,37 @@ def is_url(text: str) -> bool:
 
 def fetch(url: str, limit: int) -> bytes:
     """GET `url` (http/https only), refusing bodies over `limit` bytes."""
+    buffer = bytearray()
+    _download(url, limit, buffer.extend)
+    return bytes(buffer)
+
+
+def fetch_to_file(url: str, path: Path, limit: int) -> None:
+    """GET `url` into `path`, streamed, refusing bodies over `limit` bytes."""
+    with Path(path).open("wb") as f:
+        _download(url, limit, f.write)
+
+
+def _download(url: str, limit: int, sink: Any) -> None:
     import urllib.error
     import urllib.request
 
     if not is_url(url):
         raise LibraryError(f"{url}: only http:// and https:// URLs can be fetched")
     request = urllib.request.Request(url, headers={"User-Agent": "surgery"})
+    received = 0
     try:
         with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_S) as response:
-            data = response.read(limit + 1)
+            while chunk := response.read(1 << 20):
+                received += len(chunk)
+                if received > limit:
+                    raise LibraryError(f"{url}: larger than the {limit >> 20} MiB limit; refusing it")
+                sink(chunk)
     except urllib.error.HTTPError as err:
         raise LibraryError(f"{url}: HTTP {err.code} {err.reason}") from None
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", None) or err
         raise LibraryError(f"{url}: cannot fetch ({reason})") from None
-    if len(data) > limit:
-        raise LibraryError(f"{url}: larger than the {limit // 2**20} MiB limit; refusing it")
-    return data
 
 
 # --------------------------------------------------------------------------- entries and libraries
@@ -693,6 +707,49 @@ def new_recipe(name: str, base: str, folder: Path | None = None) -> Path:
 # --------------------------------------------------------------------------- provenance
 
 
+def _zoo_weight_lines(backbone: Any) -> list[str]:
+    """The hash of the zoo's cached weights file a pretrained backbone was loaded from (after
+    the build, so the file is in the cache)."""
+    if not backbone.pretrained or backbone.weights or backbone.name.startswith("package:"):
+        return []
+    try:
+        file = _zoo_cache_file(backbone)
+    except Exception:  # provenance must never fail a run; say what is unknown instead
+        file = None
+    what = f"{backbone.source} {backbone.name}"
+    if file is None or not file.is_file():
+        return [f"# weights: {what} from the zoo's hub/cache (cached file not found, so not hashed)"]
+    return [f"# weights: {what} {file} sha256:{_sha256_file(file)}"]
+
+
+def _zoo_cache_file(backbone: Any) -> Path | None:
+    if backbone.source == "torchvision":
+        import torch
+        import torchvision
+
+        weights = torchvision.models.get_model_weights(backbone.name).DEFAULT
+        return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    from huggingface_hub import try_to_load_from_cache
+
+    if backbone.source == "timm":
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(backbone.name)
+        if cfg is None or not cfg.hf_hub_id:
+            return None
+        repo, revision = cfg.hf_hub_id, None
+    elif Path(backbone.name).expanduser().is_dir():
+        folder = Path(backbone.name).expanduser()
+        return next((folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()), None)
+    else:
+        repo, revision = backbone.name, backbone.revision
+    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, filename, revision=revision)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
 class Provenance(list):  # type: ignore[type-arg]
     """Where each file of a recipe's `extends` chain came from (the recipe first). Rides on the
     loaded `Recipe` as a private attribute; it is not part of what the recipe *is*, so two recipes
@@ -709,7 +766,7 @@ def provenance_lines(recipe: Any) -> list[str]:
     sha256) and the hashes of weights that ship inside a package."""
     chain = getattr(recipe, "_provenance", None) or []
     lines = [f"# {'recipe' if i == 0 else 'extends'}: {item.line()}" for i, item in enumerate(chain)]
-    return lines + _package_weight_lines(recipe)
+    return lines + _package_weight_lines(recipe) + _zoo_weight_lines(recipe.backbone)
 
 
 def _package_weight_lines(recipe: Any) -> list[str]:

@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from surgery.errors import SurgeryError
-from surgery.library import fetch, is_url, sha256_bytes
+from surgery.library import fetch_to_file, is_url, sha256_bytes
 
 PACK_FORMAT = "surgery-pack"
 PACK_FORMAT_VERSION = 1
@@ -234,7 +234,7 @@ def pull(source: str, out: Path | None = None, *, allow_unsigned: bool = False) 
         archive = Path(source)
         if remote:
             archive = staging / "archive"
-            archive.write_bytes(fetch(source, MAX_TOTAL_BYTES))
+            fetch_to_file(source, archive, MAX_TOTAL_BYTES)
         tree = staging / "tree"
         tree.mkdir()
         extract(archive, tree)

@@ -3,6 +3,7 @@ indexes, the fetch cache, list/show/new, provenance, the shipped recipes and the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -378,3 +379,17 @@ def test_wheel_installed_elsewhere_resolves_shipped_names(tmp_path: Path) -> Non
         timeout=120,
     )
     assert cli.stdout == "OK quickstart (quickstart)\n", cli.stderr
+
+
+def test_lock_hashes_the_zoo_weights_file_a_pretrained_backbone_came_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    recipe = load_recipe("vgg19-binary")
+    assert "cached file not found" in provenance_lines(recipe)[-1]
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"weights")
+    assert provenance_lines(recipe)[-1] == (
+        f"# weights: torchvision vgg19 {cached} sha256:{hashlib.sha256(b'weights').hexdigest()}"
+    )
