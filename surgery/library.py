@@ -22,6 +22,7 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -282,8 +283,9 @@ def _scan(root: Path, kind: str, location: str) -> Library:
     return Library(location=location, kind=kind, entries=entries, root=root)
 
 
+@functools.cache
 def shipped_library() -> Library:
-    """The recipes that come with surgery."""
+    """The recipes that come with surgery (read once per process: they are package data)."""
     return _scan(SHIPPED_DIR, "shipped", "shipped") if SHIPPED_DIR.is_dir() else Library("shipped", "shipped", [])
 
 
