@@ -30,6 +30,7 @@ import re
 import shutil
 import sys
 import tempfile
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -91,8 +92,10 @@ def _sha256_file(path: Path) -> str:
 
 def safe_relative(rel: str, what: str) -> PurePosixPath:
     """`rel` as a relative POSIX path that stays inside its folder, else a LibraryError."""
+    if not isinstance(rel, str) or not rel:
+        raise LibraryError(f"{what}: {rel!r} is not a relative path")
     path = PurePosixPath(rel)
-    if not rel or "\\" in rel or path.is_absolute() or ".." in path.parts or rel.startswith("~"):
+    if "\\" in rel or path.is_absolute() or ".." in path.parts or rel.startswith("~"):
         raise LibraryError(
             f"{what}: {rel!r} is not a plain relative path inside the library (no absolute paths, no ..)"
         )
@@ -229,7 +232,7 @@ def _cached_copy(library: Library, entry: Entry) -> Path:
         for rel, expected in entry.files.items():
             parts = safe_relative(rel, f"{library.label}: file").parts
             limit = MAX_RECIPE_BYTES if rel == entry.path else MAX_FILE_BYTES
-            data = fetch(library.location + "/".join(parts), limit)
+            data = fetch(library.location + "/".join(urllib.parse.quote(p) for p in parts), limit)
             if sha256_bytes(data) != expected:
                 raise LibraryError(
                     f"{library.location}{rel}: sha256 {sha256_bytes(data)[:12]}… does not match the index "
@@ -578,7 +581,9 @@ def build_index(folder: Path, *, sign: str | None = None) -> Path:
             continue
         files = {entry.path: entry.sha256, **_files_under(root, _local_paths(recipe))}
         entries.append(
-            Entry(entry.name, entry.version, entry.path, entry.sha256, files, recipe.description, tuple(recipe.tags))
+            Entry(
+                entry.name, entry.version, entry.path, entry.sha256, files, recipe.description, tuple(recipe.tags or ())
+            )
         )
     seen: dict[tuple[str, str], str] = {}
     for e in entries:

@@ -656,8 +656,8 @@ class Recipe(Strict):
         description="Recipe name; run folders are `runs/<name>/<run-id>`."
     )
     description: str = Field("", description="What this recipe is for.")
-    tags: list[Annotated[str, Field(pattern=_SLUG)]] = Field(
-        default_factory=list, description="Keywords for `surgery recipes list --tag`."
+    tags: list[Annotated[str, Field(pattern=_SLUG)]] | None = Field(
+        None, description="Keywords for `surgery recipes list --tag`."
     )
     version: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")] | None = Field(
         None,

@@ -393,3 +393,22 @@ def test_lock_hashes_the_zoo_weights_file_a_pretrained_backbone_came_from(
     assert provenance_lines(recipe)[-1] == (
         f"# weights: torchvision vgg19 {cached} sha256:{hashlib.sha256(b'weights').hexdigest()}"
     )
+
+
+def test_a_remote_recipe_brings_the_data_files_it_names(tmp_path: Path, http_folder) -> None:
+    lib = tmp_path / "www"
+    (lib / "data").mkdir(parents=True)
+    (lib / "data" / "rows.jsonl").write_text('{"x": 1, "label": 0}\n')
+    (lib / "tabular.yaml").write_text(
+        textwrap.dedent("""
+        name: tabular
+        backbone: {source: timm, name: test_resnet, pretrained: false}
+        heads: [{name: label, layers: [{linear: {out_features: 2}}], loss: cross_entropy}]
+        data: {source: jsonl, train: data/rows.jsonl, feature_columns: [x]}
+        """)
+    )
+    index = json.loads(build_index(lib).read_text())
+    assert set(index["recipes"][0]["files"]) == {"tabular.yaml", "data/rows.jsonl"}
+    add_source(http_folder(lib), "--allow-unsigned")
+    train = Path(load_recipe("tabular").data.train)
+    assert train.is_relative_to(tmp_path / "cache" / "library") and train.read_text() == '{"x": 1, "label": 0}\n'
