@@ -85,8 +85,12 @@ def run(tmp: Path, args: argparse.Namespace) -> None:
     from surgery.library import add_source, build_index
 
     build_index(library)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(library))
-    handler.log_message = lambda *a: None  # type: ignore[method-assign]
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(library))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

@@ -17,6 +17,7 @@ own manifest. On any failure the folder is removed and nothing else was touched.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -94,7 +95,7 @@ def pack(target: Path, out: Path, *, sign: str | None = None) -> tuple[Path, lis
         "format_version": PACK_FORMAT_VERSION,
         "name": shared.get("name") or recipe.name,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "files": {name: _digest(data) for name, data in sorted(members.items())},
+        "files": {name: _digest(name, data, shared["files"]) for name, data in sorted(members.items())},
     }
     if sign:
         from surgery.keys import sign_document
@@ -104,11 +105,11 @@ def pack(target: Path, out: Path, *, sign: str | None = None) -> tuple[Path, lis
     return Path(out).resolve(), left_out
 
 
-def _digest(data: bytes | Path) -> dict[str, Any]:
-    from surgery.files import sha256_file
-
+def _digest(name: str, data: bytes | Path, verified: dict[str, str]) -> dict[str, Any]:
+    """sha256 and size of a member; bundle files were just verified against their manifest, so
+    its hashes are reused instead of reading each file again."""
     if isinstance(data, Path):
-        return {"sha256": sha256_file(data), "size": data.stat().st_size}
+        return {"sha256": verified[name.removeprefix(f"{BUNDLE}/")], "size": data.stat().st_size}
     return {"sha256": sha256_bytes(data), "size": len(data)}
 
 
@@ -237,8 +238,8 @@ def pull(source: str, out: Path | None = None, *, allow_unsigned: bool = False) 
             fetch_to_file(source, archive, MAX_TOTAL_BYTES)
         tree = staging / "tree"
         tree.mkdir()
-        extract(archive, tree)
-        _, signer = check_pack(tree, source, remote=remote, allow_unsigned=allow_unsigned)
+        hashes = extract(archive, tree)
+        _, signer = check_pack(tree, hashes, source, remote=remote, allow_unsigned=allow_unsigned)
         for item in tree.iterdir():
             os.replace(item, folder / item.name)
         shutil.rmtree(staging)
@@ -259,15 +260,17 @@ def _refuse(source: str, member: str, why: str) -> ShareError:
     return ShareError(f"{source}: member {member!r} {why}; refusing the archive")
 
 
-def extract(archive: Path, into: Path) -> None:
+def extract(archive: Path, into: Path) -> dict[str, str]:
     """Extract a tar archive member by member, refusing anything that is not a plain file or folder
-    at a plain relative path, pickles, and members or archives over the limits."""
+    at a plain relative path, pickles, and members or archives over the limits. Returns the sha256
+    of every file, computed while it was written."""
     where = str(archive)
     try:
         tar = tarfile.open(archive, "r:*")  # noqa: SIM115 (closed by the `with tar:` below)
     except (tarfile.TarError, OSError) as err:
         raise ShareError(f"{where}: not a tar archive ({err})") from None
     seen: set[str] = set()
+    hashes: dict[str, str] = {}
     total = 0
     with tar:
         try:
@@ -289,9 +292,10 @@ def extract(archive: Path, into: Path) -> None:
                 stream = tar.extractfile(member)
                 if stream is None:
                     raise _refuse(where, member.name, "has no content")
-                _copy_member(stream, target, member, where)
+                hashes[rel.as_posix()] = _copy_member(stream, target, member, where)
         except tarfile.TarError as err:
             raise ShareError(f"{where}: damaged archive ({err})") from None
+    return hashes
 
 
 def _size(n: int) -> str:
@@ -319,7 +323,8 @@ def _member_path(member: tarfile.TarInfo, where: str) -> PurePosixPath:
     return PurePosixPath(*parts)
 
 
-def _copy_member(stream: BinaryIO, target: Path, member: tarfile.TarInfo, where: str) -> None:
+def _copy_member(stream: BinaryIO, target: Path, member: tarfile.TarInfo, where: str) -> str:
+    digest = hashlib.sha256()
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     with os.fdopen(fd, "wb") as f:
         first = stream.read(1 << 20)
@@ -332,15 +337,17 @@ def _copy_member(stream: BinaryIO, target: Path, member: tarfile.TarInfo, where:
             if written > member.size:
                 raise _refuse(where, member.name, "is longer than its header says")
             f.write(chunk)
+            digest.update(chunk)
             chunk = stream.read(1 << 20)
+    return digest.hexdigest()
 
 
-def check_pack(tree: Path, source: str, *, remote: bool, allow_unsigned: bool) -> tuple[dict[str, Any], str | None]:
+def check_pack(
+    tree: Path, hashes: dict[str, str], source: str, *, remote: bool, allow_unsigned: bool
+) -> tuple[dict[str, Any], str | None]:
     """pack.json read and checked against the extracted files: format version, signature (an
     unsigned archive from a URL needs `allow_unsigned`), every file's sha256, nothing extra, and
     the bundle's own manifest."""
-    from surgery.bundle import read_manifest, verify_files
-    from surgery.files import sha256_file
     from surgery.keys import verify_document
 
     pack_file = tree / PACK_FILE
@@ -364,16 +371,31 @@ def check_pack(tree: Path, source: str, *, remote: bool, allow_unsigned: bool) -
     files = doc.get("files")
     if not isinstance(name, str) or not name or "/" in name or name.startswith(".") or not isinstance(files, dict):
         raise ShareError(f"{source}: {PACK_FILE} needs a plain `name` and a `files` map")
-    present = {p.relative_to(tree).as_posix() for p in tree.rglob("*") if p.is_file()} - {PACK_FILE}
+    present = set(hashes) - {PACK_FILE}
     if present != set(files):
         extra, missing = sorted(present - set(files)), sorted(set(files) - present)
         raise ShareError(f"{source}: files not in {PACK_FILE}: {extra or '-'}; missing: {missing or '-'}; refusing it")
     for rel, info in files.items():
         expected = info.get("sha256") if isinstance(info, dict) else None
-        if sha256_file(tree / rel) != expected:
+        if hashes[rel] != expected:
             raise ShareError(f"{source}: {rel} does not match its sha256 in {PACK_FILE}; refusing the archive")
-    verify_files(tree / BUNDLE, read_manifest(tree / BUNDLE))
+    _check_bundle(tree / BUNDLE, {k.removeprefix(f"{BUNDLE}/"): v for k, v in hashes.items()}, source)
     return doc, signer
+
+
+def _check_bundle(bundle: Path, hashes: dict[str, str], source: str) -> None:
+    """The bundle's manifest: a known format version, and every file it lists present with that
+    sha256 (hashes from the extraction, so nothing is read twice)."""
+    from surgery.bundle import MANIFEST, RECIPE, WEIGHTS, read_manifest
+
+    files = read_manifest(bundle).get("files")
+    if not isinstance(files, dict) or WEIGHTS not in files or RECIPE not in files:
+        raise ShareError(f"{source}: the bundle's {MANIFEST} does not list {WEIGHTS} and {RECIPE}; refusing it")
+    for rel, expected in files.items():
+        if hashes.get(rel) != expected:
+            raise ShareError(
+                f"{source}: bundle/{rel} is missing or does not match the bundle's {MANIFEST}; refusing it"
+            )
 
 
 __all__ = ["ShareError", "check_pack", "extract", "model_card", "pack", "pack_command", "pull", "pull_command"]
