@@ -27,7 +27,10 @@ app = typer.Typer(
 
 # Options shared by every command that reads a recipe.
 RecipeArg = Annotated[
-    Path, typer.Argument(help="Recipe YAML file, or the name of a shipped recipe.", show_default=False)
+    Path,
+    typer.Argument(
+        help="Recipe YAML file, or a library reference: a name (`quickstart`) or name@version.", show_default=False
+    ),
 ]
 SetOpt = Annotated[
     list[str] | None,
