@@ -361,15 +361,15 @@ def test_wheel_installed_elsewhere_resolves_shipped_names(tmp_path: Path) -> Non
     (elsewhere / "mine.yaml").write_text("extends: image-folder-classifier\nname: mine\n")
     check = (
         "import surgery, sys; from surgery.recipe import load_recipe; "
-        "assert '/work/' not in surgery.__file__ or 'venv' in surgery.__file__, surgery.__file__; "
-        "r = load_recipe('mine.yaml'); print(surgery.__file__, r.unfreeze, r.data.train)"
+        "r = load_recipe('mine.yaml'); from pathlib import Path; "
+        "print(surgery.__file__, r.unfreeze, r.data.train, len(list(Path(r.data.train).rglob('*.png'))))"
     )
     out = subprocess.run(
         [str(venv / "bin" / "python"), "-c", check], capture_output=True, text=True, env=env, cwd=elsewhere, timeout=120
     )
     assert out.returncode == 0, out.stderr
     assert str(venv) in out.stdout and "backbone.layer4.**" in out.stdout
-    assert "surgery/shipped/data/shapes/train" in out.stdout  # the shipped data came with the wheel
+    assert "surgery/shipped/data/shapes/train 24\n" in out.stdout  # the shipped images came with the wheel
     cli = subprocess.run(
         [str(venv / "bin" / "surgery"), "validate", "quickstart"],
         capture_output=True,
