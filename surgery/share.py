@@ -295,6 +295,8 @@ def extract(archive: Path, into: Path) -> dict[str, str]:
                 hashes[rel.as_posix()] = _copy_member(stream, target, member, where)
         except tarfile.TarError as err:
             raise ShareError(f"{where}: damaged archive ({err})") from None
+        except OSError as err:  # e.g. a member that is a file and also a folder of other members
+            raise ShareError(f"{where}: cannot unpack it ({err.strerror or err}); refusing the archive") from None
     return hashes
 
 

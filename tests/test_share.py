@@ -198,6 +198,11 @@ def test_unknown_format_version_is_refused(archive: Path, tmp_path: Path) -> Non
     _refused(_write(tmp_path / "x.tar", members), tmp_path, "unknown pack format_version 99")
 
 
+def test_a_member_that_is_both_file_and_folder_is_refused(archive: Path, tmp_path: Path) -> None:
+    members = _members(archive) | {"README.md/inner": b"x"}
+    _refused(_write(tmp_path / "x.tar", members), tmp_path, "cannot unpack it")
+
+
 def test_extra_files_not_in_the_manifest_are_refused(archive: Path, tmp_path: Path) -> None:
     members = _members(archive) | {"bundle/notes.txt": b"hello"}
     _refused(_write(tmp_path / "x.tar", members), tmp_path, "files not in pack.json")
