@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -180,14 +181,8 @@ def test_http_library_signed_index_fetch_cache_and_offline(tmp_path: Path, http_
     cached = list((tmp_path / "cache" / "library").iterdir())
     assert len(cached) == 2  # both files of the chain, by content hash
     # the server goes away: the cached index and recipes still resolve
-    shutil_rmtree(lib)
+    shutil.rmtree(lib)
     assert load_recipe("mine.yaml").train.epochs == 2
-
-
-def shutil_rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path)
 
 
 def test_unsigned_remote_index_needs_allow_unsigned(tmp_path: Path, http_folder) -> None:
@@ -319,9 +314,14 @@ def test_wheel_installed_elsewhere_resolves_shipped_names(tmp_path: Path) -> Non
     import site
     import sysconfig
 
+    source = tmp_path / "source"  # a copy, so the build writes nothing into the checkout
+    for name in ("surgery", "serve", "recipes", "examples"):
+        shutil.copytree(ROOT / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("cli.py", "pyproject.toml", "README.md", "recipe.schema.json"):
+        shutil.copy2(ROOT / name, source / name)
     dist = tmp_path / "dist"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(source)],
         check=True,
         timeout=300,
         cwd=tmp_path,
