@@ -522,7 +522,8 @@ def resolve(reference: str, base_dir: Path, within: Resolved | None = None) -> R
             return _from_library(library, entry, reference)
         searched.append(library.label)
     wanted = f"{name}@{version}" if version else name
-    raise LibraryError(f"no recipe {wanted!r} in the libraries (searched: {', '.join(searched)}){_hint(name)}")
+    no_file = f"no such recipe file {reference!r}, and " if reference.endswith(".yaml") else ""
+    raise LibraryError(f"{no_file}no recipe {wanted!r} in the libraries (searched: {', '.join(searched)}){_hint(name)}")
 
 
 def _hint(name: str) -> str:
