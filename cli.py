@@ -210,9 +210,10 @@ def predict(
 @app.command()
 def doctor() -> None:
     """Versions, devices and memory, hub reachability, and cache sizes."""
+    from serve.ingress import doctor_lines
     from surgery.doctor import doctor_report
 
-    typer.echo(doctor_report())
+    typer.echo(doctor_report(serving=doctor_lines()))
 
 
 def main() -> None:

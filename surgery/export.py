@@ -42,7 +42,7 @@ from surgery.bundle import (
     hash_files,
     load_weights,
 )
-from surgery.doctor import package_versions
+from surgery.versions import package_versions
 from surgery.errors import ExportError
 from surgery.files import fsync_path, fsync_tree
 from surgery.registry import EXPORT_FORMATS

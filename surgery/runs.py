@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 
 from surgery import checkpoint as ckpt
-from surgery.doctor import package_versions
+from surgery.versions import package_versions
 from surgery.errors import CheckpointError
 from surgery.files import sha256_file
 from surgery.schema import Recipe
