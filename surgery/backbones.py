@@ -233,10 +233,25 @@ def _check_weights_choice(spec: Backbone) -> None:
         )
 
 
-def _kwargs_error(spec: Backbone, exc: Exception) -> BuildError:
-    return BuildError(
-        f"{spec.source} backbone {spec.name!r} rejected kwargs {spec.kwargs}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-    )
+def _kwargs_error(spec: Backbone, exc: BaseException) -> BuildError:
+    first = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if not spec.kwargs:
+        return BuildError(f"{spec.source} cannot build backbone {spec.name!r}: {first}")
+    return BuildError(f"{spec.source} backbone {spec.name!r} rejected kwargs {spec.kwargs}: {first}")
+
+
+# What a zoo's constructor raises for a value it cannot use (a string where it wants a number, a
+# pool type it doesn't know, a depth list that divides by zero): one line naming the kwargs.
+_ZOO_VALUE_ERRORS = (
+    TypeError,
+    ValueError,
+    AssertionError,
+    AttributeError,
+    IndexError,
+    KeyError,
+    ArithmeticError,
+    NotImplementedError,
+)
 
 
 # --------------------------------------------------------------------------- timm
@@ -294,10 +309,14 @@ def _create_timm(spec: Backbone, pretrained: bool) -> nn.Module:
         with hf_offline_mode():
             try:
                 return timm.create_model(spec.name, pretrained=True, **spec.kwargs)
+            except _ZOO_VALUE_ERRORS as exc:
+                raise _kwargs_error(spec, exc) from None
             except _hub_errors():
                 raise offline_error(spec, f"{why} and not in the local cache") from None
     try:
         return timm.create_model(spec.name, pretrained=True, **spec.kwargs)
+    except _ZOO_VALUE_ERRORS as exc:
+        raise _kwargs_error(spec, exc) from None
     except _hub_errors() as exc:
         raise offline_error(spec, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
 
@@ -305,7 +324,7 @@ def _create_timm(spec: Backbone, pretrained: bool) -> nn.Module:
 def _timm_call(spec: Backbone, create: Callable[[], nn.Module]) -> nn.Module:
     try:
         return create()
-    except TypeError as exc:
+    except _ZOO_VALUE_ERRORS as exc:
         raise _kwargs_error(spec, exc) from None
 
 
@@ -419,7 +438,7 @@ def build_torchvision(spec: Backbone, *, load_weights: bool) -> BuiltBackbone:
 def _torchvision_call(spec: Backbone, create: Callable[[], nn.Module]) -> nn.Module:
     try:
         return create()
-    except TypeError as exc:
+    except _ZOO_VALUE_ERRORS as exc:
         raise _kwargs_error(spec, exc) from None
     except _hub_errors() as exc:
         raise offline_error(spec, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
@@ -551,10 +570,20 @@ def _hf_config_and_tokenizer(spec: Backbone, source: str) -> tuple[Any, Any]:
 
     kwargs = _hf_kwargs(spec, source)
     try:
-        config = AutoConfig.from_pretrained(source, **kwargs, **spec.kwargs)
+        config = AutoConfig.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (*_hub_errors(), ValueError) as exc:
         raise _hf_error(spec, source, exc) from None
+    for key, value in spec.kwargs.items():  # overrides of the model's config, as from_pretrained applies them
+        if not hasattr(config, key):
+            raise BuildError(
+                f"transformers backbone {spec.name!r} rejected kwargs {spec.kwargs}: its {type(config).__name__} has no {key!r}"
+                f"{did_you_mean(key, [k for k in config.to_dict() if not k.startswith('_')])}"
+            )
+        try:
+            setattr(config, key, value)
+        except Exception as exc:  # newer configs check types on assignment (huggingface_hub's strict dataclasses)
+            raise _kwargs_error(spec, exc) from None
     return config, tokenizer
 
 
@@ -568,7 +597,11 @@ def _hf_model(spec: Backbone, source: str, config: Any, pretrained: bool) -> nn.
         if pretrained:
             return AutoModel.from_pretrained(source, config=config, **_hf_kwargs(spec, source))
         return AutoModel.from_config(config, trust_remote_code=False)
-    except (*_hub_errors(), ValueError) as exc:
+    except _ZOO_VALUE_ERRORS as exc:
+        if spec.kwargs:
+            raise _kwargs_error(spec, exc) from None
+        raise _hf_error(spec, source, exc) from None
+    except _hub_errors() as exc:
         raise _hf_error(spec, source, exc) from None
 
 

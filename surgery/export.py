@@ -42,10 +42,10 @@ from surgery.bundle import (
     hash_files,
     load_weights,
 )
-from surgery.versions import package_versions
 from surgery.errors import ExportError
 from surgery.files import fsync_path, fsync_tree
 from surgery.registry import EXPORT_FORMATS
+from surgery.versions import package_versions
 
 FORMAT_FILES = {"safetensors": WEIGHTS, "onnx": "model.onnx", "torchscript": "model.ts", "pt2": "model.pt2"}
 VERIFY_BATCH_SIZES = (1, 3)  # besides the batch size the graph was captured with (2)

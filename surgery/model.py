@@ -177,7 +177,7 @@ def _dry_runner(built: BuiltBackbone, wanted: set[str]) -> Any:
         try:
             with torch.no_grad():
                 return forward()
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError, TypeError, IndexError, AssertionError, ArithmeticError) as exc:
             raise BuildError(
                 f"the backbone fails on a {built.input_spec.kind} input of the recipe's input spec: {str(exc).splitlines()[0]}"
             ) from None

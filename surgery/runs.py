@@ -9,10 +9,10 @@ from datetime import datetime
 from pathlib import Path
 
 from surgery import checkpoint as ckpt
-from surgery.versions import package_versions
 from surgery.errors import CheckpointError
 from surgery.files import sha256_file
 from surgery.schema import Recipe
+from surgery.versions import package_versions
 
 LOCK_FILE = "recipe.lock.yaml"
 LATEST = "latest"  # runs/<name>/latest: a link to the run folder most recently built

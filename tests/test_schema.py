@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel
 
 from surgery import schema as recipe_schema
+from surgery.errors import RecipeError
 from surgery.recipe import RECIPES_DIR, load_recipe, load_recipe_text, recipe_to_dict
 from surgery.registry import ALL_REGISTRIES
 
@@ -88,3 +89,28 @@ def test_cross_check_finds_duplicate_heads() -> None:
     )
     recipe.heads[1].name = "h"
     assert recipe_schema.cross_check(recipe) == [recipe_schema.Problem(("heads", 1, "name"), "duplicate head name 'h'")]
+
+
+@pytest.mark.parametrize(
+    ("key", "instead"),
+    [
+        ("trust_remote_code", "remote code is never run"),
+        ("checkpoint_path", "`backbone.weights:`"),
+        ("pretrained", "`backbone.pretrained: true`"),
+        ("pretrained_cfg_overlay", "`backbone.weights:`"),
+        ("cache_dir", "HF_HOME"),
+        ("token", "HF_TOKEN"),
+        ("local_files_only", "HF_HUB_OFFLINE=1"),
+        ("revision", "`backbone.revision`"),
+        ("weights", "`backbone.weights:`"),
+        ("progress", "not a model setting"),
+        ("_fast_init", "private arguments"),
+    ],
+)
+def test_plumbing_kwargs_are_refused_at_their_line_with_the_field_to_use(key: str, instead: str) -> None:
+    text = f"name: x\nbackbone:\n  source: timm\n  name: test_resnet\n  kwargs:\n    drop_rate: 0.1\n    {key}: true\nheads: [{{name: a, layers: [{{linear: {{out_features: 2}}}}], loss: mse}}]\n"
+    with pytest.raises(RecipeError) as caught:
+        load_recipe_text(text, filename="r.yaml")
+    (line,) = caught.value.problems
+    assert line.startswith("r.yaml:7:") and f"backbone.kwargs.{key}: " in line
+    assert instead in line
