@@ -131,6 +131,13 @@ def _kind(value: Any) -> str:
     return _show(value)
 
 
+def _type_name(value: Any) -> str:
+    """What a value is, without quoting it."""
+    if value is None or isinstance(value, (bool, dict, list)):
+        return _kind(value)
+    return "a number" if isinstance(value, (int, float)) else "a string"
+
+
 def _show(value: Any) -> str:
     """A value as the user wrote it, briefly."""
     if value is None:
@@ -427,10 +434,16 @@ def _load_document(text: str, source: str, base_dir: Path, chain: tuple[Path, ..
     data, pos = parsed
     if data is None:  # `---` alone, or `~`
         raise _problem(Location(source, 1, 1), "the recipe is empty (it needs at least `name`, `backbone` and `heads`)")
+    # A file that isn't a recipe (`extends: /etc/passwd`) is refused without quoting any of it.
     if not isinstance(data, dict):
         raise _problem(
             pos.here,
-            f"the top level of a recipe must be a mapping of keys (name, backbone, heads, ...), got {_kind(data)}",
+            f"not a recipe: the top level of a recipe must be a mapping of keys (name, backbone, heads, ...), got {_type_name(data)}",
+        )
+    if data and not set(data) & set(Recipe.model_fields):
+        raise _problem(
+            Location(source, 1, 1),
+            f"not a recipe: none of its {len(data)} top-level key(s) is a recipe field (name, backbone, heads, ...)",
         )
     _absolutize(data, base_dir)
     if "extends" not in data:
