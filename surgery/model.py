@@ -127,10 +127,64 @@ def _kwargs_channels(built: BuiltBackbone, recipe: Recipe) -> None:
 
 def build_model(recipe: Recipe, *, load_weights: bool = True) -> SurgicalModel:
     """Build the model a recipe describes. With `load_weights=False` no pretrained weights are read
-    or downloaded (for `plan`, and for loading a bundle's own weights afterwards)."""
+    or downloaded (for `plan`, and for loading a bundle's own weights afterwards). A model whose
+    parameters alone would not fit in this machine's memory is refused before anything is allocated."""
+    check_fits_in_memory(recipe)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.train.seed)
         return _build(recipe, load_weights)
+
+
+_FORWARD_FAILS = "the backbone fails on"
+
+
+def parameter_footprint(recipe: Recipe) -> tuple[int, int, str, int] | None:
+    """(parameters, their bytes, the module holding the most of them, its parameters), counted on
+    the meta device: the model is built as shapes only, so nothing is allocated whatever its size.
+    None when the model cannot be built that way (the real build then says why)."""
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            model = _build(recipe, load_weights=False)
+    except BuildError as exc:
+        if str(exc).startswith(_FORWARD_FAILS):  # a forward meta tensors can't run: let the real build try
+            return None
+        raise  # the recipe's own mistake, found without allocating anything
+    except Exception:
+        return None
+    count = sum(p.numel() for p in model.parameters())
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    own = {name: sum(p.numel() for p in module.parameters(recurse=False)) for name, module in model.named_modules()}
+    biggest = max(own, key=lambda name: own[name], default="")
+    return count, size, biggest, own.get(biggest, 0)
+
+
+def machine_memory() -> int:
+    """Bytes of memory this machine has (the model is built on the CPU first, wherever it trains)."""
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def check_fits_in_memory(recipe: Recipe) -> None:
+    """Refuse, before allocating, a model whose parameters alone exceed this machine's memory."""
+    footprint = parameter_footprint(recipe)
+    if footprint is None:
+        return
+    count, size, biggest, biggest_count = footprint
+    memory = machine_memory()
+    if size > memory:
+        raise BuildError(
+            f"the model's parameters alone need {_bytes(size)} ({count:,} parameters), more than this machine's "
+            f"{_bytes(memory)} of memory; the largest is {biggest or 'the model'} with {biggest_count:,} parameters"
+        )
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def _build(recipe: Recipe, load_weights: bool) -> SurgicalModel:
@@ -179,7 +233,7 @@ def _dry_runner(built: BuiltBackbone, wanted: set[str]) -> Any:
                 return forward()
         except (RuntimeError, ValueError, TypeError, IndexError, AssertionError, ArithmeticError) as exc:
             raise BuildError(
-                f"the backbone fails on a {built.input_spec.kind} input of the recipe's input spec: {str(exc).splitlines()[0]}"
+                f"{_FORWARD_FAILS} a {built.input_spec.kind} input of the recipe's input spec: {str(exc).splitlines()[0]}"
             ) from None
         finally:
             built.module.train(was_training)

@@ -704,6 +704,10 @@ def _message(error: dict[str, Any], path: Path_) -> str:
         return f"needs at least {ctx.get('min_length')} item(s), got {ctx.get('actual_length')}"
     if kind == "too_long":
         return f"takes at most {ctx.get('max_length')} item(s), got {ctx.get('actual_length')}"
+    if kind == "int_parsing_size":
+        return f"expected an integer of sensible size, got {_show(value)}"
+    if kind == "finite_number":
+        return f"must be a finite number, got {_show(value)}"
     if kind == "string_too_short":
         return "must not be empty"
     if kind == "string_pattern_mismatch":

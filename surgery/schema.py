@@ -42,9 +42,10 @@ from surgery.registry import (
 
 
 class Strict(BaseModel):
-    """Base of every recipe model: unknown keys are errors, values are checked on assignment."""
+    """Base of every recipe model: unknown keys are errors, values are checked on assignment, and
+    no number is infinite or NaN."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 def registry_name(registry: Registry) -> Any:
@@ -73,7 +74,16 @@ ExportFormat = registry_name(EXPORT_FORMATS)
 _IDENT = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _SLUG = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 _DEVICE = r"^(auto|cpu|mps|cuda(:[0-9]+)?)$"
-PositiveInt = Annotated[int, Field(gt=0)]
+# Every number has a ceiling far above any real use and far below what overflows or exhausts a
+# machine: a recipe that validates can be built.
+MAX_COUNT = 2**31 - 1  # counts of steps, epochs, samples, replicas (an int32)
+MAX_WIDTH = 2**20  # features, channels, classes, ranks, tokens (a 1M-wide layer is already huge)
+MAX_IMAGE_SIDE = 16_384  # pixels per side of an input image
+MAX_SEED = 2**32 - 1  # what every RNG the trainer seeds (numpy's included) accepts
+PositiveInt = Annotated[int, Field(gt=0, le=MAX_COUNT)]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+Width = Annotated[int, Field(gt=0, le=MAX_WIDTH)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
@@ -138,13 +148,13 @@ class NoParams(Strict):
 
 
 class LinearParams(Strict):
-    out_features: PositiveInt = Field(description="Output size; `in_features` is inferred from what feeds the layer.")
+    out_features: Width = Field(description="Output size; `in_features` is inferred from what feeds the layer.")
     bias: bool = Field(True, description="Learn an additive bias.")
 
 
 class MLPParams(Strict):
-    hidden: list[PositiveInt] = Field(description="Sizes of the hidden layers, in order.")
-    out_features: PositiveInt = Field(description="Output size of the last layer.")
+    hidden: list[Width] = Field(description="Sizes of the hidden layers, in order.")
+    out_features: Width = Field(description="Output size of the last layer.")
     activation: Literal["relu", "gelu", "silu", "tanh"] = Field("gelu", description="Activation between layers.")
     norm: Literal["none", "layernorm", "batchnorm"] = Field(
         "none", description="Normalisation after each hidden layer."
@@ -161,7 +171,7 @@ class NormParams(Strict):
 
 
 class Conv1x1Params(Strict):
-    out_channels: PositiveInt = Field(description="Output channels; `in_channels` is inferred.")
+    out_channels: Width = Field(description="Output channels; `in_channels` is inferred.")
     bias: bool = Field(True, description="Learn an additive bias.")
 
 
@@ -287,15 +297,13 @@ class Backbone(Strict):
 class InputOverride(Strict):
     """Overrides for the input spec the backbone's pretrained config provides."""
 
-    size: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)] | None = Field(
-        None, description="Input image size [height, width]."
+    size: Annotated[list[Annotated[int, Field(gt=0, le=MAX_IMAGE_SIDE)]], Field(min_length=2, max_length=2)] | None = (
+        Field(None, description="Input image size [height, width].")
     )
-    channels: PositiveInt | None = Field(
-        None, description="Input image channels (set by `input_channels` surgery too)."
-    )
+    channels: Width | None = Field(None, description="Input image channels (set by `input_channels` surgery too).")
     mean: list[float] | None = Field(None, description="Per-channel normalisation mean.")
     std: list[Annotated[float, Field(gt=0)]] | None = Field(None, description="Per-channel normalisation std.")
-    max_length: PositiveInt | None = Field(None, description="Token limit for text inputs.")
+    max_length: Width | None = Field(None, description="Token limit for text inputs.")
 
 
 # --------------------------------------------------------------------------- surgery ops
@@ -314,7 +322,7 @@ class LoraOp(Strict):
         min_length=1,
         description="Globs over backbone module names whose Linear/Conv layers get LoRA adapters (e.g. `encoder.layer.*.attention.self.query`).",
     )
-    r: PositiveInt = Field(8, description="Rank of the adapter.")
+    r: Width = Field(8, description="Rank of the adapter.")
     alpha: float = Field(16.0, gt=0, description="Scaling numerator (the update is scaled by alpha / r).")
     dropout: Probability = Field(0.0, description="Dropout on the adapter's input.")
 
@@ -327,7 +335,7 @@ class SurgeryOp(OneOf):
     truncate: str | None = Field(
         None, description="Drop every module after this one (the backbone's output becomes this module's output)."
     )
-    input_channels: PositiveInt | None = Field(
+    input_channels: Width | None = Field(
         None,
         description="Adapt the first convolution to N input channels, adapting its pretrained weights as timm does.",
     )
@@ -369,7 +377,7 @@ class Head(Strict):
         "mean",
         description="For `input: tokens`: take the CLS token, mean over the attention mask, or keep the sequence (`none`).",
     )
-    feature_index: int = Field(
+    feature_index: Annotated[int, Field(ge=-1024, le=1024)] = Field(
         -1,
         description="For `input: features`: which feature map (timm `features_only` order; negative counts from the end).",
     )
@@ -431,9 +439,7 @@ class ResizedCropParams(Strict):
 
 
 class RandomCropParams(Strict):
-    padding: Annotated[int, Field(ge=0)] = Field(
-        4, description="Zero padding added on each side before cropping back to size."
-    )
+    padding: Count = Field(4, description="Zero padding added on each side before cropping back to size.")
 
 
 class RotateParams(Strict):
@@ -468,8 +474,10 @@ assert set(Augmentation.model_fields) == set(AUGMENTATIONS.names), "Augmentation
 
 
 class Synthetic(Strict):
-    num_samples: PositiveInt = Field(256, description="Training samples (validation gets a quarter as many).")
-    num_classes: PositiveInt = Field(10, description="Classes of the random labels (for classification heads).")
+    num_samples: Annotated[int, Field(gt=0, le=1_000_000)] = Field(
+        256, description="Training samples (validation gets a quarter as many); held in memory, at most a million."
+    )
+    num_classes: Width = Field(10, description="Classes of the random labels (for classification heads).")
 
 
 class Data(Strict):
@@ -484,7 +492,7 @@ class Data(Strict):
         None, description="Validation data; when absent, `val_split` of the training data is held out."
     )
     val_split: float = Field(0.2, gt=0, lt=1, description="Fraction held out for validation when `val` is absent.")
-    split_seed: int = Field(0, description="Seed of the train/validation split (independent of the training seed).")
+    split_seed: Seed = Field(0, description="Seed of the train/validation split (independent of the training seed).")
     text_column: str | None = Field(
         None, description="Text column (`csv`/`jsonl`), tokenised with the backbone's tokenizer."
     )
@@ -494,7 +502,7 @@ class Data(Strict):
     label_column: str = Field("label", description="Default label column for heads without a `target`.")
     batch_size: PositiveInt = Field(32, description="Training batch size (per process).")
     eval_batch_size: PositiveInt | None = Field(None, description="Validation batch size; default: `batch_size`.")
-    num_workers: Literal["auto"] | Annotated[int, Field(ge=0)] = Field(
+    num_workers: Literal["auto"] | Count = Field(
         "auto",
         description="DataLoader worker processes; `auto` is 4 per GPU, capped by the CPU count (0 on CPU-only machines with ≤ 2 cores).",
     )
@@ -530,9 +538,7 @@ class Optimizer(Strict):
 
 class Scheduler(Strict):
     name: SchedulerName = Field("constant", description="Learning-rate schedule: " + SCHEDULERS.describe())
-    warmup_steps: Annotated[int, Field(ge=0)] = Field(
-        0, description="Linear warmup from 0 over this many optimizer steps."
-    )
+    warmup_steps: Count = Field(0, description="Linear warmup from 0 over this many optimizer steps.")
     min_lr: float = Field(0.0, ge=0, description="Final learning rate for `cosine` and `linear`.")
     step_epochs: PositiveInt = Field(10, description="Epochs between decays for `step`.")
     gamma: float = Field(0.1, gt=0, description="Decay factor for `step`.")
@@ -546,9 +552,7 @@ class LrGroup(Strict):
 
 
 class UnfreezeAt(Strict):
-    epoch: Annotated[int, Field(ge=0)] = Field(
-        description="Epoch (0-based) at whose start these parameters become trainable."
-    )
+    epoch: Count = Field(description="Epoch (0-based) at whose start these parameters become trainable.")
     params: ParamGlob = Field(description="Glob over parameter names to unfreeze.")
     lr_scale: float = Field(1.0, gt=0, description="Learning-rate multiplier of the newly trainable parameters.")
 
@@ -556,9 +560,7 @@ class UnfreezeAt(Strict):
 class Checkpointing(Strict):
     every_steps: PositiveInt | None = Field(None, description="Also save every N optimizer steps (mid-epoch).")
     every_epoch: bool = Field(True, description="Save at the end of each epoch.")
-    keep_best: Annotated[int, Field(ge=0)] = Field(
-        1, description="Keep the k best checkpoints by `monitor` (plus `last`)."
-    )
+    keep_best: Count = Field(1, description="Keep the k best checkpoints by `monitor` (plus `last`).")
     monitor: str = Field(
         "val/loss", description="Metric that ranks checkpoints: `val/loss`, `val/<head>/loss` or `val/<head>/<metric>`."
     )
@@ -579,7 +581,7 @@ class Train(Strict):
     max_steps: PositiveInt | None = Field(
         None, description="Stop after this many optimizer steps, whatever `epochs` says."
     )
-    seed: int = Field(
+    seed: Seed = Field(
         0, description="Seed of weights init, data order and augmentations; CPU runs are bit-reproducible."
     )
     optimizer: Optimizer = Field(default_factory=Optimizer, description="Optimizer and its settings.")
@@ -615,7 +617,7 @@ class Monitor(Strict):
     log_every_steps: PositiveInt = Field(10, description="Log training scalars every N optimizer steps.")
     histograms: bool = Field(True, description="Log histograms of trainable weights and their gradients each epoch.")
     graph: bool = Field(True, description="Log the model graph once.")
-    sample_predictions: Annotated[int, Field(ge=0)] = Field(
+    sample_predictions: Count = Field(
         8, description="Validation images logged with their predictions each epoch (image data)."
     )
     progress: Literal["auto", "rich", "plain", "none"] = Field(
@@ -679,7 +681,7 @@ class Export(Strict):
 
 
 class Autoscaling(Strict):
-    min_replicas: Annotated[int, Field(ge=0)] = Field(1, description="Fewest replicas.")
+    min_replicas: Count = Field(1, description="Fewest replicas.")
     max_replicas: PositiveInt = Field(2, description="Most replicas.")
     target_ongoing_requests: PositiveInt = Field(
         8, description="Requests in flight per replica that autoscaling aims for."

@@ -114,3 +114,24 @@ def test_plumbing_kwargs_are_refused_at_their_line_with_the_field_to_use(key: st
     (line,) = caught.value.problems
     assert line.startswith("r.yaml:7:") and f"backbone.kwargs.{key}: " in line
     assert instead in line
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("heads[0].layers[0].linear.out_features=2147483648", "must be ≤ 1048576, got 2147483648"),
+        ("heads[0].layers[0].linear.out_features=9223372036854775808", "must be ≤ 1048576"),
+        ("input.size=[1e30, 16]", "input.size[0]: expected an integer of sensible size"),
+        ("input.size=[100000, 16]", "input.size[0]: must be ≤ 16384"),
+        ("train.seed=1e30", "expected an integer of sensible size, got 1e+30"),
+        ("train.seed=-1", "must be ≥ 0, got -1"),
+        ("train.optimizer.lr=.inf", "must be a finite number, got inf"),
+        ("train.optimizer.lr=.nan", "must be a finite number, got nan"),
+        ("train.epochs=99999999999", "must be ≤ 2147483647, got 99999999999"),
+        ("data.synthetic.num_samples=10000000000", "must be ≤ 1000000, got 10000000000"),
+    ],
+)
+def test_numbers_that_cannot_be_built_do_not_validate(override: str, message: str) -> None:
+    with pytest.raises(RecipeError) as caught:
+        load_recipe("quickstart", [override, "data.source=synthetic"])
+    assert message in str(caught.value)
