@@ -22,7 +22,7 @@ from pathlib import Path
 
 from surgery import checkpoint as ckpt
 from surgery.errors import CheckpointError
-from surgery.files import sha256_file
+from surgery.files import sha256_file, temporary_until_renamed
 from surgery.schema import Recipe
 from surgery.versions import package_versions
 
@@ -135,8 +135,9 @@ def hold_run(run_dir: Path, *, resume: bool) -> Iterator[RunHold]:
             raise CheckpointError(
                 f"run {run_dir} is in use by {_holder(path)}; wait for it to finish, or build into another --run-id"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with contextlib.suppress(OSError):  # on a full disk the hold still holds, it just can't say whose
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         hold = RunHold(Path(run_dir))
         if not resume and has_checkpoint(run_dir):  # checked again now that no one else can write here
             raise CheckpointError(
@@ -183,7 +184,8 @@ def write_lock(recipe: Recipe, run_dir: Path) -> Path:
         lines.append(f"# pretrained: {recipe.backbone.source} {recipe.backbone.name} (from the zoo's hub/cache)")
     lines.extend(f"# weights: {path} sha256:{digest}" for path, digest in _weight_hashes(recipe).items())
     path = Path(run_dir) / LOCK_FILE
-    tmp = path.with_name(f".{LOCK_FILE}.tmp")
-    tmp.write_text("\n".join(lines) + "\n" + dump_recipe(recipe))
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{LOCK_FILE}.tmp-{os.getpid()}")
+    with temporary_until_renamed(tmp, path):
+        tmp.write_text("\n".join(lines) + "\n" + dump_recipe(recipe))
+        os.replace(tmp, path)
     return path
