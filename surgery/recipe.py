@@ -781,7 +781,9 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     text = _read(file, source)
     data, pos = _load_document(text, source, file.parent, (file,))
     _apply_overrides(data, pos, overrides)
-    return _validate(data, pos)
+    recipe = _validate(data, pos)
+    recipe._source_dir = str(file.parent)
+    return recipe
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
@@ -796,9 +798,18 @@ def dump_recipe(recipe: Recipe) -> str:
     )
 
 
-def recipe_hash(recipe: Recipe) -> str:
-    """sha256 (hex) of the canonical dump: equal recipes hash equal."""
-    return hashlib.sha256(dump_recipe(recipe).encode("utf-8")).hexdigest()
+def recipe_hash(recipe: Recipe, *, portable: bool = False) -> str:
+    """sha256 (hex) of the canonical dump: equal recipes hash equal. `portable`: paths are hashed
+    relative to the recipe file's folder, so a moved checkout hashes the same (the resume contract)."""
+    if not portable or recipe._source_dir is None:
+        return hashlib.sha256(dump_recipe(recipe).encode("utf-8")).hexdigest()
+    data = recipe_to_dict(recipe)
+    for section, key in _PATH_FIELDS:
+        part = data.get(section)
+        if isinstance(part, dict) and part.get(key):
+            part[key] = os.path.relpath(part[key], recipe._source_dir)
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False, width=100)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _flatten(value: Any, prefix: tuple[str | int, ...], out: dict[Path_, Any]) -> None:
@@ -812,12 +823,29 @@ def _flatten(value: Any, prefix: tuple[str | int, ...], out: dict[Path_, Any]) -
         out[prefix] = value
 
 
+def _moved(before: dict[Path_, Any], after: dict[Path_, Any], new_dir: str | None) -> bool:
+    """Whether every path that differs is the same path relative to one old recipe folder as it is
+    relative to the new recipe's folder: the checkout moved, the paths did not change."""
+    pairs = [(before.get(p), after.get(p)) for p in _PATH_FIELDS if before.get(p) != after.get(p)]
+    if new_dir is None or not pairs or not all(isinstance(a, str) and isinstance(b, str) for a, b in pairs):
+        return False
+    old_dirs = {os.path.normpath(os.path.join(a, os.path.relpath(new_dir, b))) for a, b in pairs}
+    if len(old_dirs) != 1:
+        return False
+    (old_dir,) = old_dirs
+    return all(os.path.relpath(a, old_dir) == os.path.relpath(b, new_dir) for a, b in pairs)
+
+
 def recipe_diff(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
     """Every leaf that differs, as (dotted path, old value, new value); absent is None."""
     before: dict[Path_, Any] = {}
     after: dict[Path_, Any] = {}
     _flatten(recipe_to_dict(old), (), before)
     _flatten(recipe_to_dict(new), (), after)
+    if _moved(before, after, new._source_dir):
+        for path in _PATH_FIELDS:
+            if path in before:
+                before[path] = after[path]
     paths = list(dict.fromkeys([*before, *after]))
     return [
         (_dotted(p), before.get(p), after.get(p))

@@ -178,7 +178,7 @@ def write_lock(recipe: Recipe, run_dir: Path) -> Path:
     from surgery.recipe import dump_recipe, recipe_hash
 
     lines = ["# surgery lock: the resolved recipe of this run; load it like any recipe (comments are ignored)"]
-    lines.append(f"# recipe_sha256: {recipe_hash(recipe)}")
+    lines.append(f"# recipe_sha256: {recipe_hash(recipe, portable=True)}")
     lines.append("# packages: " + ", ".join(f"{k} {v}" for k, v in package_versions().items()))
     if recipe.backbone.pretrained:
         lines.append(f"# pretrained: {recipe.backbone.source} {recipe.backbone.name} (from the zoo's hub/cache)")

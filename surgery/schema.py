@@ -21,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     WithJsonSchema,
     model_validator,
 )
@@ -713,6 +714,10 @@ class Serve(Strict):
 
 class Recipe(Strict):
     """A `surgery` recipe: what model to build, how to train, export and serve it."""
+
+    # The folder of the recipe file it was loaded from (not a field: a recipe is the same recipe
+    # wherever it lies); paths are hashed relative to it for the resume contract.
+    _source_dir: str | None = PrivateAttr(None)
 
     name: Annotated[str, Field(pattern=_SLUG)] = Field(
         description="Recipe name; run folders are `runs/<name>/<run-id>`."

@@ -127,7 +127,7 @@ def _save(
         "step": state.step,
         "batch_in_epoch": state.batch,
         "metrics": state.metrics,
-        "recipe_sha256": recipe_hash(recipe),
+        "recipe_sha256": recipe_hash(recipe, portable=True),
     }
     c = recipe.train.checkpoint
     path = None
@@ -164,7 +164,7 @@ def _restore(
 
     last = ckpt.find_last(run_dir)
     meta = ckpt.read_meta(last)
-    if meta.get("recipe_sha256") != recipe_hash(recipe):
+    if meta.get("recipe_sha256") != recipe_hash(recipe, portable=True):
         old = load_recipe_text((last / ckpt.RECIPE_FILE).read_text(), filename=str(last / ckpt.RECIPE_FILE))
         changes = ckpt.check_resume(old, recipe, force=force)
         progress.note("resuming with a changed recipe:\n" + "\n".join(changes))

@@ -128,3 +128,57 @@ def test_resume_with_no_run_at_all_is_still_an_error(tmp_path: Path) -> None:
         run_folder(tmp_path, "r", None, resume=True)
     with pytest.raises(CheckpointError, match="no run to resume"):
         run_folder(tmp_path, "r", "nope", resume=True)
+
+
+# --------------------------------------------------------------------------- a moved checkout
+
+
+MOVABLE = """
+name: movable
+backbone: {source: timm, name: test_resnet}
+input: {size: [16, 16]}
+heads:
+  - {name: cls, layers: [{linear: {out_features: 2}}], loss: cross_entropy}
+data: {source: image_folder, train: ../data/train, batch_size: 4, val_split: 0.25}
+train: {epochs: 1, optimizer: {lr: 0.001}}
+monitor: {progress: none, graph: false, histograms: false, sample_predictions: 0, tensorboard: false}
+"""
+
+
+def _checkout(root: Path) -> Path:
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (root / "data" / "train" / label).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), (200 * (label == "a"), 30 * i, 90)).save(
+                root / "data" / "train" / label / f"{i}.png"
+            )
+    (root / "recipes").mkdir()
+    (root / "recipes" / "movable.yaml").write_text(MOVABLE)
+    return root / "recipes" / "movable.yaml"
+
+
+def test_a_moved_checkout_hashes_the_same_and_diffs_only_real_changes(tmp_path: Path) -> None:
+    from surgery.recipe import load_recipe, recipe_diff, recipe_hash
+
+    old = load_recipe(_checkout(tmp_path / "one"))
+    (tmp_path / "one").rename(tmp_path / "two")
+    new = load_recipe(tmp_path / "two" / "recipes" / "movable.yaml")
+    assert old.data.train != new.data.train  # absolute, so they differ...
+    assert recipe_hash(old, portable=True) == recipe_hash(new, portable=True)  # ...but not relative to the recipe
+    assert recipe_diff(old, new) == []
+    changed = load_recipe(tmp_path / "two" / "recipes" / "movable.yaml", ["train.optimizer.lr=0.01"])
+    assert [path for path, _, _ in recipe_diff(old, changed)] == ["train.optimizer.lr"]
+    elsewhere = load_recipe(tmp_path / "two" / "recipes" / "movable.yaml", [f"data.train={tmp_path}/two/data"])
+    assert [path for path, _, _ in recipe_diff(old, elsewhere)] == ["data.train"]  # a real change stays one
+
+
+def test_resume_after_moving_the_checkout_needs_no_force(tmp_path: Path) -> None:
+    from surgery.recipe import load_recipe
+    from surgery.train import fit
+
+    fit(load_recipe(_checkout(tmp_path / "one")), tmp_path / "run")
+    (tmp_path / "one").rename(tmp_path / "two")
+    longer = load_recipe(tmp_path / "two" / "recipes" / "movable.yaml", ["train.epochs=2"])
+    assert fit(longer, tmp_path / "run", resume=True).last_checkpoint.name == "step-00000004"
