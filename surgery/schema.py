@@ -501,6 +501,10 @@ class Data(Strict):
         None, description="Numeric feature columns (`csv`/`jsonl`) used as a float vector input."
     )
     label_column: str = Field("label", description="Default label column for heads without a `target`.")
+    on_bad_file: Literal["error", "skip"] = Field(
+        "error",
+        description="`image_folder`: an image that cannot be read stops the build before training (`error`), or is left out (`skip`): counted and listed in the run summary and metrics.jsonl.",
+    )
     batch_size: PositiveInt = Field(32, description="Training batch size (per process).")
     eval_batch_size: PositiveInt | None = Field(None, description="Validation batch size; default: `batch_size`.")
     num_workers: Literal["auto"] | Count = Field(

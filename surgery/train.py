@@ -332,6 +332,11 @@ def fit(
     if not resume and main:
         model.eval()
         monitor.graph(model, tuple(t.to(device) for t in model.example_inputs(2)))
+    monitor.skipped_files(state.step, data.skipped)
+    if data.skipped:
+        progress.note(
+            f"left out {len(data.skipped)} unreadable file(s) (data.on_bad_file: skip): {_some_files(data.skipped)}"
+        )
     if rng is not None:
         ckpt.set_rng_state(rng)  # last: nothing random may run between this and the next batch
 
@@ -452,8 +457,15 @@ def fit(
         )
         if best is not None:
             rows["best checkpoint"] = best.name
+        if data.skipped:
+            rows["skipped files"] = f"{len(data.skipped)}: {_some_files(data.skipped)}"
         progress.summary(f"{recipe.name}: run summary", rows)
     return FitResult(best, last_path, dict(state.metrics), state.stopped_early)
+
+
+def _some_files(skipped: list[tuple[str, str]], n: int = 5) -> str:
+    shown = ", ".join(Path(file).name for file, _ in skipped[:n])
+    return shown + (f" and {len(skipped) - n} more (metrics.jsonl lists them all)" if len(skipped) > n else "")
 
 
 def _lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
