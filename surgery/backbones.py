@@ -41,6 +41,9 @@ class BuiltBackbone:
     input_spec: InputSpec
     tokenizer: Any = None
     classifier: list[str] = field(default_factory=list)  # state-dict keys tolerated as mismatched
+    # Builds the zoo's module again, without weights: its parameters carry the model's own
+    # initialisation (what `reinit` restores). None where the zoo has no such constructor.
+    fresh: Callable[[], nn.Module] | None = None
 
 
 class Taps:
@@ -292,7 +295,11 @@ def build_timm(spec: Backbone, *, load_weights: bool) -> BuiltBackbone:
     pretrained = spec.pretrained and load_weights
     module = _create_timm(spec, pretrained)
     built = BuiltBackbone(
-        module, TimmTaps(), timm_input_spec(module), classifier=_classifier_keys(module, module.get_classifier())
+        module,
+        TimmTaps(),
+        timm_input_spec(module),
+        classifier=_classifier_keys(module, module.get_classifier()),
+        fresh=lambda: _create_timm(spec, False),
     )
     if load_weights and spec.weights:
         load_local_weights(built, spec)
@@ -429,6 +436,9 @@ def build_torchvision(spec: Backbone, *, load_weights: bool) -> BuiltBackbone:
         taps,
         torchvision_input_spec(default),
         classifier=_classifier_keys(module, module.get_submodule(classifier)),
+        fresh=lambda: _torchvision_call(
+            spec, lambda: torchvision.models.get_model(spec.name, weights=None, **spec.kwargs)
+        ),
     )
     if load_weights and spec.weights:
         load_local_weights(built, spec)

@@ -341,7 +341,8 @@ class SurgeryOp(OneOf):
         description="Adapt the first convolution to N input channels, adapting its pretrained weights as timm does.",
     )
     reinit: str | None = Field(
-        None, description="Re-initialise a module's parameters (discard pretrained weights there)."
+        None,
+        description="Re-initialise a module's parameters (discard pretrained weights there) with the model's own initialisation (timm/torchvision: as a fresh model starts, e.g. timm's zero-initialised last BatchNorm of each residual block; otherwise PyTorch's `reset_parameters`).",
     )
     lora: LoraOp | None = Field(
         None, description="Add LoRA adapters (via peft) to the matched modules; they are merged on export."
