@@ -83,7 +83,7 @@ def head_columns(recipe: Recipe) -> dict[str, str]:
 
 
 def _head_labels(recipe: Recipe, model: Any, name: str) -> list[str] | None:
-    labels = model.head_info[name].get("labels")
+    labels = model.head_info[name].labels
     if labels:
         return [str(x) for x in labels]
     head = next(h for h in recipe.heads if h.name == name)
@@ -101,7 +101,7 @@ def class_targets(recipe: Recipe, model: Any, class_names: list[str], labels: to
                 f"head {name!r} trains on column {column!r}, but {where} has only class labels (data.label_column {recipe.data.label_column!r})"
             )
         info = model.head_info[name]
-        task, out = info["task"], info["out_features"]
+        task, out = info.task, info.out_features
         head_labels = _head_labels(recipe, model, name)
         if task == "regression":
             raise DataError(f"head {name!r} is a regression head, but {where} provides class labels")
@@ -156,7 +156,7 @@ def column_targets(
     for name, column in head_columns(recipe).items():
         values = rows[column]
         info = model.head_info[name]
-        task, out = info["task"], info["out_features"]
+        task, out = info.task, info.out_features
         if task == "regression" or (task == "binary" and out > 1):
             targets[name] = [
                 [_float(x, column, where) for x in v] if isinstance(v, list) else _float(v, column, where)
@@ -192,7 +192,7 @@ def column_targets(
 def _to_tensors(targets: dict[str, list[Any]], model: Any) -> dict[str, torch.Tensor]:
     out = {}
     for name, values in targets.items():
-        dtype = torch.long if model.head_info[name]["task"] == "multiclass" else torch.float32
+        dtype = torch.long if model.head_info[name].task == "multiclass" else torch.float32
         out[name] = torch.tensor(values, dtype=dtype)
     return out
 
@@ -387,7 +387,7 @@ def synthetic_source(recipe: Recipe, model: Any) -> tuple[Examples, Examples]:
     targets: dict[str, torch.Tensor] = {}
     class_of: torch.Tensor | None = None
     for name, info in model.head_info.items():
-        task, out = info["task"], info["out_features"]
+        task, out = info.task, info.out_features
         if task == "multiclass":
             if data.synthetic.num_classes > out:
                 raise DataError(

@@ -394,7 +394,7 @@ def _manifest(
     head_info = getattr(model, "head_info", {})
     heads = []
     for name in job.output_names:
-        info = head_info.get(name, {})
+        info = head_info[name].to_dict() if name in head_info else {}
         heads.append(
             {
                 "name": name,

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from surgery.backbones import BuiltBackbone, Taps, build_backbone, pool_tokens
 from surgery.errors import BuildError
 from surgery.freeze import apply_freeze_rules, check_unfreeze_schedule, set_frozen_batchnorm_eval
-from surgery.heads import build_head, head_info, output_shape
+from surgery.heads import HeadInfo, build_head, head_info, output_shape
 from surgery.inputs import InputSpec
 from surgery.ops import adapt_stats, apply_surgery
 from surgery.schema import Head, Recipe
@@ -32,7 +32,7 @@ class SurgicalModel(nn.Module):
         self.heads = nn.ModuleDict(heads)
         self.input_spec: InputSpec = built.input_spec
         self.tokenizer: Any = built.tokenizer
-        self.head_info: dict[str, dict[str, Any]] = {}
+        self.head_info: dict[str, HeadInfo] = {}
         self._taps: Taps = built.taps
         self._reads: dict[str, tuple[str, str, int]] = {
             h.name: (h.input, h.pool, h.feature_index) for h in recipe.heads

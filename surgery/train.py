@@ -85,9 +85,9 @@ def with_class_names(recipe: Recipe, model: Any, class_names: dict[str, list[str
     heads = []
     for head in recipe.heads:
         names = class_names.get(head.name)
-        if head.labels is None and names and model.head_info[head.name]["task"] == "multiclass":
+        if head.labels is None and names and model.head_info[head.name].task == "multiclass":
             head = head.model_copy(update={"labels": list(names)})
-            model.head_info[head.name]["labels"] = list(names)
+            model.head_info[head.name] = model.head_info[head.name].with_labels(names)
         heads.append(head)
     return recipe.model_copy(update={"heads": heads})
 
@@ -239,11 +239,11 @@ def _log_samples(monitor: RunMonitor, model: Any, first: Any, data: TrainingData
     if first is None or model.input_spec.kind != "image":
         return
     inputs, targets, outputs = first
-    head = next((name for name, info in model.head_info.items() if info["task"] == "multiclass"), None)
+    head = next((name for name, info in model.head_info.items() if info.task == "multiclass"), None)
     if head is None:
         return
     k = monitor.settings.sample_predictions
-    names = data.class_names.get(head) or model.head_info[head].get("labels")
+    names = data.class_names.get(head) or model.head_info[head].labels
     label = lambda i: str(names[i]) if names and i < len(names) else str(i)  # noqa: E731
     predicted = outputs[head][:k].argmax(-1).tolist()
     truth = targets[head][:k].cpu().tolist()

@@ -82,7 +82,7 @@ def test_unknown_timm_name_suggests_close_names() -> None:
 
 def test_timm_vit_pooled_tap() -> None:
     model = build_model(recipe({"source": "timm", "name": "test_vit"}))
-    assert model.head_info["out"]["out_features"] == 3
+    assert model.head_info["out"].out_features == 3
     assert model.taps(*model.example_inputs(1))["pooled"].shape == (1, 64)
 
 
@@ -346,7 +346,7 @@ def test_unreachable_hub_fails_fast_without_offline_flag(empty_caches: None, mon
 
 def test_plan_style_build_never_downloads(empty_caches: None) -> None:
     model = build_model(recipe({"source": "torchvision", "name": "resnet18", "pretrained": True}), load_weights=False)
-    assert model.head_info["out"]["out_features"] == 3
+    assert model.head_info["out"].out_features == 3
 
 
 # --------------------------------------------------------------------------- kwargs: hyperparameters only

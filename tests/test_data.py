@@ -12,6 +12,7 @@ from PIL import Image
 
 from surgery.data import EpochBatchSampler, load_data
 from surgery.errors import DataError
+from surgery.heads import HeadInfo
 from surgery.inputs import InputSpec
 from surgery.model import build_model
 from surgery.placement import SingleDevice
@@ -164,7 +165,7 @@ def vector_model(features: int = 3, out: int = 2, task: str = "multiclass") -> S
     return SimpleNamespace(
         input_spec=spec,
         tokenizer=None,
-        head_info={"cls": {"task": task, "labels": None, "out_features": out}},
+        head_info={"cls": HeadInfo(task, out, (out,))},
         example_inputs=lambda n=2: (torch.zeros(n, features),),
     )
 

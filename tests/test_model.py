@@ -47,13 +47,13 @@ def test_forward_returns_each_head_and_head_info() -> None:
     model = build_model(recipe())
     outputs = model(*model.example_inputs(3))
     assert {k: tuple(v.shape) for k, v in outputs.items()} == {"kind": (3, 4), "size": (3, 1)}
-    assert model.head_info["kind"] | {} == {
+    assert model.head_info["kind"].to_dict() == {
         "task": "multiclass",
         "labels": ["a", "b", "c", "d"],
         "out_features": 4,
         "output_shape": [4],
     }
-    assert model.head_info["size"]["task"] == "regression"
+    assert model.head_info["size"].task == "regression"
     total, per_head = compute_losses(
         model, outputs, {"kind": torch.tensor([0, 1, 3]), "size": torch.randn(3)}, recipe()
     )
