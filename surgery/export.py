@@ -43,7 +43,7 @@ from surgery.bundle import (
     load_weights,
 )
 from surgery.errors import ExportError
-from surgery.files import fsync_path, fsync_tree
+from surgery.files import disk_full_error, fsync_path, fsync_tree, is_disk_full
 from surgery.registry import EXPORT_FORMATS
 from surgery.versions import package_versions
 
@@ -244,6 +244,8 @@ def export_bundle(
                         f"max abs difference from eager PyTorch {diff:.3g} exceeds export.tolerance {recipe.export.tolerance:g}"
                     )
             except Exception as err:  # a format that can't represent the model must not stop the others
+                if is_disk_full(err, tmp):  # ...but a full disk stops them all (the finally removes tmp)
+                    raise disk_full_error(out, None) from None
                 if fmt == "safetensors":
                     raise ExportError(f"safetensors: {_reason(err)}") from err
                 failures[fmt] = _reason(err)

@@ -187,3 +187,25 @@ def test_build_and_resume_on_a_full_disk_are_one_line_errors(small_disk: Path, t
     assert line.startswith("error: no space left on the device holding")
     assert not [p for p in run.rglob(".*tmp*")]
     assert ckpt.find_last(run).name == "step-00000004"
+
+
+def test_a_full_disk_during_export_is_one_line_and_leaves_no_temporary_bundle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors.torch
+
+    from surgery.export import export_bundle
+    from surgery.model import build_model
+    from surgery.recipe import load_recipe_text
+
+    recipe = load_recipe_text(RECIPE)
+    model = build_model(recipe, load_weights=False)
+
+    def full(tensors: object, path: str, *args: object, **kwargs: object) -> None:
+        Path(path).write_bytes(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(SurgeryError, match=rf"no space left on the device holding {tmp_path / 'bundle'}: "):
+        export_bundle(model, recipe, tmp_path / "bundle")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
