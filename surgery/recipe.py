@@ -438,7 +438,7 @@ def _load_document(text: str, source: str, base_dir: Path, chain: tuple[Path, ..
     if not isinstance(data, dict):
         raise _problem(
             pos.here,
-            f"not a recipe: the top level of a recipe must be a mapping of keys (name, backbone, heads, ...), got {_type_name(data)}",
+            f"the top level of a recipe must be a mapping of keys (name, backbone, heads, ...), got {_type_name(data)}",
         )
     if data and not set(data) & set(Recipe.model_fields):
         raise _problem(

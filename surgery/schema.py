@@ -724,6 +724,14 @@ class Recipe(Strict):
     # wherever it lies); paths are hashed relative to it for the resume contract.
     _source_dir: str | None = PrivateAttr(None)
 
+    def __eq__(self, other: object) -> bool:
+        # Equal recipes are equal wherever their files lie: compare fields, not the source folder.
+        if not isinstance(other, Recipe):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like every recipe model
+
     name: Annotated[str, Field(pattern=_SLUG)] = Field(
         description="Recipe name; run folders are `runs/<name>/<run-id>`."
     )
