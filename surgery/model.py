@@ -218,6 +218,11 @@ def _dry_runner(built: BuiltBackbone, wanted: set[str]) -> Any:
 
     def forward() -> dict[str, Any]:
         inputs = example_inputs(built.input_spec, built.tokenizer, 1, seq_len=min(built.input_spec.max_length, 16))
+        if mode.setdefault("meta", any(p.is_meta for p in built.module.parameters())):
+            try:  # shapes only already: meta kernels are much cheaper than fake tensors
+                return built.taps(built.module, inputs, wanted)
+            except Exception:  # an op meta tensors can't run (data-dependent): fake tensors can
+                mode["meta"] = False
         if mode.setdefault("fake", True):
             try:
                 return _fake_forward(built, inputs, wanted)
