@@ -6,6 +6,7 @@ Nothing heavy is imported here at module level: `surgery --help`, `validate`, `s
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -352,9 +353,10 @@ def pull(
 @app.command()
 def doctor() -> None:
     """Versions, devices and memory, hub reachability, and cache sizes."""
+    from serve.ingress import doctor_lines
     from surgery.doctor import doctor_report
 
-    typer.echo(doctor_report())
+    typer.echo(doctor_report(serving=doctor_lines()))
 
 
 def main() -> None:
@@ -373,6 +375,11 @@ def main() -> None:
         if isinstance(err, typer.TyperException) and hasattr(err, "show"):  # usage errors (typer's own click)
             err.show()
             sys.exit(err.exit_code)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):  # a log line, an event file...
+            from surgery.files import disk_full_error
+
+            typer.echo(f"error: {disk_full_error(err.filename or Path.cwd(), None)}", err=True)
+            sys.exit(2)
         if os.environ.get("SURGERY_DEBUG"):
             raise
         typer.echo(

@@ -59,6 +59,12 @@ def haproxy_binary() -> str | None:
         return shutil.which("haproxy")
 
 
+def doctor_lines() -> list[str]:
+    """What `surgery doctor` reports about serving: the ingress `surgery serve` would use."""
+    haproxy = haproxy_binary()
+    return [f"haproxy       {haproxy or 'none'} (surgery serve's ingress: {'haproxy' if haproxy else 'Ray proxy'})"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

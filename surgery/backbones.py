@@ -41,6 +41,9 @@ class BuiltBackbone:
     input_spec: InputSpec
     tokenizer: Any = None
     classifier: list[str] = field(default_factory=list)  # state-dict keys tolerated as mismatched
+    # Builds the zoo's module again, without weights: its parameters carry the model's own
+    # initialisation (what `reinit` restores). None where the zoo has no such constructor.
+    fresh: Callable[[], nn.Module] | None = None
 
 
 class Taps:
@@ -246,10 +249,25 @@ def weights_origin(spec: Backbone) -> str:
     return f"pretrained, from the {spec.source} hub/cache"
 
 
-def _kwargs_error(spec: Backbone, exc: Exception) -> BuildError:
-    return BuildError(
-        f"{spec.source} backbone {spec.name!r} rejected kwargs {spec.kwargs}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-    )
+def _kwargs_error(spec: Backbone, exc: BaseException) -> BuildError:
+    first = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if not spec.kwargs:
+        return BuildError(f"{spec.source} cannot build backbone {spec.name!r}: {first}")
+    return BuildError(f"{spec.source} backbone {spec.name!r} rejected kwargs {spec.kwargs}: {first}")
+
+
+# What a zoo's constructor raises for a value it cannot use (a string where it wants a number, a
+# pool type it doesn't know, a depth list that divides by zero): one line naming the kwargs.
+_ZOO_VALUE_ERRORS = (
+    TypeError,
+    ValueError,
+    AssertionError,
+    AttributeError,
+    IndexError,
+    KeyError,
+    ArithmeticError,
+    NotImplementedError,
+)
 
 
 # --------------------------------------------------------------------------- timm
@@ -290,7 +308,11 @@ def build_timm(spec: Backbone, *, load_weights: bool) -> BuiltBackbone:
     pretrained = spec.pretrained and load_weights and not spec.weights
     module = _create_timm(spec, pretrained)
     built = BuiltBackbone(
-        module, TimmTaps(), timm_input_spec(module), classifier=_classifier_keys(module, module.get_classifier())
+        module,
+        TimmTaps(),
+        timm_input_spec(module),
+        classifier=_classifier_keys(module, module.get_classifier()),
+        fresh=lambda: _create_timm(spec, False),
     )
     if load_weights and spec.weights:
         load_local_weights(built, spec)
@@ -307,10 +329,14 @@ def _create_timm(spec: Backbone, pretrained: bool) -> nn.Module:
         with hf_offline_mode():
             try:
                 return timm.create_model(spec.name, pretrained=True, **spec.kwargs)
+            except _ZOO_VALUE_ERRORS as exc:
+                raise _kwargs_error(spec, exc) from None
             except _hub_errors():
                 raise offline_error(spec, f"{why} and not in the local cache") from None
     try:
         return timm.create_model(spec.name, pretrained=True, **spec.kwargs)
+    except _ZOO_VALUE_ERRORS as exc:
+        raise _kwargs_error(spec, exc) from None
     except _hub_errors() as exc:
         raise offline_error(spec, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
 
@@ -318,7 +344,7 @@ def _create_timm(spec: Backbone, pretrained: bool) -> nn.Module:
 def _timm_call(spec: Backbone, create: Callable[[], nn.Module]) -> nn.Module:
     try:
         return create()
-    except TypeError as exc:
+    except _ZOO_VALUE_ERRORS as exc:
         raise _kwargs_error(spec, exc) from None
 
 
@@ -423,6 +449,9 @@ def build_torchvision(spec: Backbone, *, load_weights: bool) -> BuiltBackbone:
         taps,
         torchvision_input_spec(default),
         classifier=_classifier_keys(module, module.get_submodule(classifier)),
+        fresh=lambda: _torchvision_call(
+            spec, lambda: torchvision.models.get_model(spec.name, weights=None, **spec.kwargs)
+        ),
     )
     if load_weights and spec.weights:
         load_local_weights(built, spec)
@@ -432,7 +461,7 @@ def build_torchvision(spec: Backbone, *, load_weights: bool) -> BuiltBackbone:
 def _torchvision_call(spec: Backbone, create: Callable[[], nn.Module]) -> nn.Module:
     try:
         return create()
-    except TypeError as exc:
+    except _ZOO_VALUE_ERRORS as exc:
         raise _kwargs_error(spec, exc) from None
     except _hub_errors() as exc:
         raise offline_error(spec, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
@@ -564,10 +593,20 @@ def _hf_config_and_tokenizer(spec: Backbone, source: str) -> tuple[Any, Any]:
 
     kwargs = _hf_kwargs(spec, source)
     try:
-        config = AutoConfig.from_pretrained(source, **kwargs, **spec.kwargs)
+        config = AutoConfig.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (*_hub_errors(), ValueError) as exc:
         raise _hf_error(spec, source, exc) from None
+    for key, value in spec.kwargs.items():  # overrides of the model's config, as from_pretrained applies them
+        if not hasattr(config, key):
+            raise BuildError(
+                f"transformers backbone {spec.name!r} rejected kwargs {spec.kwargs}: its {type(config).__name__} has no {key!r}"
+                f"{did_you_mean(key, [k for k in config.to_dict() if not k.startswith('_')])}"
+            )
+        try:
+            setattr(config, key, value)
+        except Exception as exc:  # newer configs check types on assignment (huggingface_hub's strict dataclasses)
+            raise _kwargs_error(spec, exc) from None
     return config, tokenizer
 
 
@@ -581,7 +620,11 @@ def _hf_model(spec: Backbone, source: str, config: Any, pretrained: bool) -> nn.
         if pretrained:
             return AutoModel.from_pretrained(source, config=config, **_hf_kwargs(spec, source))
         return AutoModel.from_config(config, trust_remote_code=False)
-    except (*_hub_errors(), ValueError) as exc:
+    except _ZOO_VALUE_ERRORS as exc:
+        if spec.kwargs:
+            raise _kwargs_error(spec, exc) from None
+        raise _hf_error(spec, source, exc) from None
+    except _hub_errors() as exc:
         raise _hf_error(spec, source, exc) from None
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from surgery.errors import CheckpointError
-from surgery.files import fsync_path, sha256_file
+from surgery.files import check_free_space, fsync_path, sha256_file, temporary_until_renamed
 
 CHECKPOINTS = "checkpoints"
 INDEX = "index.json"
@@ -51,10 +51,22 @@ def checkpoint_name(step: int) -> str:
 
 def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    fsync_path(tmp)
-    os.replace(tmp, path)
+    with temporary_until_renamed(tmp, path):
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        fsync_path(tmp)
+        os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def _nbytes(value: Any) -> int:
+    """Bytes of the tensors in a (nested) state: what writing it will take, about."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 64
 
 
 def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -94,19 +106,23 @@ def save_checkpoint(
     tmp = folder / f"{_TMP_PREFIX}{name}.{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(_model_tensors(model), str(tmp / MODEL_FILE))
-    torch.save(trainer_state, tmp / TRAINER_FILE)
-    (tmp / RECIPE_FILE).write_text(recipe_text)
-    files = {f: sha256_file(tmp / f) for f in (MODEL_FILE, TRAINER_FILE, RECIPE_FILE)}
-    (tmp / META_FILE).write_text(json.dumps({**meta, "files": files, "complete": True}, indent=2, sort_keys=True))
-    for f in (*files, META_FILE):
-        fsync_path(tmp / f)
-    fsync_path(tmp)
     final = folder / name
-    if final.exists():  # the same step saved again (e.g. a resumed run): replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    tensors = _model_tensors(model)
+    needed = _nbytes(tensors) + _nbytes(trainer_state) + len(recipe_text.encode()) + (64 << 10)
+    check_free_space(folder, needed)  # a full disk is refused before anything is written
+    with temporary_until_renamed(tmp, final, needed):  # and if it fills up meanwhile, tmp goes
+        tmp.mkdir()
+        save_file(tensors, str(tmp / MODEL_FILE))
+        torch.save(trainer_state, tmp / TRAINER_FILE)
+        (tmp / RECIPE_FILE).write_text(recipe_text)
+        files = {f: sha256_file(tmp / f) for f in (MODEL_FILE, TRAINER_FILE, RECIPE_FILE)}
+        (tmp / META_FILE).write_text(json.dumps({**meta, "files": files, "complete": True}, indent=2, sort_keys=True))
+        for f in (*files, META_FILE):
+            fsync_path(tmp / f)
+        fsync_path(tmp)
+        if final.exists():  # the same step saved again (e.g. a resumed run): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
     fsync_path(folder)
     _update_index(folder, name, meta.get("metrics", {}).get(monitor), mode, keep_best)
     return final

@@ -48,6 +48,7 @@ class Examples:
     inputs: Any
     targets: dict[str, torch.Tensor]
     class_names: dict[str, list[str]] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) left out (`on_bad_file: skip`)
 
     def __len__(self) -> int:
         return len(self.inputs[0]) if self.kind == "tensor" else len(self.inputs)
@@ -59,7 +60,7 @@ class Examples:
         else:
             inputs = [self.inputs[i] for i in indices]
         targets = {name: t[index] for name, t in self.targets.items()}
-        return Examples(self.kind, inputs, targets, self.class_names)
+        return Examples(self.kind, inputs, targets, self.class_names, self.skipped)
 
 
 def split_examples(examples: Examples, val_split: float, seed: int) -> tuple[Examples, Examples]:
@@ -82,7 +83,7 @@ def head_columns(recipe: Recipe) -> dict[str, str]:
 
 
 def _head_labels(recipe: Recipe, model: Any, name: str) -> list[str] | None:
-    labels = model.head_info[name].get("labels")
+    labels = model.head_info[name].labels
     if labels:
         return [str(x) for x in labels]
     head = next(h for h in recipe.heads if h.name == name)
@@ -100,7 +101,7 @@ def class_targets(recipe: Recipe, model: Any, class_names: list[str], labels: to
                 f"head {name!r} trains on column {column!r}, but {where} has only class labels (data.label_column {recipe.data.label_column!r})"
             )
         info = model.head_info[name]
-        task, out = info["task"], info["out_features"]
+        task, out = info.task, info.out_features
         head_labels = _head_labels(recipe, model, name)
         if task == "regression":
             raise DataError(f"head {name!r} is a regression head, but {where} provides class labels")
@@ -155,7 +156,7 @@ def column_targets(
     for name, column in head_columns(recipe).items():
         values = rows[column]
         info = model.head_info[name]
-        task, out = info["task"], info["out_features"]
+        task, out = info.task, info.out_features
         if task == "regression" or (task == "binary" and out > 1):
             targets[name] = [
                 [_float(x, column, where) for x in v] if isinstance(v, list) else _float(v, column, where)
@@ -191,7 +192,7 @@ def column_targets(
 def _to_tensors(targets: dict[str, list[Any]], model: Any) -> dict[str, torch.Tensor]:
     out = {}
     for name, values in targets.items():
-        dtype = torch.long if model.head_info[name]["task"] == "multiclass" else torch.float32
+        dtype = torch.long if model.head_info[name].task == "multiclass" else torch.float32
         out[name] = torch.tensor(values, dtype=dtype)
     return out
 
@@ -233,14 +234,24 @@ def _image_files(folder: Path, where: str) -> tuple[list[str], list[tuple[Path, 
     return classes, files
 
 
-def verify_images(paths: Sequence[Path]) -> None:
-    """Open and verify every image file (cheap: headers and checksums), before training starts."""
+def verify_images(paths: Sequence[Path], *, skip: bool = False) -> list[tuple[str, str]]:
+    """Open and verify every image file (cheap: headers and checksums), before training starts.
+    A bad one is a DataError, or with `skip` is returned as (file, why) for the caller to leave out."""
+    bad: list[tuple[str, str]] = []
     for path in paths:
         try:
             with Image.open(path) as image:
                 image.verify()
+            if skip:  # decode it too: a file skipped now can't fail the run later
+                with Image.open(path) as image:
+                    image.load()
         except Exception as err:  # PIL raises many types for a bad file
-            raise DataError(f"unreadable image {path}: {err}") from None
+            if not skip:
+                raise DataError(
+                    f"unreadable image {path}: {err} (set `data.on_bad_file: skip` to leave such files out)"
+                ) from None
+            bad.append((str(path), str(err).splitlines()[0] if str(err) else type(err).__name__))
+    return bad
 
 
 @DATA_SOURCES.implements("image_folder")
@@ -255,12 +266,20 @@ def image_folder_source(recipe: Recipe, model: Any) -> tuple[Examples, Examples]
         extra = sorted(set(val_classes) - set(classes))
         if extra:
             raise DataError(f"data.val: classes {', '.join(extra)} are not in data.train ({', '.join(classes)})")
-    verify_images([p for p, _ in files + val_files])
+    skipped = verify_images([p for p, _ in files + val_files], skip=data.on_bad_file == "skip")
+    if skipped:
+        bad = {file for file, _ in skipped}
+        files = [(p, c) for p, c in files if str(p) not in bad]
+        val_files = [(p, c) for p, c in val_files if str(p) not in bad]
+        if not files:
+            raise DataError(
+                f"data.train {data.train}: every image is unreadable (first: {skipped[0][0]}: {skipped[0][1]})"
+            )
 
     def examples(entries: list[tuple[Path, str]], where: str) -> Examples:
         labels = torch.tensor([classes.index(c) for _, c in entries], dtype=torch.long)
         checked = class_targets(recipe, model, classes, labels, where)
-        return Examples("image", [p for p, _ in entries], checked.targets, checked.class_names)
+        return Examples("image", [p for p, _ in entries], checked.targets, checked.class_names, skipped)
 
     train = examples(files, f"data.train {data.train}")
     if data.val:
@@ -368,7 +387,7 @@ def synthetic_source(recipe: Recipe, model: Any) -> tuple[Examples, Examples]:
     targets: dict[str, torch.Tensor] = {}
     class_of: torch.Tensor | None = None
     for name, info in model.head_info.items():
-        task, out = info["task"], info["out_features"]
+        task, out = info.task, info.out_features
         if task == "multiclass":
             if data.synthetic.num_classes > out:
                 raise DataError(
@@ -620,6 +639,7 @@ class TrainingData:
     kind: str
     num_train: int
     num_val: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable files left out: (file, why)
 
 
 def auto_num_workers(setting: str | int, device: torch.device) -> int:
@@ -677,4 +697,5 @@ def load_data(recipe: Recipe, model: Any, placement: SingleDevice) -> TrainingDa
         ExampleDataset(val, spec), batch_size=data.eval_batch_size or data.batch_size, shuffle=False, **common
     )
     names = {**train.class_names, **val.class_names}
-    return TrainingData(train_loader, val_loader, sampler, names, train.kind, len(train), len(val))
+    skipped = list(dict.fromkeys([*train.skipped, *val.skipped]))
+    return TrainingData(train_loader, val_loader, sampler, names, train.kind, len(train), len(val), skipped)

@@ -2,47 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import platform
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from surgery.versions import package_version
+
 HUBS = ("https://huggingface.co", "https://download.pytorch.org")
 PACKAGES = ("torch", "torchvision", "timm", "transformers", "ray", "safetensors", "onnxruntime")
-# What a run's lock file and a bundle's manifest record (what made the weights and the formats).
-RECORDED_PACKAGES = (
-    "surgery",
-    "torch",
-    "torchvision",
-    "timm",
-    "transformers",
-    "safetensors",
-    "numpy",
-    "peft",
-    "onnx",
-    "onnxruntime",
-    "onnxscript",
-)
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def package_versions() -> dict[str, str]:
-    """Python's and the installed `RECORDED_PACKAGES`' versions (for lock files and manifests)."""
-    versions = {"python": platform.python_version()}
-    for name in RECORDED_PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions
 
 
 def _gib(n: float) -> str:
@@ -64,14 +34,8 @@ def version_lines() -> list[str]:
     import torch
 
     lines = [f"python        {platform.python_version()} ({platform.platform()})"]
-    lines += [f"{p:<13} {_version(p)}" for p in PACKAGES]
+    lines += [f"{p:<13} {package_version(p)}" for p in PACKAGES]
     lines.append(f"cuda          {torch.version.cuda or 'none'} (available: {torch.cuda.is_available()})")
-    from serve.ingress import haproxy_binary
-
-    haproxy = haproxy_binary()
-    lines.append(
-        f"haproxy       {haproxy or 'none'} (surgery serve's ingress: {'haproxy' if haproxy else 'Ray proxy'})"
-    )
     return lines
 
 
@@ -153,12 +117,15 @@ def cache_lines() -> list[str]:
     return lines
 
 
-def doctor_report() -> str:
-    """Versions, devices and memory, hub reachability, cache locations and sizes."""
+def doctor_report(serving: Sequence[str] = ()) -> str:
+    """Versions, devices and memory, hub reachability, cache locations and sizes; `serving` lines
+    (from `serve/`, which the command line asks: nothing in `surgery/` imports serving) follow."""
     sections = [
         ("versions", version_lines()),
         ("devices", device_lines()),
         ("hubs", hub_lines()),
         ("caches", cache_lines()),
     ]
+    if serving:
+        sections.append(("serving", list(serving)))
     return "\n".join(f"[{title}]\n" + "\n".join(lines) for title, lines in sections) + "\n"

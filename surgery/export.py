@@ -42,10 +42,10 @@ from surgery.bundle import (
     hash_files,
     load_weights,
 )
-from surgery.doctor import package_versions
 from surgery.errors import ExportError
-from surgery.files import fsync_path, fsync_tree
+from surgery.files import disk_full_error, fsync_path, fsync_tree, is_disk_full
 from surgery.registry import EXPORT_FORMATS
+from surgery.versions import package_versions
 
 FORMAT_FILES = {"safetensors": WEIGHTS, "onnx": "model.onnx", "torchscript": "model.ts", "pt2": "model.pt2"}
 VERIFY_BATCH_SIZES = (1, 3)  # besides the batch size the graph was captured with (2)
@@ -244,6 +244,8 @@ def export_bundle(
                         f"max abs difference from eager PyTorch {diff:.3g} exceeds export.tolerance {recipe.export.tolerance:g}"
                     )
             except Exception as err:  # a format that can't represent the model must not stop the others
+                if is_disk_full(err, tmp):  # ...but a full disk stops them all (the finally removes tmp)
+                    raise disk_full_error(out, None) from None
                 if fmt == "safetensors":
                     raise ExportError(f"safetensors: {_reason(err)}") from err
                 failures[fmt] = _reason(err)
@@ -394,7 +396,7 @@ def _manifest(
     head_info = getattr(model, "head_info", {})
     heads = []
     for name in job.output_names:
-        info = head_info.get(name, {})
+        info = head_info[name].to_dict() if name in head_info else {}
         heads.append(
             {
                 "name": name,

@@ -7,8 +7,10 @@ the shape the next one sees. So `in_features`/`in_channels` are never written in
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -186,7 +188,34 @@ def task_of(loss: str, out_features: int) -> str:
     return "regression"
 
 
-def head_info(head: Head, out_shape: Shape) -> dict[str, Any]:
+Task = Literal["multiclass", "binary", "multilabel", "regression"]
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    """What a head outputs, in the user's terms: carried on the built model
+    (`SurgicalModel.head_info`), read by data loading, metrics and export (a bundle manifest's
+    `heads` entries are `to_dict()` plus the name and the exported shape), printed by `plan`."""
+
+    task: Task
+    out_features: int
+    output_shape: tuple[int, ...]  # one sample's output (no batch dimension)
+    labels: tuple[str, ...] | None = None  # class names in output order, when known
+
+    def with_labels(self, labels: Sequence[str]) -> HeadInfo:
+        """The same head, with class names (from the data when the recipe gave none)."""
+        return dataclasses.replace(self, labels=tuple(str(label) for label in labels))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "labels": list(self.labels) if self.labels is not None else None,
+            "out_features": self.out_features,
+            "output_shape": list(self.output_shape),
+        }
+
+
+def head_info(head: Head, out_shape: Shape) -> HeadInfo:
     out_features = int(out_shape[-1]) if len(out_shape) > 1 else 1
     task = task_of(head.loss.name, out_features)
     if head.labels is not None and task in ("multiclass", "multilabel") and len(head.labels) != out_features:
@@ -197,7 +226,8 @@ def head_info(head: Head, out_shape: Shape) -> dict[str, Any]:
         raise BuildError(
             f"head {head.name!r}: cross_entropy needs at least 2 outputs, the head has {out_features}; use bce_with_logits for one output"
         )
-    return {"task": task, "labels": head.labels, "out_features": out_features, "output_shape": list(out_shape[1:])}
+    labels = tuple(head.labels) if head.labels is not None else None
+    return HeadInfo(task, out_features, tuple(int(n) for n in out_shape[1:]), labels)
 
 
 # --------------------------------------------------------------------------- losses

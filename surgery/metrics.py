@@ -7,12 +7,10 @@ targets; `binary` outputs are one logit per sample with 0/1 targets; `multilabel
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from surgery.heads import task_of
+from surgery.heads import HeadInfo, task_of
 from surgery.registry import METRICS
 from surgery.schema import Recipe
 
@@ -83,7 +81,7 @@ class MetricTracker:
     """Collects each head's outputs and targets over batches; `compute()` gives
     `{"val/<head>/<metric>": value}`."""
 
-    def __init__(self, recipe: Recipe, head_info: dict[str, dict[str, Any]] | None = None) -> None:
+    def __init__(self, recipe: Recipe, head_info: dict[str, HeadInfo] | None = None) -> None:
         self.heads = [(h.name, list(h.metrics), h.loss.name) for h in recipe.heads]
         self.head_info = head_info or {}
         self.reset()
@@ -100,7 +98,7 @@ class MetricTracker:
 
     def _task(self, name: str, loss: str, outputs: Tensor) -> str:
         info = self.head_info.get(name)
-        return info["task"] if info else task_of(loss, int(outputs.shape[-1]) if outputs.dim() > 1 else 1)
+        return info.task if info else task_of(loss, int(outputs.shape[-1]) if outputs.dim() > 1 else 1)
 
     def compute(self) -> dict[str, float]:
         result: dict[str, float] = {}

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from surgery.backbones import BuiltBackbone, Taps, build_backbone, pool_tokens
 from surgery.errors import BuildError
 from surgery.freeze import apply_freeze_rules, check_unfreeze_schedule, set_frozen_batchnorm_eval
-from surgery.heads import build_head, head_info, output_shape
+from surgery.heads import HeadInfo, build_head, head_info, output_shape
 from surgery.inputs import InputSpec
 from surgery.ops import adapt_stats, apply_surgery
 from surgery.schema import Head, Recipe
@@ -32,7 +32,7 @@ class SurgicalModel(nn.Module):
         self.heads = nn.ModuleDict(heads)
         self.input_spec: InputSpec = built.input_spec
         self.tokenizer: Any = built.tokenizer
-        self.head_info: dict[str, dict[str, Any]] = {}
+        self.head_info: dict[str, HeadInfo] = {}
         self._taps: Taps = built.taps
         self._reads: dict[str, tuple[str, str, int]] = {
             h.name: (h.input, h.pool, h.feature_index) for h in recipe.heads
@@ -127,10 +127,64 @@ def _kwargs_channels(built: BuiltBackbone, recipe: Recipe) -> None:
 
 def build_model(recipe: Recipe, *, load_weights: bool = True) -> SurgicalModel:
     """Build the model a recipe describes. With `load_weights=False` no pretrained weights are read
-    or downloaded (for `plan`, and for loading a bundle's own weights afterwards)."""
+    or downloaded (for `plan`, and for loading a bundle's own weights afterwards). A model whose
+    parameters alone would not fit in this machine's memory is refused before anything is allocated."""
+    check_fits_in_memory(recipe)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.train.seed)
         return _build(recipe, load_weights)
+
+
+_FORWARD_FAILS = "the backbone fails on"
+
+
+def parameter_footprint(recipe: Recipe) -> tuple[int, int, str, int] | None:
+    """(parameters, their bytes, the module holding the most of them, its parameters), counted on
+    the meta device: the model is built as shapes only, so nothing is allocated whatever its size.
+    None when the model cannot be built that way (the real build then says why)."""
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            model = _build(recipe, load_weights=False)
+    except BuildError as exc:
+        if str(exc).startswith(_FORWARD_FAILS):  # a forward meta tensors can't run: let the real build try
+            return None
+        raise  # the recipe's own mistake, found without allocating anything
+    except Exception:
+        return None
+    count = sum(p.numel() for p in model.parameters())
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    own = {name: sum(p.numel() for p in module.parameters(recurse=False)) for name, module in model.named_modules()}
+    biggest = max(own, key=lambda name: own[name], default="")
+    return count, size, biggest, own.get(biggest, 0)
+
+
+def machine_memory() -> int:
+    """Bytes of memory this machine has (the model is built on the CPU first, wherever it trains)."""
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def check_fits_in_memory(recipe: Recipe) -> None:
+    """Refuse, before allocating, a model whose parameters alone exceed this machine's memory."""
+    footprint = parameter_footprint(recipe)
+    if footprint is None:
+        return
+    count, size, biggest, biggest_count = footprint
+    memory = machine_memory()
+    if size > memory:
+        raise BuildError(
+            f"the model's parameters alone need {_bytes(size)} ({count:,} parameters), more than this machine's "
+            f"{_bytes(memory)} of memory; the largest is {biggest or 'the model'} with {biggest_count:,} parameters"
+        )
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def _build(recipe: Recipe, load_weights: bool) -> SurgicalModel:
@@ -164,6 +218,11 @@ def _dry_runner(built: BuiltBackbone, wanted: set[str]) -> Any:
 
     def forward() -> dict[str, Any]:
         inputs = example_inputs(built.input_spec, built.tokenizer, 1, seq_len=min(built.input_spec.max_length, 16))
+        if mode.setdefault("meta", any(p.is_meta for p in built.module.parameters())):
+            try:  # shapes only already: meta kernels are much cheaper than fake tensors
+                return built.taps(built.module, inputs, wanted)
+            except Exception:  # an op meta tensors can't run (data-dependent): fake tensors can
+                mode["meta"] = False
         if mode.setdefault("fake", True):
             try:
                 return _fake_forward(built, inputs, wanted)
@@ -177,9 +236,9 @@ def _dry_runner(built: BuiltBackbone, wanted: set[str]) -> Any:
         try:
             with torch.no_grad():
                 return forward()
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError, TypeError, IndexError, AssertionError, ArithmeticError) as exc:
             raise BuildError(
-                f"the backbone fails on a {built.input_spec.kind} input of the recipe's input spec: {str(exc).splitlines()[0]}"
+                f"{_FORWARD_FAILS} a {built.input_spec.kind} input of the recipe's input spec: {str(exc).splitlines()[0]}"
             ) from None
         finally:
             built.module.train(was_training)

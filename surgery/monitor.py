@@ -97,6 +97,16 @@ class RunMonitor:
         assert self.jsonl is not None
         self.jsonl.write(json.dumps({"step": step, "epoch": epoch, "time": round(time.time(), 3), **clean}) + "\n")
 
+    def skipped_files(self, step: int, skipped: list[tuple[str, str]]) -> None:
+        """Record the data files left out as unreadable: their count (a scalar) and each file with why."""
+        if not self.enabled or not skipped:
+            return
+        if self.writer is not None:
+            self.writer.add_scalar("data/skipped_files", len(skipped), step)
+        assert self.jsonl is not None
+        files = [{"file": file, "why": why} for file, why in skipped]
+        self.jsonl.write(json.dumps({"step": step, "data/skipped_files": len(skipped), "skipped": files}) + "\n")
+
     def histograms(self, model: torch.nn.Module, step: int) -> None:
         if self.writer is None or not self.settings.histograms:
             return

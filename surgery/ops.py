@@ -11,7 +11,13 @@ Module names are the backbone's own dotted names (`layer4.1.conv2`, `classifier.
   is modules, so a head usually starts with `avgpool` or `flatten` after a truncate.
 - `input_channels: N`: the first convolution gets N input channels, its pretrained weights
   adapted with timm's `adapt_input_conv` (summed for 1 channel, repeated and rescaled for more).
-- `reinit`: `reset_parameters()` on the module and everything inside it.
+- `reinit`: the module's parameters and buffers get the model's own initialisation: timm and
+  torchvision backbones are constructed once more without weights and the module's tensors are
+  copied from that fresh copy (so timm's zero-initialised last BatchNorm of each residual block,
+  its truncated-normal ViT weights, torchvision's per-model init... are what a reinit gives, as
+  they are what training from scratch starts from). Tensors the fresh copy lacks (a module
+  another op changed, LoRA adapters) and transformers backbones fall back to PyTorch's
+  `reset_parameters()`.
 - `lora`: LoRA adapters on the Linear/Conv layers whose names match the globs, via `peft`
   (`inject_adapter_in_model`, no `PeftModel` wrapper, so parameter names stay `backbone.*`). We
   use peft rather than our own layers because it is the reference implementation: its merge math
@@ -145,11 +151,33 @@ def adapt_stats(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
 
 def _reinit(built: BuiltBackbone, name: str, run: RunBackbone) -> None:
     target = find_module(built.module, name)
-    reset = [m for m in target.modules() if hasattr(m, "reset_parameters")]
-    if not reset:
+    if not any(True for _ in target.parameters()):
         raise BuildError(f"module {name!r} has no parameters to re-initialise")
-    for module in reset:
-        module.reset_parameters()
+    initialised = _copy_own_init(built, name, target)
+    for prefix, module in target.named_modules():
+        own = [f"{prefix}.{p}" if prefix else p for p, _ in module.named_parameters(recurse=False)]
+        if own and not set(own) <= initialised and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+
+def _copy_own_init(built: BuiltBackbone, name: str, target: nn.Module) -> set[str]:
+    """Copy the model's own initialisation of `name` from a freshly constructed copy of the
+    backbone; the state-dict keys (relative to `target`) it covered."""
+    if built.fresh is None:
+        return set()
+    try:
+        fresh = built.fresh().get_submodule(name)
+    except (AttributeError, BuildError):  # the module exists only after surgery
+        return set()
+    source = fresh.state_dict()
+    copied = set()
+    with torch.no_grad():
+        for key, tensor in target.state_dict(keep_vars=True).items():
+            init = source.get(key)
+            if init is not None and init.shape == tensor.shape and init.dtype == tensor.dtype:
+                tensor.copy_(init)
+                copied.add(key)
+    return copied
 
 
 _LORA_TYPES = (nn.Linear, nn.Conv2d, nn.Conv1d)

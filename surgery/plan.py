@@ -74,7 +74,7 @@ def make_plan(recipe: Recipe, *, depth: int = 3) -> dict[str, Any]:
         "recipe": recipe.name,
         "weights": weights_origin(recipe.backbone),
         "input": model.input_spec.to_dict(),
-        "heads": model.head_info,
+        "heads": {name: info.to_dict() for name, info in model.head_info.items()},
         "taps": measured.taps,
         "modules": [row.__dict__ for row in rows],
         "totals": {"params": total, "trainable": trainable, "frozen": total - trainable},

@@ -132,6 +132,13 @@ def _kind(value: Any) -> str:
     return _show(value)
 
 
+def _type_name(value: Any) -> str:
+    """What a value is, without quoting it."""
+    if value is None or isinstance(value, (bool, dict, list)):
+        return _kind(value)
+    return "a number" if isinstance(value, (int, float)) else "a string"
+
+
 def _show(value: Any) -> str:
     """A value as the user wrote it, briefly."""
     if value is None:
@@ -415,10 +422,16 @@ def _load_document(
     data, pos = parsed
     if data is None:  # `---` alone, or `~`
         raise _problem(Location(source, 1, 1), "the recipe is empty (it needs at least `name`, `backbone` and `heads`)")
+    # A file that isn't a recipe (`extends: /etc/passwd`) is refused without quoting any of it.
     if not isinstance(data, dict):
         raise _problem(
             pos.here,
-            f"the top level of a recipe must be a mapping of keys (name, backbone, heads, ...), got {_kind(data)}",
+            f"the top level of a recipe must be a mapping of keys (name, backbone, heads, ...), got {_type_name(data)}",
+        )
+    if data and not set(data) & set(Recipe.model_fields):
+        raise _problem(
+            Location(source, 1, 1),
+            f"not a recipe: none of its {len(data)} top-level key(s) is a recipe field (name, backbone, heads, ...)",
         )
     _absolutize(data, base_dir)
     if "extends" not in data:
@@ -688,6 +701,10 @@ def _message(error: dict[str, Any], path: Path_) -> str:
         return f"needs at least {ctx.get('min_length')} item(s), got {ctx.get('actual_length')}"
     if kind == "too_long":
         return f"takes at most {ctx.get('max_length')} item(s), got {ctx.get('actual_length')}"
+    if kind == "int_parsing_size":
+        return f"expected an integer of sensible size, got {_show(value)}"
+    if kind == "finite_number":
+        return f"must be a finite number, got {_show(value)}"
     if kind == "string_too_short":
         return "must not be empty"
     if kind == "string_pattern_mismatch":
@@ -771,6 +788,7 @@ def load_resolved(found: Resolved, overrides: Sequence[str] = (), *, display: st
     _apply_overrides(data, pos, overrides)
     recipe = _validate(data, pos)
     recipe._provenance = Provenance(trail)
+    recipe._source_dir = str(file.parent)
     return recipe
 
 
@@ -786,9 +804,18 @@ def dump_recipe(recipe: Recipe) -> str:
     )
 
 
-def recipe_hash(recipe: Recipe) -> str:
-    """sha256 (hex) of the canonical dump: equal recipes hash equal."""
-    return hashlib.sha256(dump_recipe(recipe).encode("utf-8")).hexdigest()
+def recipe_hash(recipe: Recipe, *, portable: bool = False) -> str:
+    """sha256 (hex) of the canonical dump: equal recipes hash equal. `portable`: paths are hashed
+    relative to the recipe file's folder, so a moved checkout hashes the same (the resume contract)."""
+    if not portable or recipe._source_dir is None:
+        return hashlib.sha256(dump_recipe(recipe).encode("utf-8")).hexdigest()
+    data = recipe_to_dict(recipe)
+    for section, key in _PATH_FIELDS:
+        part = data.get(section)
+        if isinstance(part, dict) and part.get(key):
+            part[key] = os.path.relpath(part[key], recipe._source_dir)
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False, width=100)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _flatten(value: Any, prefix: tuple[str | int, ...], out: dict[Path_, Any]) -> None:
@@ -802,12 +829,29 @@ def _flatten(value: Any, prefix: tuple[str | int, ...], out: dict[Path_, Any]) -
         out[prefix] = value
 
 
+def _moved(before: dict[Path_, Any], after: dict[Path_, Any], new_dir: str | None) -> bool:
+    """Whether every path that differs is the same path relative to one old recipe folder as it is
+    relative to the new recipe's folder: the checkout moved, the paths did not change."""
+    pairs = [(before.get(p), after.get(p)) for p in _PATH_FIELDS if before.get(p) != after.get(p)]
+    if new_dir is None or not pairs or not all(isinstance(a, str) and isinstance(b, str) for a, b in pairs):
+        return False
+    old_dirs = {os.path.normpath(os.path.join(a, os.path.relpath(new_dir, b))) for a, b in pairs}
+    if len(old_dirs) != 1:
+        return False
+    (old_dir,) = old_dirs
+    return all(os.path.relpath(a, old_dir) == os.path.relpath(b, new_dir) for a, b in pairs)
+
+
 def recipe_diff(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
     """Every leaf that differs, as (dotted path, old value, new value); absent is None."""
     before: dict[Path_, Any] = {}
     after: dict[Path_, Any] = {}
     _flatten(recipe_to_dict(old), (), before)
     _flatten(recipe_to_dict(new), (), after)
+    if _moved(before, after, new._source_dir):
+        for path in _PATH_FIELDS:
+            if path in before:
+                before[path] = after[path]
     paths = list(dict.fromkeys([*before, *after]))
     return [
         (_dotted(p), before.get(p), after.get(p))

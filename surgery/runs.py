@@ -1,50 +1,79 @@
 """Run folders: `runs/<name>/<run-id>/`, created once per launch (never once per rank or trial),
-the `latest` link to the newest, and `recipe.lock.yaml`, the record of what a run was built from.
-`fit` only fills a run folder made here."""
+the `latest` link to the newest, the lock that keeps one process training in a run at a time, and
+`recipe.lock.yaml`, the record of what a run was built from. `fit` only fills a run folder made here.
+
+Races are settled by the filesystem, not by checking first: a new folder is made with an exclusive
+`mkdir` (two builds started in the same second get `<stamp>` and `<stamp>-2`), a run is held with
+`flock` on `<run>/.lock` (released by the kernel when the holder dies, however it dies), and
+`latest` is replaced by renaming a new link over it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from surgery import checkpoint as ckpt
-from surgery.doctor import package_versions
 from surgery.errors import CheckpointError
-from surgery.files import sha256_file
+from surgery.files import sha256_file, temporary_until_renamed
 from surgery.schema import Recipe
+from surgery.versions import package_versions
 
 LOCK_FILE = "recipe.lock.yaml"
 LATEST = "latest"  # runs/<name>/latest: a link to the run folder most recently built
+HOLD_FILE = ".lock"  # flock'ed by the process training in the run; holds its pid
+# What a run killed before its first checkpoint leaves, cleared when it is started again.
+_PARTIAL = ("tb", "metrics.jsonl", ckpt.CHECKPOINTS)
+
+
+def _run_dirs(recipe_dir: Path) -> list[Path]:
+    if not recipe_dir.is_dir():
+        return []
+    return [p for p in recipe_dir.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")]
 
 
 def latest_run(recipe_dir: Path) -> Path | None:
+    """The run `latest` points at; without the link, the newest run folder (one with checkpoints
+    first)."""
     link = recipe_dir / LATEST
     if link.is_symlink() and link.resolve().is_dir():
         return link.resolve()
-    runs = (
-        [p for p in recipe_dir.iterdir() if p.is_dir() and not p.is_symlink() and (p / ckpt.CHECKPOINTS).is_dir()]
-        if recipe_dir.is_dir()
-        else []
-    )
-    return max(runs, key=lambda p: (p.stat().st_mtime, p.name)) if runs else None
+    runs = _run_dirs(recipe_dir)
+    return max(runs, key=lambda p: ((p / ckpt.CHECKPOINTS).is_dir(), p.stat().st_mtime, p.name)) if runs else None
 
 
 def link_latest(run_dir: Path) -> None:
     """Point `runs/<name>/latest` at `run_dir` (atomically: a new link renamed over the old)."""
     link = run_dir.parent / LATEST
-    tmp = run_dir.parent / f".{LATEST}.tmp-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
+    tmp = run_dir.parent / f".{LATEST}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.symlink_to(run_dir.name, target_is_directory=True)
-    os.replace(tmp, link)
+    try:
+        os.replace(tmp, link)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether a run saved anything to resume from (a finished `step-*` folder)."""
+    folder = Path(run_dir) / ckpt.CHECKPOINTS
+    return folder.is_dir() and any(p.name.startswith("step-") for p in folder.iterdir())
 
 
 def run_folder(runs_root: Path, name: str, run_id: str | None, *, resume: bool) -> Path:
-    """`runs/<name>/<run-id>/`: a new timestamped folder, or with `resume` the given/latest run."""
+    """`runs/<name>/<run-id>/`: a new folder of its own (never one another build also got), or
+    with `resume` the given/latest run, checkpoints or not (see `RunHold.restarted`)."""
     recipe_dir = Path(runs_root) / name
     if resume:
         run_dir = recipe_dir / run_id if run_id else latest_run(recipe_dir)
-        if run_dir is None or not (run_dir / ckpt.CHECKPOINTS).is_dir():
+        if run_dir is None or not run_dir.is_dir():
             where = run_dir if run_id else recipe_dir
             raise CheckpointError(f"no run to resume at {where}; run `surgery build` without --resume first")
         return run_dir
@@ -52,19 +81,76 @@ def run_folder(runs_root: Path, name: str, run_id: str | None, *, resume: bool) 
         raise CheckpointError(
             f"--run-id {LATEST} names the link to the newest run; use it with --resume, or pick another"
         )
-    if run_id is None:
-        run_id = datetime.now().strftime("%Y%m%d-%H%M%S")
-        base, n = run_id, 1
-        while (recipe_dir / run_id).exists():
-            n += 1
-            run_id = f"{base}-{n}"
-    run_dir = recipe_dir / run_id
-    if (run_dir / ckpt.CHECKPOINTS).is_dir() and any((run_dir / ckpt.CHECKPOINTS).iterdir()):
-        raise CheckpointError(
-            f"run {run_dir} already has checkpoints; add --resume to continue it, or pick another --run-id"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    recipe_dir.mkdir(parents=True, exist_ok=True)
+    if run_id is not None:
+        run_dir = recipe_dir / run_id
+        if has_checkpoint(run_dir):
+            raise CheckpointError(
+                f"run {run_dir} already has checkpoints; add --resume to continue it, or pick another --run-id"
+            )
+        run_dir.mkdir(exist_ok=True)  # a named run that never saved may be started again (under its lock)
+        return run_dir
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 10_000):
+        run_dir = recipe_dir / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            run_dir.mkdir()  # exclusive: of two builds racing for a name, one gets it, the other tries the next
+        except FileExistsError:
+            continue
+        return run_dir
+    raise CheckpointError(f"{recipe_dir} already has 10,000 runs named {stamp}*; pick a --run-id")
+
+
+# --------------------------------------------------------------------------- holding a run
+
+
+@dataclass
+class RunHold:
+    """A run held by this process: `restarted` when a resume found no checkpoint, so the run was
+    cleared and starts again from the beginning."""
+
+    run_dir: Path
+    restarted: bool = False
+
+
+def _holder(path: Path) -> str:
+    try:
+        pid = path.read_text().strip()
+    except OSError:
+        pid = ""
+    return f"process {pid}" if pid.isdigit() else "another process"
+
+
+@contextlib.contextmanager
+def hold_run(run_dir: Path, *, resume: bool) -> Iterator[RunHold]:
+    """Hold `run_dir` while this process trains in it: a second process is refused with the
+    holder's pid. The kernel drops the hold when the process ends, even by SIGKILL. Resuming a run
+    that has no checkpoint (killed before its first) clears what it left and starts it again."""
+    path = Path(run_dir) / HOLD_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CheckpointError(
+                f"run {run_dir} is in use by {_holder(path)}; wait for it to finish, or build into another --run-id"
+            ) from None
+        with contextlib.suppress(OSError):  # on a full disk the hold still holds, it just can't say whose
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        hold = RunHold(Path(run_dir))
+        if not resume and has_checkpoint(run_dir):  # checked again now that no one else can write here
+            raise CheckpointError(
+                f"run {run_dir} already has checkpoints; add --resume to continue it, or pick another --run-id"
+            )
+        if resume and not has_checkpoint(run_dir):
+            for name in _PARTIAL:
+                target = Path(run_dir) / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            hold.restarted = True
+        yield hold
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
 
 
 def _weight_hashes(recipe: Recipe) -> dict[str, str]:
@@ -93,14 +179,15 @@ def write_lock(recipe: Recipe, run_dir: Path) -> Path:
     from surgery.recipe import dump_recipe, recipe_hash
 
     lines = ["# surgery lock: the resolved recipe of this run; load it like any recipe (comments are ignored)"]
-    lines.append(f"# recipe_sha256: {recipe_hash(recipe)}")
+    lines.append(f"# recipe_sha256: {recipe_hash(recipe, portable=True)}")
     lines.append("# packages: " + ", ".join(f"{k} {v}" for k, v in package_versions().items()))
     if recipe.backbone.pretrained:
         lines.append(f"# pretrained: {recipe.backbone.source} {recipe.backbone.name} (from the zoo's hub/cache)")
     lines.extend(f"# weights: {path} sha256:{digest}" for path, digest in _weight_hashes(recipe).items())
     lines.extend(provenance_lines(recipe))
     path = Path(run_dir) / LOCK_FILE
-    tmp = path.with_name(f".{LOCK_FILE}.tmp")
-    tmp.write_text("\n".join(lines) + "\n" + dump_recipe(recipe))
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{LOCK_FILE}.tmp-{os.getpid()}")
+    with temporary_until_renamed(tmp, path):
+        tmp.write_text("\n".join(lines) + "\n" + dump_recipe(recipe))
+        os.replace(tmp, path)
     return path

@@ -43,9 +43,10 @@ from surgery.registry import (
 
 
 class Strict(BaseModel):
-    """Base of every recipe model: unknown keys are errors, values are checked on assignment."""
+    """Base of every recipe model: unknown keys are errors, values are checked on assignment, and
+    no number is infinite or NaN."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 def registry_name(registry: Registry) -> Any:
@@ -74,7 +75,16 @@ ExportFormat = registry_name(EXPORT_FORMATS)
 _IDENT = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _SLUG = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 _DEVICE = r"^(auto|cpu|mps|cuda(:[0-9]+)?)$"
-PositiveInt = Annotated[int, Field(gt=0)]
+# Every number has a ceiling far above any real use and far below what overflows or exhausts a
+# machine: a recipe that validates can be built.
+MAX_COUNT = 2**31 - 1  # counts of steps, epochs, samples, replicas (an int32)
+MAX_WIDTH = 2**20  # features, channels, classes, ranks, tokens (a 1M-wide layer is already huge)
+MAX_IMAGE_SIDE = 16_384  # pixels per side of an input image
+MAX_SEED = 2**32 - 1  # what every RNG the trainer seeds (numpy's included) accepts
+PositiveInt = Annotated[int, Field(gt=0, le=MAX_COUNT)]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+Width = Annotated[int, Field(gt=0, le=MAX_WIDTH)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
@@ -139,13 +149,13 @@ class NoParams(Strict):
 
 
 class LinearParams(Strict):
-    out_features: PositiveInt = Field(description="Output size; `in_features` is inferred from what feeds the layer.")
+    out_features: Width = Field(description="Output size; `in_features` is inferred from what feeds the layer.")
     bias: bool = Field(True, description="Learn an additive bias.")
 
 
 class MLPParams(Strict):
-    hidden: list[PositiveInt] = Field(description="Sizes of the hidden layers, in order.")
-    out_features: PositiveInt = Field(description="Output size of the last layer.")
+    hidden: list[Width] = Field(description="Sizes of the hidden layers, in order.")
+    out_features: Width = Field(description="Output size of the last layer.")
     activation: Literal["relu", "gelu", "silu", "tanh"] = Field("gelu", description="Activation between layers.")
     norm: Literal["none", "layernorm", "batchnorm"] = Field(
         "none", description="Normalisation after each hidden layer."
@@ -162,7 +172,7 @@ class NormParams(Strict):
 
 
 class Conv1x1Params(Strict):
-    out_channels: PositiveInt = Field(description="Output channels; `in_channels` is inferred.")
+    out_channels: Width = Field(description="Output channels; `in_channels` is inferred.")
     bias: bool = Field(True, description="Learn an additive bias.")
 
 
@@ -193,6 +203,65 @@ assert set(LayerSpec.model_fields) == set(LAYERS.names), "LayerSpec and the LAYE
 
 # --------------------------------------------------------------------------- backbone
 
+# Keyword arguments that are plumbing (where weights come from, downloads, trust), not model
+# hyperparameters: each is refused in `backbone.kwargs` with the field that does its job instead.
+_WEIGHTS = (
+    "set `backbone.pretrained: true` (the zoo's weights) or `backbone.weights:` (a local file, pinned by `sha256:`)"
+)
+PLUMBING_KWARGS: dict[str, str] = {
+    "trust_remote_code": "remote code is never run: a recipe is data, never code",
+    "code_revision": "remote code is never run: a recipe is data, never code",
+    "pretrained": _WEIGHTS,
+    "weights": _WEIGHTS,
+    "weights_backbone": _WEIGHTS,
+    "checkpoint_path": _WEIGHTS,
+    "pretrained_cfg": _WEIGHTS,
+    "pretrained_cfg_overlay": _WEIGHTS,
+    "pretrained_model_name_or_path": "set `backbone.name` (a hub id or a local folder)",
+    "model_name": "set `backbone.name`",
+    "state_dict": _WEIGHTS,
+    "from_tf": _WEIGHTS,
+    "from_flax": _WEIGHTS,
+    "use_safetensors": _WEIGHTS,
+    "variant": _WEIGHTS,
+    "subfolder": "point `backbone.weights:` at the model folder itself",
+    "revision": "set `backbone.revision`",
+    "progress": "downloads are the zoo's business; progress is not a model setting",
+    "cache_dir": "the zoo's cache is set by the environment (HF_HOME, HF_HUB_CACHE, TORCH_HOME)",
+    "force_download": "the zoo's cache is set by the environment (HF_HOME, HF_HUB_CACHE, TORCH_HOME)",
+    "resume_download": "the zoo's cache is set by the environment (HF_HOME, HF_HUB_CACHE, TORCH_HOME)",
+    "proxies": "network settings come from the environment (HTTPS_PROXY)",
+    "token": "log in where the run happens (`hf auth login` or HF_TOKEN); a token never goes in a recipe",
+    "use_auth_token": "log in where the run happens (`hf auth login` or HF_TOKEN); a token never goes in a recipe",
+    "local_files_only": "set HF_HUB_OFFLINE=1, or point `backbone.name`/`weights:` at a local folder",
+    "features_only": "heads read multi-scale features with `input: features` and `feature_index`",
+    "out_indices": "heads read multi-scale features with `input: features` and `feature_index`",
+    "torch_dtype": "set `train.precision`",
+    "dtype": "set `train.precision`",
+    "device": "set `placement.device`",
+    "device_map": "set `placement` (strategy, device, stages)",
+    "low_cpu_mem_usage": "loading is the zoo's business, not a model setting",
+    "offload_folder": "set `placement` (strategy, device, stages)",
+    "quantization_config": "quantisation is not a recipe setting",
+    "load_in_8bit": "quantisation is not a recipe setting",
+    "load_in_4bit": "quantisation is not a recipe setting",
+}
+
+
+def _model_kwarg(key: str) -> str:
+    instead = PLUMBING_KWARGS.get(key) or (
+        PLUMBING_KWARGS["pretrained_cfg"] if key.startswith("pretrained_cfg") else None
+    )
+    if key.startswith("_"):
+        instead = "private arguments of the zoo are not model settings"
+    if instead is not None:
+        raise PydanticCustomError(
+            "plumbing_kwarg",
+            "{msg}",
+            {"msg": f"{key!r} is not a model hyperparameter and is not accepted in kwargs; {instead}"},
+        )
+    return key
+
 
 class Backbone(Strict):
     """The pretrained network heads are put on."""
@@ -217,9 +286,11 @@ class Backbone(Strict):
         True,
         description="Refuse weights whose keys or shapes don't match (the classifier is the only tolerated mismatch).",
     )
-    kwargs: dict[str, bool | int | float | str | list[int] | list[float]] = Field(
-        default_factory=dict,
-        description="Extra keyword arguments for the zoo's constructor (e.g. `in_chans`, `drop_path_rate`); checked by the zoo at build time.",
+    kwargs: dict[Annotated[str, AfterValidator(_model_kwarg)], bool | int | float | str | list[int] | list[float]] = (
+        Field(
+            default_factory=dict,
+            description="Model hyperparameters for the zoo's constructor (e.g. `in_chans`, `drop_path_rate`), checked by the zoo at build time. Plumbing (`pretrained`, `checkpoint_path`, `trust_remote_code`, `cache_dir`, `token`, `revision`, ...) is refused: the recipe's own fields do those jobs.",
+        )
     )
     revision: str | None = Field(None, description="Hugging Face revision (branch, tag or commit) for hub ids.")
 
@@ -227,15 +298,13 @@ class Backbone(Strict):
 class InputOverride(Strict):
     """Overrides for the input spec the backbone's pretrained config provides."""
 
-    size: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)] | None = Field(
-        None, description="Input image size [height, width]."
+    size: Annotated[list[Annotated[int, Field(gt=0, le=MAX_IMAGE_SIDE)]], Field(min_length=2, max_length=2)] | None = (
+        Field(None, description="Input image size [height, width].")
     )
-    channels: PositiveInt | None = Field(
-        None, description="Input image channels (set by `input_channels` surgery too)."
-    )
+    channels: Width | None = Field(None, description="Input image channels (set by `input_channels` surgery too).")
     mean: list[float] | None = Field(None, description="Per-channel normalisation mean.")
     std: list[Annotated[float, Field(gt=0)]] | None = Field(None, description="Per-channel normalisation std.")
-    max_length: PositiveInt | None = Field(None, description="Token limit for text inputs.")
+    max_length: Width | None = Field(None, description="Token limit for text inputs.")
 
 
 # --------------------------------------------------------------------------- surgery ops
@@ -254,7 +323,7 @@ class LoraOp(Strict):
         min_length=1,
         description="Globs over backbone module names whose Linear/Conv layers get LoRA adapters (e.g. `encoder.layer.*.attention.self.query`).",
     )
-    r: PositiveInt = Field(8, description="Rank of the adapter.")
+    r: Width = Field(8, description="Rank of the adapter.")
     alpha: float = Field(16.0, gt=0, description="Scaling numerator (the update is scaled by alpha / r).")
     dropout: Probability = Field(0.0, description="Dropout on the adapter's input.")
 
@@ -267,12 +336,13 @@ class SurgeryOp(OneOf):
     truncate: str | None = Field(
         None, description="Drop every module after this one (the backbone's output becomes this module's output)."
     )
-    input_channels: PositiveInt | None = Field(
+    input_channels: Width | None = Field(
         None,
         description="Adapt the first convolution to N input channels, adapting its pretrained weights as timm does.",
     )
     reinit: str | None = Field(
-        None, description="Re-initialise a module's parameters (discard pretrained weights there)."
+        None,
+        description="Re-initialise a module's parameters (discard pretrained weights there) with the model's own initialisation (timm/torchvision: as a fresh model starts, e.g. timm's zero-initialised last BatchNorm of each residual block; otherwise PyTorch's `reset_parameters`).",
     )
     lora: LoraOp | None = Field(
         None, description="Add LoRA adapters (via peft) to the matched modules; they are merged on export."
@@ -309,7 +379,7 @@ class Head(Strict):
         "mean",
         description="For `input: tokens`: take the CLS token, mean over the attention mask, or keep the sequence (`none`).",
     )
-    feature_index: int = Field(
+    feature_index: Annotated[int, Field(ge=-1024, le=1024)] = Field(
         -1,
         description="For `input: features`: which feature map (timm `features_only` order; negative counts from the end).",
     )
@@ -371,9 +441,7 @@ class ResizedCropParams(Strict):
 
 
 class RandomCropParams(Strict):
-    padding: Annotated[int, Field(ge=0)] = Field(
-        4, description="Zero padding added on each side before cropping back to size."
-    )
+    padding: Count = Field(4, description="Zero padding added on each side before cropping back to size.")
 
 
 class RotateParams(Strict):
@@ -408,8 +476,10 @@ assert set(Augmentation.model_fields) == set(AUGMENTATIONS.names), "Augmentation
 
 
 class Synthetic(Strict):
-    num_samples: PositiveInt = Field(256, description="Training samples (validation gets a quarter as many).")
-    num_classes: PositiveInt = Field(10, description="Classes of the random labels (for classification heads).")
+    num_samples: Annotated[int, Field(gt=0, le=1_000_000)] = Field(
+        256, description="Training samples (validation gets a quarter as many); held in memory, at most a million."
+    )
+    num_classes: Width = Field(10, description="Classes of the random labels (for classification heads).")
 
 
 class Data(Strict):
@@ -424,7 +494,7 @@ class Data(Strict):
         None, description="Validation data; when absent, `val_split` of the training data is held out."
     )
     val_split: float = Field(0.2, gt=0, lt=1, description="Fraction held out for validation when `val` is absent.")
-    split_seed: int = Field(0, description="Seed of the train/validation split (independent of the training seed).")
+    split_seed: Seed = Field(0, description="Seed of the train/validation split (independent of the training seed).")
     text_column: str | None = Field(
         None, description="Text column (`csv`/`jsonl`), tokenised with the backbone's tokenizer."
     )
@@ -432,9 +502,13 @@ class Data(Strict):
         None, description="Numeric feature columns (`csv`/`jsonl`) used as a float vector input."
     )
     label_column: str = Field("label", description="Default label column for heads without a `target`.")
+    on_bad_file: Literal["error", "skip"] = Field(
+        "error",
+        description="`image_folder`: an image that cannot be read stops the build before training (`error`), or is left out (`skip`): counted and listed in the run summary and metrics.jsonl.",
+    )
     batch_size: PositiveInt = Field(32, description="Training batch size (per process).")
     eval_batch_size: PositiveInt | None = Field(None, description="Validation batch size; default: `batch_size`.")
-    num_workers: Literal["auto"] | Annotated[int, Field(ge=0)] = Field(
+    num_workers: Literal["auto"] | Count = Field(
         "auto",
         description="DataLoader worker processes; `auto` is 4 per GPU, capped by the CPU count (0 on CPU-only machines with ≤ 2 cores).",
     )
@@ -470,9 +544,7 @@ class Optimizer(Strict):
 
 class Scheduler(Strict):
     name: SchedulerName = Field("constant", description="Learning-rate schedule: " + SCHEDULERS.describe())
-    warmup_steps: Annotated[int, Field(ge=0)] = Field(
-        0, description="Linear warmup from 0 over this many optimizer steps."
-    )
+    warmup_steps: Count = Field(0, description="Linear warmup from 0 over this many optimizer steps.")
     min_lr: float = Field(0.0, ge=0, description="Final learning rate for `cosine` and `linear`.")
     step_epochs: PositiveInt = Field(10, description="Epochs between decays for `step`.")
     gamma: float = Field(0.1, gt=0, description="Decay factor for `step`.")
@@ -486,9 +558,7 @@ class LrGroup(Strict):
 
 
 class UnfreezeAt(Strict):
-    epoch: Annotated[int, Field(ge=0)] = Field(
-        description="Epoch (0-based) at whose start these parameters become trainable."
-    )
+    epoch: Count = Field(description="Epoch (0-based) at whose start these parameters become trainable.")
     params: ParamGlob = Field(description="Glob over parameter names to unfreeze.")
     lr_scale: float = Field(1.0, gt=0, description="Learning-rate multiplier of the newly trainable parameters.")
 
@@ -496,9 +566,7 @@ class UnfreezeAt(Strict):
 class Checkpointing(Strict):
     every_steps: PositiveInt | None = Field(None, description="Also save every N optimizer steps (mid-epoch).")
     every_epoch: bool = Field(True, description="Save at the end of each epoch.")
-    keep_best: Annotated[int, Field(ge=0)] = Field(
-        1, description="Keep the k best checkpoints by `monitor` (plus `last`)."
-    )
+    keep_best: Count = Field(1, description="Keep the k best checkpoints by `monitor` (plus `last`).")
     monitor: str = Field(
         "val/loss", description="Metric that ranks checkpoints: `val/loss`, `val/<head>/loss` or `val/<head>/<metric>`."
     )
@@ -519,7 +587,7 @@ class Train(Strict):
     max_steps: PositiveInt | None = Field(
         None, description="Stop after this many optimizer steps, whatever `epochs` says."
     )
-    seed: int = Field(
+    seed: Seed = Field(
         0, description="Seed of weights init, data order and augmentations; CPU runs are bit-reproducible."
     )
     optimizer: Optimizer = Field(default_factory=Optimizer, description="Optimizer and its settings.")
@@ -555,7 +623,7 @@ class Monitor(Strict):
     log_every_steps: PositiveInt = Field(10, description="Log training scalars every N optimizer steps.")
     histograms: bool = Field(True, description="Log histograms of trainable weights and their gradients each epoch.")
     graph: bool = Field(True, description="Log the model graph once.")
-    sample_predictions: Annotated[int, Field(ge=0)] = Field(
+    sample_predictions: Count = Field(
         8, description="Validation images logged with their predictions each epoch (image data)."
     )
     progress: Literal["auto", "rich", "plain", "none"] = Field(
@@ -619,7 +687,7 @@ class Export(Strict):
 
 
 class Autoscaling(Strict):
-    min_replicas: Annotated[int, Field(ge=0)] = Field(1, description="Fewest replicas.")
+    min_replicas: Count = Field(1, description="Fewest replicas.")
     max_replicas: PositiveInt = Field(2, description="Most replicas.")
     target_ongoing_requests: PositiveInt = Field(
         8, description="Requests in flight per replica that autoscaling aims for."
@@ -652,6 +720,20 @@ class Serve(Strict):
 class Recipe(Strict):
     """A `surgery` recipe: what model to build, how to train, export and serve it."""
 
+    # The folder of the recipe file it was loaded from (not a field: a recipe is the same recipe
+    # wherever it lies); paths are hashed relative to it for the resume contract.
+    _source_dir: str | None = PrivateAttr(None)
+    # Where each file of the extends chain came from (set by surgery.recipe, for the lock file).
+    _provenance: Any = PrivateAttr(None)
+
+    def __eq__(self, other: object) -> bool:
+        # Equal recipes are equal wherever their files lie: compare fields, not the source folder.
+        if not isinstance(other, Recipe):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like every recipe model
+
     name: Annotated[str, Field(pattern=_SLUG)] = Field(
         description="Recipe name; run folders are `runs/<name>/<run-id>`."
     )
@@ -667,9 +749,6 @@ class Recipe(Strict):
         None,
         description="Base recipe(s) deep-merged under this one: a path relative to this file, a library name (`quickstart`), or `name@version` from a configured library. Mappings merge; lists and scalars replace. Empty after loading.",
     )
-    _provenance: Any = PrivateAttr(
-        default=None
-    )  # set by surgery.recipe: where each file of the extends chain came from
     backbone: Backbone = Field(description="The pretrained network.")
     input: InputOverride | None = Field(None, description="Overrides of the input spec the backbone provides.")
     surgery: list[SurgeryOp] = Field(

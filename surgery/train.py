@@ -85,9 +85,9 @@ def with_class_names(recipe: Recipe, model: Any, class_names: dict[str, list[str
     heads = []
     for head in recipe.heads:
         names = class_names.get(head.name)
-        if head.labels is None and names and model.head_info[head.name]["task"] == "multiclass":
+        if head.labels is None and names and model.head_info[head.name].task == "multiclass":
             head = head.model_copy(update={"labels": list(names)})
-            model.head_info[head.name]["labels"] = list(names)
+            model.head_info[head.name] = model.head_info[head.name].with_labels(names)
         heads.append(head)
     return recipe.model_copy(update={"heads": heads})
 
@@ -127,7 +127,7 @@ def _save(
         "step": state.step,
         "batch_in_epoch": state.batch,
         "metrics": state.metrics,
-        "recipe_sha256": recipe_hash(recipe),
+        "recipe_sha256": recipe_hash(recipe, portable=True),
     }
     c = recipe.train.checkpoint
     path = None
@@ -164,7 +164,7 @@ def _restore(
 
     last = ckpt.find_last(run_dir)
     meta = ckpt.read_meta(last)
-    if meta.get("recipe_sha256") != recipe_hash(recipe):
+    if meta.get("recipe_sha256") != recipe_hash(recipe, portable=True):
         old = load_recipe_text((last / ckpt.RECIPE_FILE).read_text(), filename=str(last / ckpt.RECIPE_FILE))
         changes = ckpt.check_resume(old, recipe, force=force)
         progress.note("resuming with a changed recipe:\n" + "\n".join(changes))
@@ -239,11 +239,11 @@ def _log_samples(monitor: RunMonitor, model: Any, first: Any, data: TrainingData
     if first is None or model.input_spec.kind != "image":
         return
     inputs, targets, outputs = first
-    head = next((name for name, info in model.head_info.items() if info["task"] == "multiclass"), None)
+    head = next((name for name, info in model.head_info.items() if info.task == "multiclass"), None)
     if head is None:
         return
     k = monitor.settings.sample_predictions
-    names = data.class_names.get(head) or model.head_info[head].get("labels")
+    names = data.class_names.get(head) or model.head_info[head].labels
     label = lambda i: str(names[i]) if names and i < len(names) else str(i)  # noqa: E731
     predicted = outputs[head][:k].argmax(-1).tolist()
     truth = targets[head][:k].cpu().tolist()
@@ -332,6 +332,11 @@ def fit(
     if not resume and main:
         model.eval()
         monitor.graph(model, tuple(t.to(device) for t in model.example_inputs(2)))
+    monitor.skipped_files(state.step, data.skipped)
+    if data.skipped:
+        progress.note(
+            f"left out {len(data.skipped)} unreadable file(s) (data.on_bad_file: skip): {_some_files(data.skipped)}"
+        )
     if rng is not None:
         ckpt.set_rng_state(rng)  # last: nothing random may run between this and the next batch
 
@@ -452,8 +457,15 @@ def fit(
         )
         if best is not None:
             rows["best checkpoint"] = best.name
+        if data.skipped:
+            rows["skipped files"] = f"{len(data.skipped)}: {_some_files(data.skipped)}"
         progress.summary(f"{recipe.name}: run summary", rows)
     return FitResult(best, last_path, dict(state.metrics), state.stopped_early)
+
+
+def _some_files(skipped: list[tuple[str, str]], n: int = 5) -> str:
+    shown = ", ".join(Path(file).name for file, _ in skipped[:n])
+    return shown + (f" and {len(skipped) - n} more (metrics.jsonl lists them all)" if len(skipped) > n else "")
 
 
 def _lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -82,7 +82,7 @@ def test_unknown_timm_name_suggests_close_names() -> None:
 
 def test_timm_vit_pooled_tap() -> None:
     model = build_model(recipe({"source": "timm", "name": "test_vit", "pretrained": False}))
-    assert model.head_info["out"]["out_features"] == 3
+    assert model.head_info["out"].out_features == 3
     assert model.taps(*model.example_inputs(1))["pooled"].shape == (1, 64)
 
 
@@ -363,4 +363,33 @@ def test_unreachable_hub_fails_fast_without_offline_flag(empty_caches: None, mon
 
 def test_plan_style_build_never_downloads(empty_caches: None) -> None:
     model = build_model(recipe({"source": "torchvision", "name": "resnet18", "pretrained": True}), load_weights=False)
-    assert model.head_info["out"]["out_features"] == 3
+    assert model.head_info["out"].out_features == 3
+
+
+# --------------------------------------------------------------------------- kwargs: hyperparameters only
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"drop_rate": "abc"}, "could not convert"),
+        ({"global_pool": "nope"}, "rejected kwargs"),
+        ({"layers": [1]}, "rejected kwargs"),
+        ({"drop_rate": 5.0}, "dropout probability"),
+    ],
+)
+def test_timm_kwargs_the_zoo_cannot_use_are_one_line_build_errors(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(BuildError, match=field) as caught:
+        build_model(recipe(TIMM | {"kwargs": kwargs}))
+    assert "\n" not in str(caught.value)
+
+
+def test_transformers_kwargs_override_the_config_and_unknown_ones_are_refused(tiny_bert: Path) -> None:
+    bert = {"source": "transformers", "name": str(tiny_bert)}
+    model = build_model(recipe(bert | {"kwargs": {"hidden_dropout_prob": 0.3}}, [head("t", "tokens", pool="cls")]))
+    assert model.backbone.config.hidden_dropout_prob == 0.3
+    with pytest.raises(BuildError, match=r"has no 'hiden_dropout_prob'.*did you mean 'hidden_dropout_prob'"):
+        build_model(recipe(bert | {"kwargs": {"hiden_dropout_prob": 0.3}}, [head("t", "tokens", pool="cls")]))
+    with pytest.raises(BuildError, match="rejected kwargs") as caught:
+        build_model(recipe(bert | {"kwargs": {"num_hidden_layers": "two"}}, [head("t", "tokens", pool="cls")]))
+    assert "\n" not in str(caught.value)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from surgery.data import EpochBatchSampler, load_data
 from surgery.errors import DataError
+from surgery.heads import HeadInfo
 from surgery.inputs import InputSpec
 from surgery.model import build_model
 from surgery.placement import SingleDevice
@@ -164,7 +165,7 @@ def vector_model(features: int = 3, out: int = 2, task: str = "multiclass") -> S
     return SimpleNamespace(
         input_spec=spec,
         tokenizer=None,
-        head_info={"cls": {"task": task, "labels": None, "out_features": out}},
+        head_info={"cls": HeadInfo(task, out, (out,))},
         example_inputs=lambda n=2: (torch.zeros(n, features),),
     )
 
@@ -243,3 +244,56 @@ def test_synthetic_follows_model_input_and_heads(digits_model) -> None:
     inputs, targets = next(iter(data.train))
     assert inputs[0].shape == (8, 1, 16, 16)
     assert int(targets["cls"].max()) < 3
+
+
+def _with_bad_files(tmp_path: Path) -> Path:
+    train = make_image_folder(tmp_path / "train", {"a": 4, "b": 4})
+    (train / "a" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")  # garbage
+    good = (train / "b" / "0.png").read_bytes()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(train / "b" / "3.png")
+    (train / "b" / "3.png").write_bytes((train / "b" / "3.png").read_bytes()[:-40])  # truncated
+    assert good  # the others stay readable
+    return train
+
+
+def test_on_bad_file_error_names_the_file_and_the_setting(tmp_path: Path) -> None:
+    recipe = image_recipe({"source": "image_folder", "train": str(_with_bad_files(tmp_path))}, out_features=2)
+    with pytest.raises(DataError, match=r"unreadable image .*a/1\.png: .*set `data.on_bad_file: skip`"):
+        load_data(recipe, build_model(recipe), CPU)
+
+
+def test_on_bad_file_skip_leaves_unreadable_images_out_and_lists_them(tmp_path: Path) -> None:
+    train = _with_bad_files(tmp_path)
+    data_cfg = {"source": "image_folder", "train": str(train), "on_bad_file": "skip", "val_split": 0.25}
+    recipe = image_recipe(data_cfg, out_features=2)
+    data = load_data(recipe, build_model(recipe), CPU)
+    assert sorted(Path(f).relative_to(train).as_posix() for f, _ in data.skipped) == ["a/1.png", "b/3.png"]
+    assert data.num_train + data.num_val == 6
+    for _ in data.train:  # every remaining file decodes
+        pass
+
+
+def test_skipped_files_reach_the_run_summary_and_metrics_jsonl(tmp_path: Path, capsys) -> None:
+    from surgery.train import fit
+
+    train = _with_bad_files(tmp_path)
+    data_cfg = {
+        "source": "image_folder",
+        "train": str(train),
+        "on_bad_file": "skip",
+        "batch_size": 4,
+        "val_split": 0.34,
+    }
+    recipe = image_recipe(data_cfg, out_features=2).model_copy(deep=True)
+    recipe.train.epochs = 1
+    recipe.monitor.progress = "plain"
+    recipe.monitor.tensorboard = False
+    fit(recipe, tmp_path / "run")
+    out = capsys.readouterr()
+    summary = (out.out + out.err).split("run summary")[-1]
+    assert "skipped files" in summary and "2: 1.png, 3.png" in summary
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (record,) = [line for line in lines if "skipped" in line]
+    assert record["data/skipped_files"] == 2
+    assert sorted(Path(item["file"]).name for item in record["skipped"]) == ["1.png", "3.png"]
+    assert all(item["why"] for item in record["skipped"])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from serve.ingress import doctor_lines
 from surgery import doctor
 
 
@@ -15,7 +16,7 @@ def test_report_lists_versions_devices_hubs_and_caches(monkeypatch: pytest.Monke
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     (tmp_path / "hub").mkdir()
     (tmp_path / "hub" / "blob").write_bytes(b"x" * 2**20)
-    report = doctor.doctor_report()
+    report = doctor.doctor_report(serving=doctor_lines())
     for name in ("python", "torch", "timm", "transformers", "ray", "cuda", "haproxy"):
         assert f"\n{name}" in report
     assert "cores usable; RAM" in report

@@ -109,7 +109,7 @@ def test_default_init_keeps_pytorch_init() -> None:
 def test_task_follows_the_loss(loss: str, out: int, task: str) -> None:
     assert task_of(loss, out) == task
     info = head_info(make_head([{"linear": {"out_features": out}}], loss), (2, out))
-    assert info["task"] == task and info["out_features"] == out
+    assert info.task == task and info.out_features == out
 
 
 def test_labels_must_match_outputs() -> None:
@@ -170,3 +170,16 @@ def test_missing_targets_name_the_head() -> None:
         compute_losses(
             nn.Identity(), {"a": torch.randn(2, 3), "b": torch.randn(2, 1)}, {"a": torch.tensor([0, 1])}, two_heads()
         )
+
+
+def test_head_info_is_a_typed_record_that_is_replaced_not_mutated() -> None:
+    import dataclasses
+
+    info = head_info(make_head([{"linear": {"out_features": 3}}]), (2, 3))
+    assert (info.task, info.out_features, info.output_shape, info.labels) == ("multiclass", 3, (3,), None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        info.labels = ("a", "b", "c")  # type: ignore[misc]
+    named = info.with_labels(["a", "b", "c"])
+    assert info.labels is None and named.labels == ("a", "b", "c")
+    # the bundle manifest's per-head entry keeps its JSON shape
+    assert named.to_dict() == {"task": "multiclass", "labels": ["a", "b", "c"], "out_features": 3, "output_shape": [3]}

@@ -47,13 +47,13 @@ def test_forward_returns_each_head_and_head_info() -> None:
     model = build_model(recipe())
     outputs = model(*model.example_inputs(3))
     assert {k: tuple(v.shape) for k, v in outputs.items()} == {"kind": (3, 4), "size": (3, 1)}
-    assert model.head_info["kind"] | {} == {
+    assert model.head_info["kind"].to_dict() == {
         "task": "multiclass",
         "labels": ["a", "b", "c", "d"],
         "out_features": 4,
         "output_shape": [4],
     }
-    assert model.head_info["size"]["task"] == "regression"
+    assert model.head_info["size"].task == "regression"
     total, per_head = compute_losses(
         model, outputs, {"kind": torch.tensor([0, 1, 3]), "size": torch.randn(3)}, recipe()
     )
@@ -123,3 +123,27 @@ def test_state_dict_round_trip_into_a_weightless_build() -> None:
     rebuilt.eval()
     x = trained.example_inputs(2)
     torch.testing.assert_close(trained(*x)["kind"], rebuilt(*x)["kind"])
+
+
+def test_a_model_bigger_than_the_machine_is_refused_before_allocating() -> None:
+    huge = [{"name": "big", "layers": [{"mlp": {"hidden": [2**20], "out_features": 2**20}}], "loss": "mse"}]
+    # 2^40 weights (4 TiB): allocating them would fail with a RuntimeError, not this message.
+    with pytest.raises(
+        BuildError, match=r"parameters alone need 4\.0 TiB \(1,099,6\d\d,\d{3},\d{3} parameters\)"
+    ) as err:
+        build_model(recipe(heads=huge), load_weights=False)
+    assert "largest is heads.big.0.2" in str(err.value) and "of memory" in str(err.value)
+
+
+def test_memory_check_counts_on_the_meta_device_and_compares_with_the_machine(monkeypatch) -> None:
+    import surgery.model as model_module
+
+    count, size, biggest, _ = model_module.parameter_footprint(recipe())
+    real = build_model(recipe())
+    assert count == sum(p.numel() for p in real.parameters()) and size == 4 * count
+    assert biggest.startswith("backbone.")
+    monkeypatch.setattr(model_module, "machine_memory", lambda: size - 1)
+    with pytest.raises(BuildError, match=r"more than this machine's"):
+        build_model(recipe())
+    monkeypatch.setattr(model_module, "machine_memory", lambda: size)
+    build_model(recipe())

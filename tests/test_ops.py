@@ -179,3 +179,30 @@ def test_ops_apply_in_order() -> None:
     )
     assert isinstance(model.backbone.layer4, nn.Conv2d) and model.backbone.layer4.in_channels == 192
     assert model.heads["out"][0].in_features == 20
+
+
+def test_reinit_on_timm_uses_the_models_own_init(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    trained = build_model(recipe([])).backbone  # stand-in for pretrained weights: every tensor 0.5
+    weights = tmp_path / "w.safetensors"
+    save_file({k: torch.full_like(v, 0.5) for k, v in trained.state_dict().items()}, str(weights))
+    model = build_model(recipe([{"reinit": "layer1"}], backbone=TIMM | {"weights": str(weights), "pretrained": True}))
+    state = model.backbone.state_dict()
+    # timm zero-initialises the last BatchNorm of each residual block (PyTorch's reset would give 1s)
+    assert torch.count_nonzero(state["layer1.0.bn2.weight"]) == 0
+    assert torch.all(state["layer1.0.bn1.weight"] == 1) and torch.all(state["layer1.0.bn1.running_var"] == 1)
+    conv = state["layer1.0.conv1.weight"]
+    fan_out = conv.shape[0] * conv.shape[2] * conv.shape[3]  # timm's kaiming_normal_(mode="fan_out")
+    assert abs(float(conv.std()) - (2 / fan_out) ** 0.5) < 0.25 * (2 / fan_out) ** 0.5
+    assert torch.all(state["layer2.0.conv1.weight"] == 0.5)  # the rest keeps its weights
+
+
+def test_reinit_of_a_module_changed_by_surgery_falls_back_to_pytorch_init() -> None:
+    model = build_model(
+        recipe(
+            [{"replace": {"module": "fc", "layer": {"linear": {"out_features": 5}}}}, {"reinit": "fc"}],
+            [{"name": "out", "input": "logits", "layers": [{"linear": {"out_features": 2}}], "loss": "mse"}],
+        )
+    )
+    assert model.backbone.fc.weight.shape == (5, 96)  # not the fresh copy's 1000-way classifier

@@ -275,13 +275,13 @@ def test_empty_file(text: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "kind"), [("- a\n- b\n", "a list"), ("just text\n", "'just text'"), ("\n\n42\n", "42")]
+    ("text", "kind"), [("- a\n- b\n", "a list"), ("just text\n", "a string"), ("\n\n42\n", "a number")]
 )
 def test_non_mapping_top_level(text: str, kind: str) -> None:
     line = one_problem(text)
     assert (
         line
-        == f"r.yaml:{3 if kind == '42' else 1}:1: the top level of a recipe must be a mapping of keys (name, backbone, heads, ...), got {kind}"
+        == f"r.yaml:{3 if kind == 'a number' else 1}:1: the top level of a recipe must be a mapping of keys (name, backbone, heads, ...), got {kind}"
     )
 
 
@@ -626,3 +626,41 @@ def test_readme_example_recipe_validates() -> None:
     assert blocks
     for block in blocks:
         assert load_recipe_text(block).name
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "root:x:0:0:SECRET-TOKEN-42:/root:/bin/bash\ndaemon:x:1:1::/usr/sbin:/usr/sbin/nologin\n",
+        "SECRET-TOKEN-42\n",
+        "api_key: SECRET-TOKEN-42\npassword: hunter2\n",
+        "- SECRET-TOKEN-42\n- other\n",
+        "12345678901234567890 # SECRET-TOKEN-42\n",
+    ],
+    ids=["passwd-like", "one-line", "foreign-mapping", "list", "number"],
+)
+def test_extending_a_file_that_is_not_a_recipe_never_quotes_it(tmp_path: Path, content: str) -> None:
+    secret = tmp_path / "secret.conf"
+    secret.write_text(content)
+    (tmp_path / "r.yaml").write_text(f"extends: {secret}\nname: x\n")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(tmp_path / "r.yaml")
+    message = str(caught.value)
+    assert "SECRET" not in message and "hunter2" not in message and "api_key" not in message
+    assert message.startswith(f"{secret}:")
+    assert "the top level of a recipe must be a mapping" in message or "not a recipe" in message
+
+
+def test_extending_etc_passwd_says_not_a_recipe_without_its_content() -> None:
+    if not Path("/etc/passwd").is_file():
+        pytest.skip("no /etc/passwd on this system")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe_text("extends: /etc/passwd\nname: x\n", filename="r.yaml")
+    assert "must be a mapping" in str(caught.value) and "root" not in str(caught.value)
+
+
+def test_a_recipe_is_equal_to_itself_wherever_its_file_lies(tmp_path: Path) -> None:
+    text = GOOD
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "r.yaml").write_text(text)
+    assert load_recipe(tmp_path / "a" / "r.yaml") == load_recipe_text(text, base_dir=tmp_path / "a")

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel
 
 from surgery import schema as recipe_schema
+from surgery.errors import RecipeError
 from surgery.recipe import RECIPES_DIR, load_recipe, load_recipe_text, recipe_to_dict
 from surgery.registry import ALL_REGISTRIES
 
@@ -88,3 +89,49 @@ def test_cross_check_finds_duplicate_heads() -> None:
     )
     recipe.heads[1].name = "h"
     assert recipe_schema.cross_check(recipe) == [recipe_schema.Problem(("heads", 1, "name"), "duplicate head name 'h'")]
+
+
+@pytest.mark.parametrize(
+    ("key", "instead"),
+    [
+        ("trust_remote_code", "remote code is never run"),
+        ("checkpoint_path", "`backbone.weights:`"),
+        ("pretrained", "`backbone.pretrained: true`"),
+        ("pretrained_cfg_overlay", "`backbone.weights:`"),
+        ("cache_dir", "HF_HOME"),
+        ("token", "HF_TOKEN"),
+        ("local_files_only", "HF_HUB_OFFLINE=1"),
+        ("revision", "`backbone.revision`"),
+        ("weights", "`backbone.weights:`"),
+        ("progress", "not a model setting"),
+        ("_fast_init", "private arguments"),
+    ],
+)
+def test_plumbing_kwargs_are_refused_at_their_line_with_the_field_to_use(key: str, instead: str) -> None:
+    text = f"name: x\nbackbone:\n  source: timm\n  name: test_resnet\n  kwargs:\n    drop_rate: 0.1\n    {key}: true\nheads: [{{name: a, layers: [{{linear: {{out_features: 2}}}}], loss: mse}}]\n"
+    with pytest.raises(RecipeError) as caught:
+        load_recipe_text(text, filename="r.yaml")
+    (line,) = caught.value.problems
+    assert line.startswith("r.yaml:7:") and f"backbone.kwargs.{key}: " in line
+    assert instead in line
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("heads[0].layers[0].linear.out_features=2147483648", "must be ≤ 1048576, got 2147483648"),
+        ("heads[0].layers[0].linear.out_features=9223372036854775808", "must be ≤ 1048576"),
+        ("input.size=[1e30, 16]", "input.size[0]: expected an integer of sensible size"),
+        ("input.size=[100000, 16]", "input.size[0]: must be ≤ 16384"),
+        ("train.seed=1e30", "expected an integer of sensible size, got 1e+30"),
+        ("train.seed=-1", "must be ≥ 0, got -1"),
+        ("train.optimizer.lr=.inf", "must be a finite number, got inf"),
+        ("train.optimizer.lr=.nan", "must be a finite number, got nan"),
+        ("train.epochs=99999999999", "must be ≤ 2147483647, got 99999999999"),
+        ("data.synthetic.num_samples=10000000000", "must be ≤ 1000000, got 10000000000"),
+    ],
+)
+def test_numbers_that_cannot_be_built_do_not_validate(override: str, message: str) -> None:
+    with pytest.raises(RecipeError) as caught:
+        load_recipe("quickstart", [override, "data.source=synthetic"])
+    assert message in str(caught.value)
