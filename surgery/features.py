@@ -73,9 +73,13 @@ def _upstream(model: nn.Module) -> tuple[list[str], list[str], dict[str, int]]:
     per sample of each read: one small forward with every parameter made to require grad."""
     params = dict(model.named_parameters())
     was = {n: p.requires_grad for n, p in params.items()}
-    ran: list[str] = []
+    ran: list[tuple[str, Tensor | None]] = []  # modules in call order, with an output to ask autograd about
+
+    def record(name: str, output: Any) -> None:
+        ran.append((name, output if isinstance(output, Tensor) and output.requires_grad else None))
+
     handles = [
-        m.register_forward_hook(lambda mod, a, o, name=name: ran.append(name))
+        m.register_forward_hook(lambda mod, a, o, name=name: record(name, o))
         for name, m in model.backbone.named_modules()
     ]
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
@@ -87,10 +91,13 @@ def _upstream(model: nn.Module) -> tuple[list[str], list[str], dict[str, int]]:
         with torch.enable_grad():
             reads = model.read_taps(model.taps(*_example_inputs(model, 1)))
             outputs = [t for t in reads.values() if t.requires_grad]
+            probes = [t for _, t in ran if t is not None]
             grads = (
-                torch.autograd.grad([t.float().sum() for t in outputs], list(params.values()), allow_unused=True)
+                torch.autograd.grad(
+                    [t.float().sum() for t in outputs], [*params.values(), *probes], allow_unused=True
+                )
                 if outputs
-                else [None] * len(params)
+                else [None] * (len(params) + len(probes))
             )
         per_sample = {head: t[0].numel() * t.element_size() for head, t in reads.items()}
     finally:
@@ -102,8 +109,11 @@ def _upstream(model: nn.Module) -> tuple[list[str], list[str], dict[str, int]]:
             for n, b in model.named_buffers():
                 b.copy_(buffers[n])
         model.train(training)
-    upstream = [n for (n, _), g in zip(params.items(), grads, strict=True) if g is not None]
-    return upstream, [f"backbone.{n}" if n else "backbone" for n in ran], per_sample
+    upstream = [n for n, g in zip(params, grads[: len(params)], strict=True) if g is not None]
+    feeding = iter(grads[len(params) :])
+    # a module feeds the taps when autograd reaches its output (one it can't ask about counts as feeding)
+    before = [name for name, out in ran if out is None or next(feeding) is not None]
+    return upstream, [f"backbone.{n}" if n else "backbone" for n in before], per_sample
 
 
 def _example_inputs(model: Any, batch: int) -> tuple[Tensor, ...]:

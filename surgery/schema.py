@@ -19,6 +19,7 @@ from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     WithJsonSchema,
@@ -511,6 +512,11 @@ class EarlyStopping(Strict):
     min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
 
 
+def _on_off(value: Any) -> Any:
+    # YAML 1.1 reads unquoted on/off as booleans; a switch written `on` means "on".
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 class Train(Strict):
     """The training loop's settings."""
 
@@ -545,12 +551,13 @@ class Train(Strict):
     )
     early_stopping: EarlyStopping | None = Field(None, description="Stop when the monitored metric stops improving.")
     eval_every_epochs: PositiveInt = Field(1, description="Validate every N epochs (always after the last).")
-    cache_features: Literal["auto", "on", "off"] = Field(
+    cache_features: Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)] = Field(
         "auto",
         description="Compute what the heads read from a frozen backbone once and train the heads on it: `auto` "
         "when that is exact (nothing before the heads' taps trains, no random augmentation or dropout before "
         "them), `on` to insist (an error saying why when it isn't exact), `off` never. The cache lives in the "
-        "run folder and is dropped when `unfreeze_at` unfreezes a part before a tap.",
+        "run folder and is dropped when `unfreeze_at` unfreezes a part before a tap. (Unquoted `on`/`off`, which "
+        "YAML reads as true/false, mean `on`/`off`.)",
     )
 
 
