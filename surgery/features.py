@@ -93,9 +93,7 @@ def _upstream(model: nn.Module) -> tuple[list[str], list[str], dict[str, int]]:
             outputs = [t for t in reads.values() if t.requires_grad]
             probes = [t for _, t in ran if t is not None]
             grads = (
-                torch.autograd.grad(
-                    [t.float().sum() for t in outputs], [*params.values(), *probes], allow_unused=True
-                )
+                torch.autograd.grad([t.float().sum() for t in outputs], [*params.values(), *probes], allow_unused=True)
                 if outputs
                 else [None] * (len(params) + len(probes))
             )
@@ -181,7 +179,10 @@ def decide(model: nn.Module, recipe: Recipe, *, epoch: int, applied_through: int
     unpooled = [h.name for h in recipe.heads if h.input == "tokens" and h.pool == "none"]
     if unpooled:
         return CacheDecision(False, f"head {unpooled[0]!r} reads unpooled tokens, whose length follows each batch")
-    upstream, ran, per_sample = _upstream(model)
+    try:
+        upstream, ran, per_sample = _upstream(model)
+    except torch.OutOfMemoryError:
+        return CacheDecision(False, "out of memory while finding what the heads' inputs depend on")
     params = dict(model.named_parameters())
     training = [n for n in upstream if params[n].requires_grad]
     if training:
@@ -193,7 +194,11 @@ def decide(model: nn.Module, recipe: Recipe, *, epoch: int, applied_through: int
         return CacheDecision(
             False, f"layers before the heads' taps compute differently in training: {_names(random_layers)}"
         )
-    if not _same_in_train_and_eval(model):
+    try:
+        same = _same_in_train_and_eval(model)
+    except torch.OutOfMemoryError:
+        return CacheDecision(False, "out of memory while comparing training and evaluation mode")
+    if not same:
         return CacheDecision(False, "the backbone's output differs between training and evaluation mode")
     nbytes = sum(per_sample[h] for h in _unique_reads(model).values()) * num_samples
     if setting == "auto":

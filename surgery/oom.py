@@ -53,10 +53,11 @@ def batch_size(targets: Mapping[str, torch.Tensor]) -> int:
     return int(next(iter(targets.values())).shape[0])
 
 
-def free_memory(device: torch.device, optimizer: Any) -> None:
+def free_memory(device: torch.device, optimizer: Any = None) -> None:
     """Drop this step's gradients and whatever the failed attempt left, and give cached blocks back
     to the device (call outside the `except` block, once the traceback's frames are gone)."""
-    optimizer.zero_grad(set_to_none=True)
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -58,6 +58,7 @@ class TrainState:
     stopped_early: bool = False
     unfrozen_through: int = -1  # last epoch whose `unfreeze_at` entries were applied
     micro_split: int = 1  # micro-batches each loaded batch is cut into (grows on out-of-memory)
+    eval_split: int = 1  # the same for validation batches
     oom_retries: int = 0  # steps retried after running out of memory
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -345,10 +346,13 @@ def evaluate(
     recipe: Recipe,
     placement: SingleDevice,
     cache: FeatureCache | None = None,
+    state: TrainState | None = None,
+    progress: Progress | None = None,
 ) -> tuple[dict[str, float], Any, Any]:
     """Validation losses and metrics under inference mode, reduced over ranks; also the first
     batch (for samples) and the tracker holding every output. `net` is the prepared model, `model`
-    the `SurgicalModel` inside it; with `cache`, the heads run on cached validation features."""
+    the `SurgicalModel` inside it; with `cache`, the heads run on cached validation features.
+    Out of memory, a batch is evaluated in finer pieces (`state.eval_split`, kept for the run)."""
     from surgery.heads import compute_losses
     from surgery.metrics import MetricTracker
 
@@ -362,7 +366,7 @@ def evaluate(
     with torch.inference_mode(), autocast(recipe.train.precision, device):
         for batch in batches:
             inputs, targets = _to_device(batch, device)
-            outputs = _forward(net, inputs)
+            outputs = _eval_forward(net, inputs, targets, state or TrainState(), placement, progress)
             loss, per_head = compute_losses(model, outputs, targets, recipe)
             n = oom.batch_size(targets)
             count += n
@@ -376,6 +380,32 @@ def evaluate(
     metrics = {k: v / max(1, count) for k, v in totals.items()}
     metrics.update(tracker.compute())
     return placement.all_reduce(metrics, weight=count), first, tracker
+
+
+def _eval_forward(
+    net: Any,
+    inputs: Any,
+    targets: dict[str, torch.Tensor],
+    state: TrainState,
+    placement: SingleDevice,
+    progress: Progress | None,
+) -> dict[str, torch.Tensor]:
+    """One validation batch's outputs, forwarded in `state.eval_split` pieces; finer on out-of-memory."""
+    n = oom.batch_size(targets)
+    while True:
+        try:
+            parts = [_forward(net, x) for x, _y, _share in oom.pieces(inputs, targets, state.eval_split)]
+            return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        except torch.OutOfMemoryError as err:
+            error = str(err)
+        oom.free_memory(placement.device)
+        split = oom.next_split(state.eval_split, n, device=placement.device, step=state.step, error=error)
+        if progress is not None:
+            progress.note(
+                f"out of memory on {placement.device} in validation: evaluating batches of {n} in pieces of "
+                f"{math.ceil(n / split)} (set data.eval_batch_size to choose)"
+            )
+        state.eval_split = split
 
 
 def _log_samples(monitor: RunMonitor, model: Any, first: Any, data: TrainingData, step: int) -> None:
@@ -579,7 +609,7 @@ def fit(
         if main:
             monitor.scalars(state.step, epoch_scalars, epoch=epoch)
         if evaluated:
-            metrics, first, tracker = evaluate(net, model, data, recipe, placement, cache)
+            metrics, first, tracker = evaluate(net, model, data, recipe, placement, cache, state, progress)
             state.metrics.update(metrics)
             if main:
                 monitor.scalars(state.step, metrics, epoch=epoch)

@@ -107,6 +107,6 @@ def test_placement_this_build_cannot_carry_out_fails_before_any_folder(tmp_path:
 
     path = tmp_path / "ddp.yaml"
     path.write_text(BASE.format(samples=16, epochs=1, train="", extra="placement: {strategy: ddp, workers: 2}"))
-    with pytest.raises(SurgeryError, match="placement.strategy 'ddp'"):
+    with pytest.raises(SurgeryError, match=r"placement.strategy 'ddp'"):
         build_command(path, (), runs_root=tmp_path / "runs")
     assert not (tmp_path / "runs").exists()
