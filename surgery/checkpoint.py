@@ -331,9 +331,17 @@ def rng_state() -> dict[str, Any]:
 
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # 32-bit words stored as int32 (bit for bit): half the bytes of int64 or pickled ints
+    words = np.array(mt[:-1], dtype=np.uint32).view(np.int32)
     state: dict[str, Any] = {
-        "python": [version, list(mt), gauss],
-        "numpy": [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)],
+        "python": [version, torch.from_numpy(words.copy()), int(mt[-1]), gauss],
+        "numpy": [
+            kind,
+            torch.from_numpy(keys.astype(np.uint32).view(np.int32).copy()),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -346,10 +354,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
     import numpy as np
 
-    version, mt, gauss = state["python"]
+    python = state["python"]
+    if len(python) == 4:  # int32 words and the position
+        version, words, index, gauss = python
+        mt = (*words.numpy().view(np.uint32).tolist(), index)
+    else:  # checkpoints before the compact form: a list of ints
+        version, mt, gauss = python
     random.setstate((version, tuple(mt), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+    np.random.set_state(
+        (
+            kind,
+            keys.numpy().view(np.uint32) if keys.dtype == torch.int32 else keys.numpy().astype("uint32"),
+            pos,
+            has_gauss,
+            cached,
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

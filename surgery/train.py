@@ -104,14 +104,37 @@ def with_class_names(recipe: Recipe, model: Any, class_names: dict[str, list[str
 def _trainer_state(state: TrainState, optimizer: Any, scheduler: Any, scaler: Any, model: Any) -> dict[str, Any]:
     from surgery.freeze import freeze_state
 
+    optimizer_state = optimizer.state_dict()
+    for group in optimizer_state["param_groups"]:
+        group.pop("names", None)  # parameter names per group: rebuilt from the recipe, not stored
+    trainable = freeze_state(model)
     return {
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "rng": ckpt.rng_state(),
-        "freeze": freeze_state(model),
+        # which parameters train, compactly: a mask in parameter order and the digest of the names it follows
+        "freeze": {"names_sha256": _names_digest(trainable), "trainable": torch.tensor(list(trainable.values()))},
         "state": dataclasses.asdict(state),
     }
+
+
+def _names_digest(names: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def _freeze_from(saved: dict[str, Any], model: Any) -> dict[str, bool]:
+    """The `freeze_state` a checkpoint recorded (the compact mask, or the older name → bool form)."""
+    if "trainable" not in saved:
+        return saved
+    names = [n for n, _ in model.named_parameters()]
+    if _names_digest(names) != saved["names_sha256"]:
+        raise ckpt.CheckpointError(
+            "the checkpoint's freeze state is for other parameter names; was the recipe's model changed?"
+        )
+    return dict(zip(names, (bool(b) for b in saved["trainable"].tolist()), strict=True))
 
 
 def _save(
@@ -178,8 +201,12 @@ def _restore(
         changes = ckpt.check_resume(old, recipe, force=force)
         progress.note("resuming with a changed recipe:\n" + "\n".join(changes))
     trainer, meta = ckpt.load_checkpoint(last, model)
-    load_freeze_state(model, trainer["freeze"])
+    load_freeze_state(model, _freeze_from(trainer["freeze"], model))
+    names = [group.get("names") for group in optimizer.param_groups]
     optimizer.load_state_dict(trainer["optimizer"])
+    for group, group_names in zip(optimizer.param_groups, names, strict=True):
+        if group_names is not None:
+            group["names"] = group_names
     scheduler.load_state_dict(trainer["scheduler"])
     scaler.load_state_dict(trainer["scaler"])
     state = TrainState(**trainer["state"])
