@@ -225,7 +225,10 @@ class RunMonitor:
         if self.writer is not None:
             self.writer.close()
         if self.wandb is not None:
+            import wandb
+
             self.wandb.finish()
+            wandb.teardown()  # wait for W&B's writer process: finish() may return before the run file is complete
             self.wandb = None
         if self.jsonl is not None:
             self.jsonl.close()
