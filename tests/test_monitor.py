@@ -117,7 +117,7 @@ def test_confusion_matrix_counts() -> None:
     assert scores["precision"].tolist() == pytest.approx([1.0, 0.5, 2 / 3])
     assert scores["recall"].tolist() == pytest.approx([0.5, 1.0, 2 / 3])
     image = confusion_image(matrix, ["zero", "one", "two"])
-    assert image.shape[0] == 3 and 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+    assert image.shape[0] == 3 and float(image.min()) >= 0.0 and float(image.max()) <= 1.0
 
 
 def test_wandb_offline_writes_its_run_files(tmp_path: Path, monkeypatch) -> None:
