@@ -2,14 +2,15 @@
 
 Per epoch: on CUDA the allocator's peak (`max_memory_allocated`, reset at each epoch's start); on
 a CPU the process's peak resident memory (Linux `VmHWM`, reset through `/proc/self/clear_refs`)
-minus what the process held before the model was built, so weights, gradients, optimizer state,
-activations and the data held in memory all count. GPU utilisation and memory come from NVIDIA's
+minus what the process held before the model was built (and what loading the data added), so
+weights, gradients, optimizer state, activations and the allocator's slack count. GPU utilisation and memory come from NVIDIA's
 management library (`nvidia-ml-py`) when CUDA is present.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,14 @@ class PeakMemory:
         self.device = device
         self.baseline = 0 if device.type == "cuda" else process_rss()
         self.kind = "cuda max allocated" if device.type == "cuda" else "process peak RSS growth"
+
+    @contextlib.contextmanager
+    def excluding(self) -> Iterator[None]:
+        """Leave out of the CPU figure what the block keeps resident (the data set held in memory)."""
+        before = process_rss() if self.device.type != "cuda" else 0
+        yield
+        if self.device.type != "cuda":
+            self.baseline += max(0, process_rss() - before)
 
     def start(self) -> None:
         if self.device.type == "cuda":

@@ -509,7 +509,8 @@ def fit(
     net = placement.prepare_model(model)
 
     # 2. data (bad data fails here, before training starts)
-    data = load_data(recipe, model, placement)
+    with peak_memory.excluding():  # the data held in memory is not training memory
+        data = load_data(recipe, model, placement)
     recipe = with_class_names(recipe, model, data.class_names)
     recipe_text = dump_recipe(recipe)
     if main:
