@@ -323,27 +323,31 @@ def trained_model(recipe: Any, ckpt_dir: Path) -> Any:
 # --------------------------------------------------------------------------- random state
 
 
-def rng_state() -> dict[str, Any]:
-    """Python, numpy, torch and CUDA RNG states, in a form torch.load(weights_only=True) accepts."""
+def rng_state(seed: int | None = None) -> dict[str, Any]:
+    """Python, numpy, torch and CUDA RNG states, in a form torch.load(weights_only=True) accepts.
+    With `seed`, Python's and numpy's generators (which training itself doesn't draw from) are
+    stored as `["seeded", seed]` while they are still as `seed_everything(seed)` left them: 5 KB
+    less per checkpoint, the same state on restore."""
     import random
 
     import numpy as np
 
-    version, mt, gauss = random.getstate()
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    python = random.getstate()
+    if seed is not None and python == random.Random(seed).getstate():
+        state["python"] = ["seeded", seed]
+    else:
+        version, mt, gauss = python
+        # 32-bit words stored as int32 (bit for bit): half the bytes of int64 or pickled ints
+        words = torch.from_numpy(np.array(mt[:-1], dtype=np.uint32).view(np.int32).copy())
+        state["python"] = [version, words, int(mt[-1]), gauss]
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    # 32-bit words stored as int32 (bit for bit): half the bytes of int64 or pickled ints
-    words = np.array(mt[:-1], dtype=np.uint32).view(np.int32)
-    state: dict[str, Any] = {
-        "python": [version, torch.from_numpy(words.copy()), int(mt[-1]), gauss],
-        "numpy": [
-            kind,
-            torch.from_numpy(keys.astype(np.uint32).view(np.int32).copy()),
-            int(pos),
-            int(has_gauss),
-            float(cached),
-        ],
-        "torch": torch.get_rng_state(),
-    }
+    seeded = np.random.RandomState(seed % 2**32).get_state() if seed is not None else None
+    if seeded is not None and (pos, has_gauss, cached) == seeded[2:] and np.array_equal(keys, seeded[1]):
+        state["numpy"] = ["seeded", seed]
+    else:
+        words = torch.from_numpy(keys.astype(np.uint32).view(np.int32).copy())
+        state["numpy"] = [kind, words, int(pos), int(has_gauss), float(cached)]
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -355,22 +359,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
 
     python = state["python"]
-    if len(python) == 4:  # int32 words and the position
+    if python[0] == "seeded":
+        random.seed(python[1])
+    elif len(python) == 4:  # int32 words and the position
         version, words, index, gauss = python
-        mt = (*words.numpy().view(np.uint32).tolist(), index)
+        random.setstate((version, (*words.numpy().view(np.uint32).tolist(), index), gauss))
     else:  # checkpoints before the compact form: a list of ints
         version, mt, gauss = python
-    random.setstate((version, tuple(mt), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(
-        (
-            kind,
-            keys.numpy().view(np.uint32) if keys.dtype == torch.int32 else keys.numpy().astype("uint32"),
-            pos,
-            has_gauss,
-            cached,
-        )
-    )
+        random.setstate((version, tuple(mt), gauss))
+    saved = state["numpy"]
+    if saved[0] == "seeded":
+        np.random.seed(saved[1] % 2**32)
+    else:
+        kind, keys, pos, has_gauss, cached = saved
+        words = keys.numpy().view(np.uint32) if keys.dtype == torch.int32 else keys.numpy().astype("uint32")
+        np.random.set_state((kind, words, pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

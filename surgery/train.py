@@ -101,7 +101,9 @@ def with_class_names(recipe: Recipe, model: Any, class_names: dict[str, list[str
 # --------------------------------------------------------------------------- checkpoint state
 
 
-def _trainer_state(state: TrainState, optimizer: Any, scheduler: Any, scaler: Any, model: Any) -> dict[str, Any]:
+def _trainer_state(
+    state: TrainState, optimizer: Any, scheduler: Any, scaler: Any, model: Any, seed: int
+) -> dict[str, Any]:
     from surgery.freeze import freeze_state
 
     optimizer_state = optimizer.state_dict()
@@ -112,7 +114,7 @@ def _trainer_state(state: TrainState, optimizer: Any, scheduler: Any, scaler: An
         "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
-        "rng": ckpt.rng_state(),
+        "rng": ckpt.rng_state(seed),
         # which parameters train, compactly: a mask in parameter order and the digest of the names it follows
         "freeze": {"names_sha256": _names_digest(trainable), "trainable": torch.tensor(list(trainable.values()))},
         "state": dataclasses.asdict(state),
@@ -166,7 +168,7 @@ def _save(
         path = ckpt.save_checkpoint(
             run_dir,
             model=model,
-            trainer_state=_trainer_state(state, optimizer, scheduler, scaler, model),
+            trainer_state=_trainer_state(state, optimizer, scheduler, scaler, model, recipe.train.seed),
             meta=meta,
             recipe_text=recipe_text,
             monitor=c.monitor,
