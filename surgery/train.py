@@ -325,6 +325,20 @@ def _train_step(
         )
 
 
+def _clip_gradients(
+    model: Any, optimizer: Any, scaler: Any, clip: float | None, *, measure: bool
+) -> torch.Tensor | None:
+    """Clip the gradients' global norm to `clip` (if set); the norm before clipping when clipping
+    or `measure` (logging steps only: it costs a pass over the gradients), else None."""
+    if not (clip or measure):
+        return None
+    scaler.unscale_(optimizer)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if clip:
+        return torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip)
+    return torch.nn.utils.get_total_norm(grads) if grads else None
+
+
 def _feature_cache(
     model: Any,
     recipe: Recipe,
@@ -580,16 +594,7 @@ def fit(
             window_batches += len(group)
             window_samples += samples
             log = (state.step + 1) % recipe.monitor.log_every_steps == 0
-            grad_norm = None
-            if train_cfg.clip_grad_norm or log:
-                scaler.unscale_(optimizer)
-                grads = [p.grad for p in model.parameters() if p.grad is not None]
-                if train_cfg.clip_grad_norm:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(
-                        [p for p in model.parameters() if p.grad is not None], train_cfg.clip_grad_norm
-                    )
-                elif grads:
-                    grad_norm = torch.nn.utils.get_total_norm(grads)
+            grad_norm = _clip_gradients(model, optimizer, scaler, train_cfg.clip_grad_norm, measure=log)
             scaler.step(optimizer)
             scaler.update()
             state.step += 1
