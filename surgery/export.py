@@ -40,7 +40,6 @@ from surgery.bundle import (
     TOKENIZER_DIR,
     WEIGHTS,
     hash_files,
-    load_weights,
 )
 from surgery.errors import ExportError
 from surgery.files import disk_full_error, fsync_path, fsync_tree, is_disk_full
@@ -501,19 +500,17 @@ def export_command(target: Path, formats: list[str] | None, out: Path | None) ->
 
 
 def _export_checkpoint(run_dir: Path, checkpoint: Path, formats: list[str] | None, out: Path | None) -> Path:
-    from surgery.checkpoint import read_meta
-    from surgery.model import build_model
+    from surgery.checkpoint import read_meta, trained_model
     from surgery.recipe import load_recipe
 
     lock = run_dir / "recipe.lock.yaml"
     if not lock.is_file():
         raise ExportError(f"{run_dir}: no recipe.lock.yaml; is this a run folder made by `surgery build`?")
     recipe = load_recipe(lock)
-    model = build_model(recipe, load_weights=False)
     try:
-        load_weights(model, checkpoint / WEIGHTS)
-    except ValueError as err:
-        raise ExportError(f"{checkpoint / WEIGHTS}: {err} (model of {lock})") from None
+        model = trained_model(recipe, checkpoint)  # frozen weights a lean checkpoint references, verified
+    except RuntimeError as err:  # shape mismatches
+        raise ExportError(f"{checkpoint / WEIGHTS}: weights do not fit the model of {lock}: {err}") from None
     meta = read_meta(checkpoint)
     return export_bundle(
         model,

@@ -110,3 +110,40 @@ class MetricTracker:
             for metric in metrics:
                 result[f"val/{name}/{metric}"] = compute_metric(metric, outputs, targets, task)
         return result
+
+
+def collected(tracker: MetricTracker) -> dict[str, tuple[Tensor, Tensor, str]]:
+    """Each head's validation outputs and targets over the whole epoch, with its task."""
+    result = {}
+    for name, _metrics, loss in tracker.heads:
+        if tracker._outputs[name]:
+            outputs, targets = torch.cat(tracker._outputs[name]), torch.cat(tracker._targets[name])
+            result[name] = (outputs, targets, tracker._task(name, loss, outputs))
+    return result
+
+
+def class_scores(outputs: Tensor, targets: Tensor, task: str) -> tuple[Tensor, Tensor]:
+    """(probabilities [N, C], true class [N]) of a single-label classification head: multiclass
+    logits through softmax, a binary head's one logit as two classes."""
+    if task == "multiclass":
+        return outputs.float().softmax(-1), targets.long().view(-1)
+    p = outputs.float().sigmoid().reshape(-1)
+    return torch.stack([1 - p, p], dim=1), targets.long().reshape(-1)
+
+
+def confusion_matrix(predicted: Tensor, true: Tensor, classes: int) -> Tensor:
+    """[true class, predicted class] counts."""
+    index = true.long() * classes + predicted.long()
+    return torch.bincount(index, minlength=classes * classes).reshape(classes, classes)
+
+
+def per_class(matrix: Tensor) -> dict[str, Tensor]:
+    """Precision, recall and F1 of each class from a confusion matrix (0 where undefined)."""
+    m = matrix.double()
+    tp = m.diag()
+    predicted, actual = m.sum(0), m.sum(1)
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(actual > 0, tp / actual.clamp(min=1), torch.zeros_like(tp))
+    denom = precision + recall
+    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(tp))
+    return {"precision": precision, "recall": recall, "f1": f1}

@@ -44,13 +44,25 @@ class SurgicalModel(nn.Module):
         """What the backbone gives the heads, by tap kind."""
         return self._taps(self.backbone, inputs, self._wanted)
 
-    def forward(self, *inputs: Tensor) -> dict[str, Tensor]:
-        return self.forward_with_taps(*inputs)[0]
+    def forward(self, *inputs: Tensor, head_inputs: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """`{head: output}` for `inputs`; or, given `head_inputs` (what each head reads, as
+        `read_taps` returns it: cached frozen features), the heads alone."""
+        if head_inputs is None:
+            return self.forward_with_taps(*inputs)[0]
+        return {name: head(head_inputs[name]) for name, head in self.heads.items()}
 
     def forward_with_taps(self, *inputs: Tensor) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """`forward`'s outputs and the taps they were computed from."""
         taps = self.taps(*inputs)
-        return {name: head(select_tap(taps, *self._reads[name])) for name, head in self.heads.items()}, taps
+        return self.forward(head_inputs=self.read_taps(taps)), taps
+
+    def read_taps(self, taps: dict[str, Any]) -> dict[str, Tensor]:
+        """Head name → the tensor it reads from `taps` (pooled tokens, the picked feature map)."""
+        return {name: select_tap(taps, *self._reads[name]) for name in self.heads}
+
+    def tap_reads(self) -> dict[str, tuple[str, str, int]]:
+        """Head name → (tap kind, pool, feature index): what it reads, as a key heads can share."""
+        return dict(self._reads)
 
     def example_inputs(self, batch_size: int = 2, *, seq_len: int | None = None) -> tuple[Tensor, ...]:
         """Valid inputs for `forward` (and export): deterministic values of the right shape and dtype."""

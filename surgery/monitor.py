@@ -1,10 +1,16 @@
 """What a run reports: TensorBoard event files under `<run>/tb`, `metrics.jsonl` with the same
-scalars (one JSON object per logging point), and the progress display on the terminal."""
+scalars (one JSON object per logging point), optionally Weights & Biases (`monitor.wandb`), and
+the progress display on the terminal.
+
+Each validation also reports, for single-label classification heads: a confusion matrix image,
+per-class precision / recall / F1 (as scalars, up to `PER_CLASS_LIMIT` classes) and one-vs-rest
+precision-recall curves (up to `PR_CURVE_LIMIT` classes)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -14,11 +20,15 @@ from typing import Any, TextIO
 
 import torch
 
+from surgery.heads import HeadInfo
 from surgery.inputs import InputSpec
 from surgery.schema import Recipe
 
 TB_DIR = "tb"
 METRICS_FILE = "metrics.jsonl"
+WANDB_DIR = "wandb"
+PER_CLASS_LIMIT = 100
+PR_CURVE_LIMIT = 32
 
 
 def memory_scalars(device: torch.device) -> dict[str, float]:
@@ -86,6 +96,7 @@ class RunMonitor:
             self.writer = SummaryWriter(
                 str(run_dir / TB_DIR), purge_step=resume_step + 1 if resume_step is not None else None
             )
+        self.wandb = start_wandb(run_dir, recipe) if self.settings.wandb is not None else None
 
     def scalars(self, step: int, values: dict[str, float], *, epoch: int | None = None) -> None:
         if not self.enabled:
@@ -96,6 +107,53 @@ class RunMonitor:
                 self.writer.add_scalar(tag, value, step)
         assert self.jsonl is not None
         self.jsonl.write(json.dumps({"step": step, "epoch": epoch, "time": round(time.time(), 3), **clean}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({**clean, "epoch": epoch}, step=step)
+
+    def classification_reports(
+        self,
+        tracker: Any,
+        head_info: dict[str, HeadInfo],
+        class_names: dict[str, list[str]],
+        step: int,
+        epoch: int | None = None,
+    ) -> None:
+        """Confusion matrix image, per-class precision/recall/F1 and PR curves of each single-label
+        classification head, from a validation pass's `MetricTracker`."""
+        from surgery.metrics import class_scores, collected, confusion_matrix, per_class
+
+        if not self.enabled:
+            return
+        for head, (outputs, targets, task) in collected(tracker).items():
+            if task not in ("multiclass", "binary"):
+                continue
+            probs, true = class_scores(outputs, targets, task)
+            classes = probs.shape[1]
+            info = head_info.get(head)
+            names = class_names.get(head) or (info.labels if info else None) or []
+            labels = [str(names[c]) if c < len(names) else str(c) for c in range(classes)]
+            matrix = confusion_matrix(probs.argmax(1), true, classes)
+            if classes <= PER_CLASS_LIMIT:
+                scores = per_class(matrix)
+                self.scalars(
+                    step,
+                    {
+                        f"val/{head}/{kind}/{label}": float(values[c])
+                        for kind, values in scores.items()
+                        for c, label in enumerate(labels)
+                    },
+                    epoch=epoch,
+                )
+            image = confusion_image(matrix, labels)
+            if self.writer is not None:
+                self.writer.add_image(f"val/{head}/confusion_matrix", image, step)
+                if classes <= PR_CURVE_LIMIT:
+                    for c, label in enumerate(labels[1:] if task == "binary" else labels, start=int(task == "binary")):
+                        self.writer.add_pr_curve(f"val/{head}/pr/{label}", true == c, probs[:, c], step)
+            if self.wandb is not None:
+                import wandb
+
+                self.wandb.log({f"val/{head}/confusion_matrix": wandb.Image(image.permute(1, 2, 0).numpy())}, step=step)
 
     def skipped_files(self, step: int, skipped: list[tuple[str, str]]) -> None:
         """Record the data files left out as unreadable: their count (a scalar) and each file with why."""
@@ -160,9 +218,16 @@ class RunMonitor:
         """Validation images with 'prediction / truth' drawn under each, as one grid."""
         if self.writer is None or not self.settings.sample_predictions or images.ndim != 4:
             return
-        self.writer.add_image("val/predictions", prediction_grid(images, predictions, truths, spec), step)
+        grid = prediction_grid(images, predictions, truths, spec)
+        self.writer.add_image("val/predictions", grid, step)
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"val/predictions": wandb.Image(grid.permute(1, 2, 0).numpy())}, step=step)
 
     def hparams(self, final_metrics: dict[str, float]) -> None:
+        if self.wandb is not None:
+            self.wandb.summary.update({k: v for k, v in final_metrics.items() if math.isfinite(float(v))})
         if self.writer is None:
             return
         metrics = {f"hparam/{k}": float(v) for k, v in final_metrics.items() if math.isfinite(float(v))}
@@ -171,8 +236,85 @@ class RunMonitor:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.finish()
+            wandb.teardown()  # wait for W&B's writer process: finish() may return before the run file is complete
+            self.wandb = None
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+def wandb_mode(setting: str) -> str:
+    """`auto` → online when an API key is configured (WANDB_API_KEY, or `wandb login`'s netrc entry), else offline."""
+    if setting != "auto":
+        return setting
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    import netrc
+
+    try:
+        return "online" if netrc.netrc().authenticators("api.wandb.ai") else "offline"
+    except (OSError, netrc.NetrcParseError):
+        return "offline"
+
+
+def start_wandb(run_dir: Path, recipe: Recipe) -> Any:
+    """A W&B run for this run folder (resumed with it: the id follows the folder), files under `<run>/wandb/`."""
+    import re
+
+    from surgery.errors import SurgeryError
+
+    try:
+        import wandb
+    except ImportError:
+        raise SurgeryError(
+            "monitor.wandb needs the `wandb` package: pip install 'surgery[wandb]' (or remove monitor.wandb)"
+        ) from None
+    settings = recipe.monitor.wandb
+    assert settings is not None
+    run_id = re.sub(r"[^A-Za-z0-9_-]", "-", f"{recipe.name}-{Path(run_dir).name}")[:64]
+    (Path(run_dir) / WANDB_DIR).mkdir(parents=True, exist_ok=True)
+    return wandb.init(
+        project=settings.project,
+        name=Path(run_dir).name,
+        id=run_id,
+        resume="allow",
+        dir=str(run_dir),
+        mode=wandb_mode(settings.mode),
+        config={**_hparams(recipe), "recipe": recipe.model_dump(mode="json")},
+        settings=wandb.Settings(console="off", silent=True),
+    )
+
+
+def confusion_image(matrix: torch.Tensor, labels: Sequence[str]) -> torch.Tensor:
+    """A confusion matrix (rows: true class, columns: predicted) as a C×H×W image in [0, 1]: cells
+    shaded by the share of their row, counts written when there is room, class names on the axes."""
+    from PIL import Image, ImageDraw
+
+    n = matrix.shape[0]
+    cell = max(4, min(40, 640 // max(1, n)))
+    margin = 0 if n > 40 else 60
+    side = margin + cell * n
+    canvas = Image.new("RGB", (side + 4, side + 4), "white")
+    draw = ImageDraw.Draw(canvas)
+    rows = matrix.double()
+    share = rows / rows.sum(1, keepdim=True).clamp(min=1)
+    for t in range(n):
+        for p in range(n):
+            shade = int(255 * (1 - float(share[t, p])))
+            x, y = margin + p * cell, margin + t * cell
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(shade, shade, 255))
+            if cell >= 24:
+                ink = "white" if shade < 128 else "black"
+                draw.text((x + 2, y + cell // 3), str(int(matrix[t, p])), fill=ink)
+    if margin:
+        for c, label in enumerate(labels):
+            draw.text((2, margin + c * cell + cell // 3), label[:9], fill="black")  # true, down the left
+            draw.text((margin + c * cell + 2, 2 + (c % 3) * 14), label[:6], fill="black")  # predicted, on top
+    pixels = torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8)
+    return pixels.view(canvas.height, canvas.width, 3).permute(2, 0, 1).float() / 255
 
 
 def prediction_grid(

@@ -19,6 +19,7 @@ from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -580,6 +581,11 @@ class EarlyStopping(Strict):
     min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
 
 
+def _on_off(value: Any) -> Any:
+    # YAML 1.1 reads unquoted on/off as booleans; a switch written `on` means "on".
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 class Train(Strict):
     """The training loop's settings."""
 
@@ -614,6 +620,25 @@ class Train(Strict):
     )
     early_stopping: EarlyStopping | None = Field(None, description="Stop when the monitored metric stops improving.")
     eval_every_epochs: PositiveInt = Field(1, description="Validate every N epochs (always after the last).")
+    cache_features: Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)] = Field(
+        "auto",
+        description="Compute what the heads read from a frozen backbone once and train the heads on it: `auto` "
+        "when that is exact (nothing before the heads' taps trains, no random augmentation or dropout before "
+        "them), `on` to insist (an error saying why when it isn't exact), `off` never. The cache lives in the "
+        "run folder and is dropped when `unfreeze_at` unfreezes a part before a tap. (Unquoted `on`/`off`, which "
+        "YAML reads as true/false, mean `on`/`off`.)",
+    )
+
+
+class WandB(Strict):
+    """Weights & Biases logging: the same scalars, images and summary as TensorBoard."""
+
+    project: Annotated[str, Field(min_length=1)] = Field(description="W&B project the run is logged to.")
+    mode: Literal["auto", "online", "offline"] = Field(
+        "auto",
+        description="`online` syncs as it runs; `offline` writes the run under `<run>/wandb/` for `wandb sync`; "
+        "`auto` is online when an API key is configured (WANDB_API_KEY or `wandb login`), else offline.",
+    )
 
 
 class Monitor(Strict):
@@ -628,6 +653,9 @@ class Monitor(Strict):
     )
     progress: Literal["auto", "rich", "plain", "none"] = Field(
         "auto", description="Progress display: rich bars on a terminal (`auto`), plain lines, or nothing."
+    )
+    wandb: WandB | None = Field(
+        None, description="Also log to Weights & Biases (needs the `wandb` extra: `pip install surgery[wandb]`)."
     )
 
 

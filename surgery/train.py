@@ -24,8 +24,11 @@ from typing import Any
 import torch
 
 from surgery import checkpoint as ckpt
+from surgery import features, oom
 from surgery.data import TrainingData, load_data
 from surgery.errors import SurgeryError
+from surgery.features import FeatureCache
+from surgery.memory import GpuStats, PeakMemory, planned_bytes
 from surgery.monitor import Progress, RunMonitor, memory_scalars
 from surgery.optim import build_optimizer, build_scheduler
 from surgery.placement import SingleDevice, placement_for
@@ -54,6 +57,9 @@ class TrainState:
     bad_epochs: int = 0  # early stopping: evaluations without improvement
     stopped_early: bool = False
     unfrozen_through: int = -1  # last epoch whose `unfreeze_at` entries were applied
+    micro_split: int = 1  # micro-batches each loaded batch is cut into (grows on out-of-memory)
+    eval_split: int = 1  # the same for validation batches
+    oom_retries: int = 0  # steps retried after running out of memory
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -95,17 +101,42 @@ def with_class_names(recipe: Recipe, model: Any, class_names: dict[str, list[str
 # --------------------------------------------------------------------------- checkpoint state
 
 
-def _trainer_state(state: TrainState, optimizer: Any, scheduler: Any, scaler: Any, model: Any) -> dict[str, Any]:
+def _trainer_state(
+    state: TrainState, optimizer: Any, scheduler: Any, scaler: Any, model: Any, seed: int
+) -> dict[str, Any]:
     from surgery.freeze import freeze_state
 
+    optimizer_state = optimizer.state_dict()
+    for group in optimizer_state["param_groups"]:
+        group.pop("names", None)  # parameter names per group: rebuilt from the recipe, not stored
+    trainable = freeze_state(model)
     return {
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
-        "rng": ckpt.rng_state(),
-        "freeze": freeze_state(model),
+        "rng": ckpt.rng_state(seed),
+        # which parameters train, compactly: a mask in parameter order and the digest of the names it follows
+        "freeze": {"names_sha256": _names_digest(trainable), "trainable": torch.tensor(list(trainable.values()))},
         "state": dataclasses.asdict(state),
     }
+
+
+def _names_digest(names: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def _freeze_from(saved: dict[str, Any], model: Any) -> dict[str, bool]:
+    """The `freeze_state` a checkpoint recorded (the compact mask, or the older name → bool form)."""
+    if "trainable" not in saved:
+        return saved
+    names = [n for n, _ in model.named_parameters()]
+    if _names_digest(names) != saved["names_sha256"]:
+        raise ckpt.CheckpointError(
+            "the checkpoint's freeze state is for other parameter names; was the recipe's model changed?"
+        )
+    return dict(zip(names, (bool(b) for b in saved["trainable"].tolist()), strict=True))
 
 
 def _save(
@@ -118,8 +149,10 @@ def _save(
     optimizer: Any,
     scheduler: Any,
     scaler: Any,
+    reference: dict[str, str],
 ) -> Path | None:
-    """Checkpoint the run (rank 0 writes, every rank returns when it is on disk); the path on rank 0."""
+    """Checkpoint the run (rank 0 writes, every rank returns when it is on disk); the path on rank 0.
+    Frozen tensors are referenced by their digests in `reference` (taken when the model was built)."""
     from surgery.recipe import recipe_hash
 
     meta = {
@@ -135,12 +168,13 @@ def _save(
         path = ckpt.save_checkpoint(
             run_dir,
             model=model,
-            trainer_state=_trainer_state(state, optimizer, scheduler, scaler, model),
+            trainer_state=_trainer_state(state, optimizer, scheduler, scaler, model, recipe.train.seed),
             meta=meta,
             recipe_text=recipe_text,
             monitor=c.monitor,
             mode=c.mode,
             keep_best=c.keep_best,
+            reference=reference,
         )
     placement.barrier()
     return path
@@ -169,8 +203,12 @@ def _restore(
         changes = ckpt.check_resume(old, recipe, force=force)
         progress.note("resuming with a changed recipe:\n" + "\n".join(changes))
     trainer, meta = ckpt.load_checkpoint(last, model)
-    load_freeze_state(model, trainer["freeze"])
+    load_freeze_state(model, _freeze_from(trainer["freeze"], model))
+    names = [group.get("names") for group in optimizer.param_groups]
     optimizer.load_state_dict(trainer["optimizer"])
+    for group, group_names in zip(optimizer.param_groups, names, strict=True):
+        if group_names is not None:
+            group["names"] = group_names
     scheduler.load_state_dict(trainer["scheduler"])
     scaler.load_state_dict(trainer["scaler"])
     state = TrainState(**trainer["state"])
@@ -181,15 +219,21 @@ def _restore(
 # --------------------------------------------------------------------------- loop steps
 
 
-def _to_device(
-    batch: tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]], device: torch.device
-) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+def _to_device(batch: tuple[Any, dict[str, torch.Tensor]], device: torch.device) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A batch on `device`: inputs are a tuple of model inputs, or a dict of cached head inputs."""
     inputs, targets = batch
     blocking = device.type == "cuda"
-    return (
-        tuple(t.to(device, non_blocking=blocking) for t in inputs),
-        {k: t.to(device, non_blocking=blocking) for k, t in targets.items()},
+    moved = (
+        {k: t.to(device, non_blocking=blocking) for k, t in inputs.items()}
+        if isinstance(inputs, dict)
+        else tuple(t.to(device, non_blocking=blocking) for t in inputs)
     )
+    return moved, {k: t.to(device, non_blocking=blocking) for k, t in targets.items()}
+
+
+def _forward(net: Any, inputs: Any) -> dict[str, torch.Tensor]:
+    """The model's outputs for model inputs, or the heads' alone for cached head inputs."""
+    return net(head_inputs=inputs) if isinstance(inputs, dict) else net(*inputs)
 
 
 def _groups(loader_iter: Iterator[Any], first: int, total: int, accumulate: int) -> Iterator[list[Any]]:
@@ -203,11 +247,155 @@ def _groups(loader_iter: Iterator[Any], first: int, total: int, accumulate: int)
             group = []
 
 
+def _accumulate(
+    net: Any,
+    model: Any,
+    group: list[Any],
+    split: int,
+    recipe: Recipe,
+    placement: SingleDevice,
+    scaler: Any,
+    agreed: list[bool],
+) -> tuple[torch.Tensor, int]:
+    """Forward and backward of one optimizer step: each loaded batch of `group` cut into `split`
+    micro-batches, each piece's loss weighted by its share, so the gradient is the step's mean.
+    Returns the summed batch losses and the samples seen."""
+    from surgery.heads import compute_losses
+
+    device = placement.device
+    loss_sum, samples = torch.zeros((), device=device), 0
+    for i, batch in enumerate(group):
+        inputs, targets = _to_device(batch, device)
+        parts = oom.pieces(inputs, targets, split)
+        for j, (x, y, share) in enumerate(parts):
+            last = i == len(group) - 1 and j == len(parts) - 1
+            with placement.no_sync(net, last=last):
+                with autocast(recipe.train.precision, device):
+                    outputs = _forward(net, x)
+                    loss, _per_head = compute_losses(model, outputs, y, recipe)
+                if last:  # every rank says it got here before the backward that synchronises them
+                    if oom.any_rank(placement, False):
+                        raise oom.PeerOutOfMemory
+                    agreed[0] = True
+                scaler.scale(loss / (len(group) / share)).backward()
+            loss_sum += loss.detach().float() * share
+        samples += oom.batch_size(targets)
+    return loss_sum, samples
+
+
+def _train_step(
+    net: Any,
+    model: Any,
+    group: list[Any],
+    state: TrainState,
+    recipe: Recipe,
+    placement: SingleDevice,
+    scaler: Any,
+    optimizer: Any,
+    monitor: RunMonitor,
+    progress: Progress,
+) -> tuple[torch.Tensor, int]:
+    """`_accumulate` at the run's micro-batch split; on out-of-memory, free the step's memory,
+    cut micro-batches in half (accumulating twice as many: the same effective batch and learning
+    rate), log it and retry the same step. `state.micro_split` keeps the split (checkpointed)."""
+    batch = recipe.data.batch_size if recipe.data else 1
+    while True:
+        agreed, mine = [False], False
+        try:
+            return _accumulate(net, model, group, state.micro_split, recipe, placement, scaler, agreed)
+        except torch.OutOfMemoryError as err:
+            error, mine = str(err), True
+        except oom.PeerOutOfMemory:
+            error = "another rank ran out of memory"
+        if mine and placement.world_size > 1:
+            if agreed[0]:
+                raise oom.unrecoverable(placement.device, state.step, error)
+            oom.any_rank(placement, True)
+        oom.free_memory(placement.device, optimizer)
+        split = oom.next_split(state.micro_split, batch, device=placement.device, step=state.step, error=error)
+        micro, accumulate = math.ceil(batch / split), recipe.train.accumulate * split
+        progress.note(
+            f"out of memory on {placement.device} at step {state.step + 1}: micro-batch {math.ceil(batch / state.micro_split)} → "
+            f"{micro}, accumulating {accumulate} per step (effective batch {batch * recipe.train.accumulate} unchanged); "
+            "retrying the step"
+        )
+        state.micro_split, state.oom_retries = split, state.oom_retries + 1
+        monitor.scalars(
+            state.step, {"train/micro_batch": micro, "train/oom_retries": state.oom_retries}, epoch=state.epoch
+        )
+
+
+def _clip_gradients(
+    model: Any, optimizer: Any, scaler: Any, clip: float | None, *, measure: bool
+) -> torch.Tensor | None:
+    """Clip the gradients' global norm to `clip` (if set); the norm before clipping when clipping
+    or `measure` (logging steps only: it costs a pass over the gradients), else None."""
+    if not (clip or measure):
+        return None
+    scaler.unscale_(optimizer)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if clip:
+        return torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip)
+    return torch.nn.utils.get_total_norm(grads) if grads else None
+
+
+def _feature_cache(
+    model: Any,
+    recipe: Recipe,
+    data: TrainingData,
+    state: TrainState,
+    run_dir: Path,
+    placement: SingleDevice,
+    reference: dict[str, str],
+    progress: Progress,
+) -> FeatureCache | None:
+    """The frozen-feature cache, when `train.cache_features` allows it and it is exact; one line
+    says whether it is used, and why (`on` when it isn't exact is an error saying why)."""
+    setting = recipe.train.cache_features
+    if setting == "off":
+        return None
+    decision = features.decide(
+        model,
+        recipe,
+        epoch=state.epoch,
+        applied_through=state.unfrozen_through,
+        num_samples=data.num_train + data.num_val,
+    )
+    if not decision.cache:
+        if setting == "on":
+            raise features.explain_refusal(decision)
+        progress.note(f"feature cache: not used: {decision.reason}")
+        return None
+    cache, reused = features.build_or_load(
+        model,
+        recipe,
+        data,
+        decision,
+        run_dir=run_dir,
+        device=placement.device,
+        autocast=lambda: autocast(recipe.train.precision, placement.device),
+        weights_digest=ckpt.frozen_digest(reference, list(reference)),
+        write=placement.is_main,
+    )
+    how = "reused from" if reused else "computed once into"
+    progress.note(f"feature cache: heads train on features {how} {run_dir / features.FEATURES_DIR}: {decision.reason}")
+    return cache
+
+
 def evaluate(
-    net: Any, model: Any, data: TrainingData, recipe: Recipe, placement: SingleDevice
-) -> tuple[dict[str, float], Any]:
+    net: Any,
+    model: Any,
+    data: TrainingData,
+    recipe: Recipe,
+    placement: SingleDevice,
+    cache: FeatureCache | None = None,
+    state: TrainState | None = None,
+    progress: Progress | None = None,
+) -> tuple[dict[str, float], Any, Any]:
     """Validation losses and metrics under inference mode, reduced over ranks; also the first
-    batch (for samples). `net` is the prepared model, `model` the `SurgicalModel` inside it."""
+    batch (for samples) and the tracker holding every output. `net` is the prepared model, `model`
+    the `SurgicalModel` inside it; with `cache`, the heads run on cached validation features.
+    Out of memory, a batch is evaluated in finer pieces (`state.eval_split`, kept for the run)."""
     from surgery.heads import compute_losses
     from surgery.metrics import MetricTracker
 
@@ -217,22 +405,50 @@ def evaluate(
     totals: dict[str, float] = {}
     count = 0
     first = None
+    batches = cache.val_batches_with(data.val) if cache is not None else data.val
     with torch.inference_mode(), autocast(recipe.train.precision, device):
-        for batch in data.val:
+        for batch in batches:
             inputs, targets = _to_device(batch, device)
-            outputs = net(*inputs)
+            outputs = _eval_forward(net, inputs, targets, state or TrainState(), placement, progress)
             loss, per_head = compute_losses(model, outputs, targets, recipe)
-            n = inputs[0].shape[0]
+            n = oom.batch_size(targets)
             count += n
             totals["val/loss"] = totals.get("val/loss", 0.0) + float(loss) * n
             for name, value in per_head.items():
                 totals[f"val/{name}/loss"] = totals.get(f"val/{name}/loss", 0.0) + float(value) * n
             tracker.update({k: v.float() for k, v in outputs.items()}, targets)
             if first is None:
-                first = (inputs, targets, {k: v.float().cpu() for k, v in outputs.items()})
+                shown = cache.first_val_inputs if cache is not None else inputs
+                first = (shown, targets, {k: v.float().cpu() for k, v in outputs.items()})
     metrics = {k: v / max(1, count) for k, v in totals.items()}
     metrics.update(tracker.compute())
-    return placement.all_reduce(metrics, weight=count), first
+    return placement.all_reduce(metrics, weight=count), first, tracker
+
+
+def _eval_forward(
+    net: Any,
+    inputs: Any,
+    targets: dict[str, torch.Tensor],
+    state: TrainState,
+    placement: SingleDevice,
+    progress: Progress | None,
+) -> dict[str, torch.Tensor]:
+    """One validation batch's outputs, forwarded in `state.eval_split` pieces; finer on out-of-memory."""
+    n = oom.batch_size(targets)
+    while True:
+        try:
+            parts = [_forward(net, x) for x, _y, _share in oom.pieces(inputs, targets, state.eval_split)]
+            return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        except torch.OutOfMemoryError as err:
+            error = str(err)
+        oom.free_memory(placement.device)
+        split = oom.next_split(state.eval_split, n, device=placement.device, step=state.step, error=error)
+        if progress is not None:
+            progress.note(
+                f"out of memory on {placement.device} in validation: evaluating batches of {n} in pieces of "
+                f"{math.ceil(n / split)} (set data.eval_batch_size to choose)"
+            )
+        state.eval_split = split
 
 
 def _log_samples(monitor: RunMonitor, model: Any, first: Any, data: TrainingData, step: int) -> None:
@@ -289,7 +505,6 @@ def fit(
     (made from the recipe when not given). Returns the best and last checkpoints and final metrics.
     """
     from surgery.freeze import apply_unfreeze_schedule, set_frozen_batchnorm_eval
-    from surgery.heads import compute_losses
     from surgery.model import build_model
     from surgery.recipe import dump_recipe
 
@@ -300,13 +515,18 @@ def fit(
     autocast(train_cfg.precision, device)  # fp16 on CPU fails here, before any work
     progress = Progress(recipe.monitor.progress, enabled=main)
 
-    # 1. seed and build (build_model applies the freeze rules); `net` is the model as placed
+    # 1. seed and build (build_model applies the freeze rules); `net` is the model as placed.
+    # Checkpoints reference frozen tensors by the digests taken here; memory is measured against plan.
+    peak_memory = PeakMemory(device)
     seed_everything(train_cfg.seed)
     model = build_model(recipe)
+    reference = ckpt.tensor_digests(model)
+    planned = planned_bytes(model, recipe, device) if main else None
     net = placement.prepare_model(model)
 
     # 2. data (bad data fails here, before training starts)
-    data = load_data(recipe, model, placement)
+    with peak_memory.excluding():  # the data held in memory is not training memory
+        data = load_data(recipe, model, placement)
     recipe = with_class_names(recipe, model, data.class_names)
     recipe_text = dump_recipe(recipe)
     if main:
@@ -337,11 +557,14 @@ def fit(
         progress.note(
             f"left out {len(data.skipped)} unreadable file(s) (data.on_bad_file: skip): {_some_files(data.skipped)}"
         )
+    cache = _feature_cache(model, recipe, data, state, run_dir, placement, reference, progress)
+    gpu = GpuStats(device)
     if rng is not None:
         ckpt.set_rng_state(rng)  # last: nothing random may run between this and the next batch
 
     # 5. epochs
     last_path: Path | None = None
+    epoch_scalars: dict[str, float] = {"system/peak_mib": 0.0}
     saved = False  # the same on every rank (unlike last_path, which only rank 0 knows)
     started = time.perf_counter()
     done = state.step >= total_steps or state.stopped_early
@@ -353,30 +576,30 @@ def fit(
             if newly:
                 net = placement.prepare_model(model)  # DDP must learn the new trainable set
                 progress.note(f"epoch {epoch + 1}: unfroze {len(newly)} parameters")
+        if cache is not None and not cache.covers(epoch):
+            cache = None
+            if main:
+                features.drop(run_dir)
+            progress.note(f"epoch {epoch + 1}: feature cache dropped (train.unfreeze_at unfroze part of the backbone)")
         net.train()
         set_frozen_batchnorm_eval(model, recipe)
         data.sampler.set_epoch(epoch, skip=state.batch)
         progress.start_epoch(epoch, train_cfg.epochs, batches_per_epoch, done=state.batch)
-        loader_iter = iter(data.train)
+        peak_memory.start()
+        epoch_start = time.perf_counter()
+        loader_iter = iter(cache.train_batches(data.sampler) if cache else data.train)
         window_loss = torch.zeros((), device=device)
         window_batches, window_samples, window_start = 0, 0, time.perf_counter()
         shown: dict[str, float] = {}
         for group in _groups(loader_iter, state.batch, batches_per_epoch, train_cfg.accumulate):
-            for i, batch in enumerate(group):
-                inputs, targets = _to_device(batch, device)
-                with placement.no_sync(net, last=i == len(group) - 1):
-                    with autocast(train_cfg.precision, device):
-                        outputs = net(*inputs)
-                        loss, _per_head = compute_losses(model, outputs, targets, recipe)
-                    scaler.scale(loss / len(group)).backward()
-                window_loss += loss.detach().float()
-                window_batches += 1
-                window_samples += inputs[0].shape[0]
-            if train_cfg.clip_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in model.parameters() if p.grad is not None], train_cfg.clip_grad_norm
-                )
+            loss_sum, samples = _train_step(
+                net, model, group, state, recipe, placement, scaler, optimizer, monitor, progress
+            )
+            window_loss += loss_sum
+            window_batches += len(group)
+            window_samples += samples
+            log = (state.step + 1) % recipe.monitor.log_every_steps == 0
+            grad_norm = _clip_gradients(model, optimizer, scaler, train_cfg.clip_grad_norm, measure=log)
             scaler.step(optimizer)
             scaler.update()
             state.step += 1
@@ -385,12 +608,14 @@ def fit(
                 monitor.histograms(model, state.step)  # once per epoch, while the gradients exist
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            log = state.step % recipe.monitor.log_every_steps == 0
             if log:
                 elapsed = max(1e-9, time.perf_counter() - window_start)
                 throughput = window_samples / elapsed
                 shown = {"train/loss": float(window_loss) / max(1, window_batches)}
                 scalars = {**shown, "train/samples_per_s": throughput, **_lrs(optimizer), **memory_scalars(device)}
+                if grad_norm is not None:
+                    scalars["train/grad_norm"] = float(grad_norm)
+                scalars.update(gpu.scalars())
                 monitor.scalars(state.step, scalars, epoch=epoch)
                 window_loss.zero_()
                 window_batches, window_samples, window_start = 0, 0, time.perf_counter()
@@ -405,7 +630,9 @@ def fit(
             out_of_steps = state.step >= total_steps
             every = train_cfg.checkpoint.every_steps
             if every and state.step % every == 0 and not (at_end or out_of_steps):
-                last_path = _save(placement, run_dir, recipe, recipe_text, state, model, optimizer, scheduler, scaler)
+                last_path = _save(
+                    placement, run_dir, recipe, recipe_text, state, model, optimizer, scheduler, scaler, reference
+                )
                 saved = True
             if out_of_steps:
                 break
@@ -413,11 +640,20 @@ def fit(
         # end of epoch (or of the step budget): validate, checkpoint, maybe stop
         last_epoch = state.epoch + 1 >= train_cfg.epochs or state.step >= total_steps
         evaluated = (epoch + 1) % train_cfg.eval_every_epochs == 0 or last_epoch
+        epoch_scalars = {
+            "time/epoch_s": time.perf_counter() - epoch_start,
+            "system/peak_mib": peak_memory.peak() / 2**20,
+        }
+        if planned is not None:
+            epoch_scalars["system/plan_estimate_mib"] = planned / 2**20
+        if main:
+            monitor.scalars(state.step, epoch_scalars, epoch=epoch)
         if evaluated:
-            metrics, first = evaluate(net, model, data, recipe, placement)
+            metrics, first, tracker = evaluate(net, model, data, recipe, placement, cache, state, progress)
             state.metrics.update(metrics)
             if main:
                 monitor.scalars(state.step, metrics, epoch=epoch)
+                monitor.classification_reports(tracker, model.head_info, data.class_names, state.step, epoch)
                 _log_samples(monitor, model, first, data, state.step)
             if _early_stop(state, recipe):
                 state.stopped_early = True
@@ -427,7 +663,7 @@ def fit(
         epoch_checkpoint = None
         if train_cfg.checkpoint.every_epoch or done:
             last_path = epoch_checkpoint = _save(
-                placement, run_dir, recipe, recipe_text, state, model, optimizer, scheduler, scaler
+                placement, run_dir, recipe, recipe_text, state, model, optimizer, scheduler, scaler, reference
             )
             saved = True
         if evaluated:
@@ -439,7 +675,9 @@ def fit(
         if resume:
             last_path = ckpt.find_last(run_dir) if main else None
         else:
-            last_path = _save(placement, run_dir, recipe, recipe_text, state, model, optimizer, scheduler, scaler)
+            last_path = _save(
+                placement, run_dir, recipe, recipe_text, state, model, optimizer, scheduler, scaler, reference
+            )
     best = None
     if main:
         monitor.hparams(state.metrics)
@@ -453,8 +691,17 @@ def fit(
                 "steps": state.step,
                 "stopped early": state.stopped_early,
                 "time (s)": round(elapsed, 1),
+                f"peak memory, last epoch (MiB, {peak_memory.kind})": round(epoch_scalars["system/peak_mib"], 1),
             }
         )
+        if planned is not None:
+            rows["surgery plan's estimate (MiB)"] = round(planned / 2**20, 1)
+        if state.oom_retries:
+            rows["out-of-memory retries"] = state.oom_retries
+            rows["micro-batch (samples)"] = math.ceil(
+                (recipe.data.batch_size if recipe.data else 1) / state.micro_split
+            )
+        rows["feature cache"] = "used" if cache is not None else "not used"
         if best is not None:
             rows["best checkpoint"] = best.name
         if data.skipped:

@@ -191,3 +191,61 @@ def test_safe_fields() -> None:
     assert ckpt.is_safe_change("train.early_stopping.patience")
     assert not ckpt.is_safe_change("train.optimizer.lr")
     assert not ckpt.is_safe_change("train.epochs_extra")
+
+
+LEAN = """
+name: lean
+backbone: {{source: timm, name: test_resnet{weights}}}
+input: {{size: [16, 16]}}
+surgery: [{{input_channels: 1}}]
+heads:
+  - {{name: cls, layers: [{{linear: {{out_features: 4}}}}], loss: cross_entropy, metrics: [accuracy]}}
+freeze: ["backbone.**"]
+data: {{source: synthetic, batch_size: 8, synthetic: {{num_samples: 32, num_classes: 4}}}}
+train: {{epochs: 1, optimizer: {{name: adamw, lr: 0.01}}, frozen_batchnorm: {bn}}}
+monitor: {{progress: none, histograms: false, graph: false, sample_predictions: 0}}
+"""
+
+
+def test_lean_checkpoint_stores_what_training_changed_and_exports_whole(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from surgery.export import export_run
+    from surgery.model import build_model
+    from surgery.train import fit
+
+    recipe = load_recipe_text(LEAN.format(weights=", pretrained: false", bn="train"))
+    last = fit(recipe, tmp_path / "run").last_checkpoint
+    stored = load_file(str(last / ckpt.MODEL_FILE))
+    built = build_model(recipe).state_dict()
+    # the head, and the BatchNorm statistics that `frozen_batchnorm: train` let change; no frozen weight
+    assert {"heads.cls.0.weight", "heads.cls.0.bias"} <= set(stored)
+    assert any(k.endswith("running_mean") for k in stored)
+    assert not [k for k in stored if k.startswith("backbone.") and k.endswith("weight")]
+    frozen = ckpt.read_meta(last)["frozen"]
+    assert frozen["tensors"] == len(built) - len(stored) and len(frozen["sha256"]) == 64
+    # the bundle is self-contained: every tensor, the frozen ones equal to the built model's
+    bundle = load_file(str(export_run(tmp_path / "run") / "model.safetensors"))
+    assert set(bundle) == set(built)
+    assert all(torch.equal(bundle[k], built[k]) for k in built if k not in stored)
+    assert all(torch.equal(bundle[k], stored[k]) for k in stored)
+
+
+def test_resume_refuses_frozen_weights_that_changed(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from surgery.model import build_model
+    from surgery.train import fit
+
+    weights = tmp_path / "backbone.safetensors"
+    probe = load_recipe_text(LEAN.format(weights=", pretrained: false", bn="eval").replace("surgery: [{input_channels: 1}]", ""))
+    backbone = {
+        k.removeprefix("backbone."): v for k, v in build_model(probe).state_dict().items() if k.startswith("backbone.")
+    }
+    save_file(backbone, str(weights))
+    recipe = load_recipe_text(LEAN.format(weights=f", weights: {weights}", bn="eval"))
+    fit(recipe, tmp_path / "run")
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in backbone.items()}, str(weights))
+    longer = load_recipe_text(LEAN.format(weights=f", weights: {weights}", bn="eval").replace("epochs: 1", "epochs: 2"))
+    with pytest.raises(CheckpointError, match=r"stores only what training changed; its \d+ frozen tensors .* refusing"):
+        fit(longer, tmp_path / "run", resume=True)

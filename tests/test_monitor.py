@@ -86,3 +86,50 @@ def test_plain_progress_lines_and_summary(tmp_path: Path) -> None:
     assert "epoch 1/2 [5/10] loss 0.5  123 samples/s" in text
     assert re.search(r"epoch 1/2 done in [0-9.]+s  val/loss 0.25", text)
     assert "run summary" in text and re.search(r"steps +10", text)
+
+
+def test_classification_reports_grad_norm_epoch_time_and_memory(run: Path) -> None:
+    events = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    scalars = set(tags["scalars"])
+    per_class = {f"val/cls/{kind}/{label}" for kind in ("precision", "recall", "f1") for label in "abc"}
+    expected = {"train/grad_norm", "time/epoch_s", "system/peak_mib", "system/plan_estimate_mib", *per_class}
+    assert expected <= scalars, expected - scalars
+    assert all(e.value > 0 for e in events.Scalars("train/grad_norm"))
+    assert [e.step for e in events.Images("val/cls/confusion_matrix")] == [6, 12]
+    assert {"val/cls/pr/a", "val/cls/pr/b", "val/cls/pr/c"} <= set(tags["tensors"])  # PR curves
+    # per-class recall, weighted by class size, is the accuracy
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "val/cls/recall/a" in r][-1]
+    assert all(0.0 <= last[k] <= 1.0 for k in per_class)
+
+
+def test_confusion_matrix_counts() -> None:
+    import torch
+
+    from surgery.metrics import confusion_matrix, per_class
+    from surgery.monitor import confusion_image
+
+    matrix = confusion_matrix(torch.tensor([0, 1, 1, 2, 2, 2]), torch.tensor([0, 1, 2, 2, 2, 0]), 3)
+    assert matrix.tolist() == [[1, 0, 1], [0, 1, 0], [0, 1, 2]]  # rows: true class
+    scores = per_class(matrix)
+    assert scores["precision"].tolist() == pytest.approx([1.0, 0.5, 2 / 3])
+    assert scores["recall"].tolist() == pytest.approx([0.5, 1.0, 2 / 3])
+    image = confusion_image(matrix, ["zero", "one", "two"])
+    assert image.shape[0] == 3 and float(image.min()) >= 0.0 and float(image.max()) <= 1.0
+
+
+def test_wandb_offline_writes_its_run_files(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no `wandb login` netrc: `auto` means offline
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    text = RECIPE.replace("monitor: {", "monitor: {wandb: {project: surgery-test}, ").replace("epochs: 2", "epochs: 1")
+    run_dir = tmp_path / "run"
+    fit(load_recipe_text(text), run_dir)
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((run_dir / "wandb").rglob("*"))[:20]
+    log = next(runs[0].glob("run-*.wandb")).read_bytes()
+    for key in (b"train/loss", b"val/cls/accuracy", b"val/cls/confusion_matrix", b"surgery-test"):
+        assert key in log, key

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from surgery.checkpoint import find_last, read_meta
+from surgery.checkpoint import find_last, read_meta, trained_model
 from surgery.errors import CheckpointError, SurgeryError
 from surgery.model import build_model
 from surgery.recipe import load_recipe_text
@@ -69,10 +69,11 @@ def test_frozen_backbone_then_unfreeze_at_epoch_1(tmp_path: Path) -> None:
     extra = 'freeze: ["backbone.**"]\n'
     train = '  unfreeze_at: [{epoch: 1, params: "backbone.**", lr_scale: 0.5}]\n'
     initial = build_model(recipe(extra=extra, train=train)).state_dict()
-    one = load_file(
-        str(fit(recipe(epochs=1, extra=extra, train=train), tmp_path / "one").last_checkpoint / "model.safetensors")
-    )
-    # epoch 0: backbone weights and its (frozen, eval-mode) BatchNorm statistics are untouched; the head learned
+    first = fit(recipe(epochs=1, extra=extra, train=train), tmp_path / "one").last_checkpoint
+    # epoch 0: only the head trained, so the checkpoint stores only the head; the backbone weights and
+    # its (frozen, eval-mode) BatchNorm statistics are untouched and referenced by their hash
+    assert set(load_file(str(first / "model.safetensors"))) == {"heads.cls.0.weight", "heads.cls.0.bias"}
+    one = trained_model(recipe(epochs=1, extra=extra, train=train), first).state_dict()
     backbone = [k for k in initial if k.startswith("backbone.")]
     assert all(torch.equal(one[k], initial[k]) for k in backbone)
     assert not torch.equal(one["heads.cls.0.weight"], initial["heads.cls.0.weight"])
