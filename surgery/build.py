@@ -18,22 +18,31 @@ def build_command(
     runs_root: Path = Path("runs"),
     run_id: str | None = None,
 ) -> Path:
-    """`surgery build`: load the recipe, make (or find) the run folder, train, export the bundle."""
+    """`surgery build`: load the recipe, make (or find) the run folder, train, export the bundle.
+
+    Training runs where `placement` says: in this process (one device, a pipeline, or one rank
+    under `torchrun`), in `workers` local ddp processes, or on Ray Train; the run folder is made
+    once, by this process (rank 0 under `torchrun`), and only that process exports."""
     from surgery.export import export_run
-    from surgery.placement import placement_for
+    from surgery.placement import launcher_for
     from surgery.recipe import load_recipe
     from surgery.runs import link_latest, run_folder
-    from surgery.train import fit
 
     recipe = load_recipe(recipe_path, overrides)
     if recipe.data is None:
         raise SurgeryError(f"{recipe_path}: the recipe has no `data:` section; `surgery build` needs training data")
-    placement = placement_for(recipe)  # a placement this machine cannot carry out fails before any folder exists
-    run_dir = run_folder(Path(runs_root), recipe.name, run_id, resume=resume)
-    link_latest(run_dir)
+    launcher = launcher_for(recipe)  # a placement this machine cannot carry out fails before any folder or process
+
+    def new_run() -> Path:
+        run_dir = run_folder(Path(runs_root), recipe.name, run_id, resume=resume)
+        link_latest(run_dir)
+        return run_dir
+
     try:
-        fit(recipe, run_dir, resume=resume, force=force, placement=placement)
+        run_dir = launcher.on_main(new_run)
+        launcher.fit(recipe, run_dir, resume=resume, force=force)
     finally:
-        placement.close()
-    export_run(run_dir)
+        launcher.close()
+    if launcher.is_main:
+        export_run(run_dir)
     return run_dir
