@@ -348,33 +348,60 @@ def stage_assignment(model: nn.Module, stages: list[tuple[list[str], Any]]) -> d
                 where[path] = index
     uncovered = sorted(n for n in owned if _stage_of(n, where) is None)
     if uncovered:
-        modules = sorted({n.rpartition(".")[0] or n for n in uncovered})
+        modules = sorted({_widest_uncovered(n, owned, set(uncovered)) for n in uncovered})
         shown = ", ".join(modules[:6]) + (f" and {len(modules) - 6} more" if len(modules) > 6 else "")
         raise SurgeryError(f"placement.stages leave parts of the model on no stage: {shown}")
     return where
 
 
-def _stage_of(name: str, where: Mapping[str, int]) -> int | None:
+def _widest_uncovered(name: str, owned: set[str], uncovered: set[str]) -> str:
+    """The outermost module around `name` that is uncovered as a whole (for the error)."""
+    while "." in name:
+        parent = name.rpartition(".")[0]
+        if any(n.startswith(parent + ".") and n not in uncovered for n in owned):
+            break
+        name = parent
+    return name
+
+
+def _owner(name: str, where: Mapping[str, int]) -> str | None:
+    """The stage entry (module or parameter path) that covers `name`."""
     while name:
         if name in where:
-            return where[name]
+            return name
         name = name.rpartition(".")[0]
     return None
 
 
+def _stage_of(name: str, where: Mapping[str, int]) -> int | None:
+    owner = _owner(name, where)
+    return None if owner is None else where[owner]
+
+
+def _staged_modules(model: nn.Module, where: Mapping[str, int]) -> list[tuple[str, nn.Module]]:
+    """Every module on a stage that holds weights of its own (parameters or buffers), and each
+    stage entry's module: where activations must be on the stage's device."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if name
+        and _owner(name, where) is not None
+        and (
+            name in where
+            or any(True for _ in module.parameters(recurse=False))
+            or any(True for _ in module.buffers(recurse=False))
+        )
+    ]
+
+
 def check_forward_order(model: nn.Module, where: Mapping[str, int]) -> None:
-    """Stages must run in the order they are listed: one forward of example inputs records when
-    each stage's modules are first entered."""
-    order: list[tuple[int, str]] = []
-    handles = []
-    for path in where:
-        module = model.get_submodule(path) if path not in dict(model.named_parameters()) else None
-        if isinstance(module, nn.Module) and path:
-            handles.append(
-                module.register_forward_pre_hook(
-                    lambda m, a, p=path: order.append((where[p], p)) if p not in {q for _, q in order} else None
-                )
-            )
+    """Stages must run in the order they are listed: one forward of example inputs records which
+    stage each module that runs belongs to."""
+    calls: list[str] = []
+    handles = [
+        module.register_forward_pre_hook(lambda m, a, name=name: calls.append(name))
+        for name, module in _staged_modules(model, where)
+    ]
     was_training = model.training
     model.eval()
     try:
@@ -384,11 +411,12 @@ def check_forward_order(model: nn.Module, where: Mapping[str, int]) -> None:
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    for (stage_a, path_a), (stage_b, path_b) in itertools.pairwise(order):
-        if stage_b < stage_a:
+    owners = [o for o in (_owner(name, where) for name in calls) if o is not None]
+    for path_a, path_b in itertools.pairwise(owners):
+        if where[path_b] < where[path_a]:
             raise SurgeryError(
-                f"placement.stages are out of forward order: {path_b!r} (stage {stage_b}) runs after "
-                f"{path_a!r} (stage {stage_a})"
+                f"placement.stages are out of forward order: {path_b!r} (stage {where[path_b]}) runs after "
+                f"{path_a!r} (stage {where[path_a]})"
             )
 
 
@@ -418,7 +446,9 @@ class PipelineStages(SingleDevice):
                 tensor = params[path] if path in params else buffers[path]
                 tensor.data = tensor.data.to(device)  # a tensor its (split) module owns directly
                 continue
-            module = model.get_submodule(path).to(device)
+            model.get_submodule(path).to(device)
+        for name, module in _staged_modules(model, where):
+            device = self.stages[where[_owner(name, where)]][1]  # type: ignore[index]
             self._hooks.append(module.register_forward_pre_hook(_to_stage(device), with_kwargs=True))
         return MicroBatches(model, self.micro_batches, self.device)
 
