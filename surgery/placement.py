@@ -561,9 +561,10 @@ def placement_for(recipe: Recipe) -> SingleDevice:
 
 
 def planned_devices(model: nn.Module, recipe: Recipe) -> dict[str, str]:
-    """Parameter name → the device (or pipeline stage) it lives on during training, as `surgery
-    plan` shows it: for the machine the recipe targets, so no device is checked for here."""
-    names = [n for n, _ in model.named_parameters()]
+    """Parameter and module name → the device (or pipeline stage) it lives on during training, as
+    `surgery plan` shows it: for the machine the recipe targets, so no device is checked for here
+    (a pipeline's stages are checked against the model)."""
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_modules() if n]
     placement = recipe.placement
     if placement.strategy == "pipeline":
         where = check_pipeline(model, recipe)
@@ -573,8 +574,8 @@ def planned_devices(model: nn.Module, recipe: Recipe) -> dict[str, str]:
         device = "cuda:0" if torch.cuda.is_available() else "cpu"
     if placement.strategy == "ddp":
         kind = device.split(":")[0]
-        where = f"Ray Train {kind} ×{placement.workers}" if uses_ray(recipe) else f"{kind} ×{placement.workers}"
-        return dict.fromkeys(names, f"{where} (each)")
+        where_ = f"Ray Train {kind} ×{placement.workers}" if uses_ray(recipe) else f"{kind} ×{placement.workers}"
+        return dict.fromkeys(names, f"{where_} (each)")
     return dict.fromkeys(names, device)
 
 

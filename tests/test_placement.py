@@ -383,3 +383,36 @@ finally:
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["cluster"] == 2 and report["nodes"] == 2
     assert (Path(report["run"]) / "bundle" / "model.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------- shipped recipes
+
+
+TINY_BUILD = ["train.epochs=1", "data.limit_train=256", "data.limit_val=64", "export.formats=[safetensors]"]
+
+
+def test_shipped_pipeline_recipe_validates_plans_and_builds(tmp_path: Path) -> None:
+    from surgery.build import build_command
+    from surgery.plan import make_plan
+    from surgery.recipe import load_recipe
+
+    recipe = load_recipe("quickstart-pipeline")
+    memory = make_plan(recipe, depth=1)["memory"]["per_device"]
+    assert set(memory) == {"stage0:cuda:0", "stage1:cuda:1"}
+    on_cpu = [*TINY_BUILD, "placement.stages[0].device=cpu", "placement.stages[1].device=cpu"]
+    run = build_command("quickstart-pipeline", on_cpu, runs_root=tmp_path / "runs")
+    assert (run / "bundle" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_shipped_ddp_recipe_validates_plans_and_builds(tmp_path: Path) -> None:
+    from surgery.build import build_command
+    from surgery.plan import make_plan
+    from surgery.recipe import load_recipe
+
+    recipe = load_recipe("quickstart-ddp", ["placement.device=cpu"])
+    assert list(make_plan(recipe, depth=1)["memory"]["per_device"]) == ["cpu ×2 (each)"]
+    run = build_command("quickstart-ddp", [*TINY_BUILD, "placement.device=cpu"], runs_root=tmp_path / "runs")
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 4  # 256 samples / (2 workers × 32)
+    assert (run / "bundle" / "model.safetensors").is_file()
