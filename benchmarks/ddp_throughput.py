@@ -58,6 +58,7 @@ def throughput(run: Path, global_batch: int) -> float:
 
 
 def build(recipe: Path, overrides: list[str], runs: Path) -> Path:
+    """`surgery build RECIPE --set ...` in a subprocess; the run folder it made."""
     command = [str(Path(sys.executable).parent / "surgery"), "build", str(recipe), "--runs", str(runs)]
     for override in overrides:
         command += ["--set", override]
@@ -66,7 +67,8 @@ def build(recipe: Path, overrides: list[str], runs: Path) -> Path:
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return (runs / "bench-ddp" / "latest").resolve()
+    name = next(line.split(":", 1)[1].strip() for line in recipe.read_text().splitlines() if line.startswith("name:"))
+    return (runs / name / "latest").resolve()
 
 
 def main() -> None:
@@ -89,7 +91,9 @@ def main() -> None:
                 best[way] = max(best.get(way, 0.0), throughput(run, args.batch))
         base = best["single process"]
         local = best["DDP, 2 local processes"]
-        print(f"resnet10t {args.size}×{args.size}, global batch {args.batch}, {args.samples} samples, {os.cpu_count()} CPUs")
+        print(
+            f"resnet10t {args.size}×{args.size}, global batch {args.batch}, {args.samples} samples, {os.cpu_count()} CPUs"
+        )
         print(f"{'':28} {'samples/s':>10} {'vs single':>10} {'vs local DDP':>13}")
         for way, value in best.items():
             print(f"{way:28} {value:10.1f} {value / base:9.2f}× {value / local:12.3f}×")
