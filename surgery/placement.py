@@ -673,7 +673,10 @@ def _local_worker(recipe: Recipe, run_dir: str, resume: bool, force: bool) -> No
     (`max_failures`) it continues from the run's last checkpoint."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    record(_local_rank_fit)(recipe, run_dir, resume, force)
+    try:
+        record(_local_rank_fit)(recipe, run_dir, resume, force)
+    except SurgeryError:
+        raise SystemExit(1) from None  # recorded for the launcher's one-line error; no traceback here
 
 
 def _local_rank_fit(recipe: Recipe, run_dir: str, resume: bool, force: bool) -> None:

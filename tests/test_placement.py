@@ -417,3 +417,28 @@ def test_shipped_ddp_recipe_validates_plans_and_builds(tmp_path: Path) -> None:
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 4  # 256 samples / (2 workers × 32)
     assert (run / "bundle" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_build_under_torchrun_makes_one_run_folder(tmp_path: Path) -> None:
+    torchrun = Path(sys.executable).parent / "torchrun"
+    surgery = Path(sys.executable).parent / "surgery"
+    sets = [*TINY_BUILD, "placement.device=cpu", "monitor.progress=none"]
+    command = [str(torchrun), "--nproc-per-node", "2", str(surgery), "build", "quickstart-ddp", "--runs", "runs"]
+    command += [arg for s in sets for arg in ("--set", s)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [p for p in (tmp_path / "runs" / "quickstart-ddp").iterdir() if not p.is_symlink()]
+    assert len(runs) == 1 and (runs[0] / "bundle" / "model.safetensors").is_file()
+    steps = [json.loads(line)["step"] for line in (runs[0] / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 4  # 256 samples / (2 ranks × 32)
+
+
+@pytest.mark.slow
+def test_a_worker_error_is_one_line_from_the_launcher(tmp_path: Path) -> None:
+    from surgery.build import build_command
+
+    path = write(tmp_path, vit_text(train="  precision: fp16", placement=DDP))
+    with pytest.raises(SurgeryError, match=r"^ddp worker \d failed: SurgeryError: train.precision fp16 needs a CUDA"):
+        build_command(path, (), runs_root=tmp_path / "runs")
