@@ -207,13 +207,17 @@ class DistributedDataParallel(SingleDevice):
         import torch.distributed as dist
 
         box: list[Any] = [None]
+        failure: Exception | None = None
         if self.is_main:
             try:
                 box[0] = ("ok", make())
-            except SurgeryError as exc:
-                box[0] = ("error", exc)
+            except Exception as exc:
+                failure = exc
+                box[0] = ("error", exc if isinstance(exc, SurgeryError) else SurgeryError(f"rank 0 failed: {exc}"))
         dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
         status, value = box[0]
+        if failure is not None:
+            raise failure
         if status == "error":
             raise value
         return value
@@ -749,7 +753,8 @@ def train_on_ray(
     use_gpu = resolve_device_kind(placement.device) == "cuda"
     started = not ray.is_initialized()
     if started:
-        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING", include_dashboard=False)
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, logging_level="WARNING", **({} if address else {"include_dashboard": False}))
     try:
         _check_ray_resources(placement.workers, use_gpu)
         run_dir = Path(run_dir).resolve()
