@@ -611,14 +611,13 @@ class InProcess:
 
 class LocalProcesses:
     """`ddp` on this machine: `workers` processes started by torch's elastic launcher (what
-    `torchrun` runs), each calling `fit` as one rank; a worker that dies takes the others down,
-    and with `max_failures` they all restart from the last checkpoint."""
+    `torchrun` runs), each calling `fit` as one rank; a worker that dies takes the others down
+    (`surgery build --resume` continues from the last checkpoint)."""
 
     is_main = True
 
     def __init__(self, recipe: Recipe) -> None:
         self.workers = recipe.placement.workers
-        self.max_failures = recipe.placement.max_failures
 
     def on_main(self, make: Callable[[], T]) -> T:
         return make()
@@ -638,7 +637,7 @@ class LocalProcesses:
             run_id=str(uuid.uuid4()),
             rdzv_backend="c10d",
             rdzv_endpoint="127.0.0.1:0",
-            max_restarts=self.max_failures,
+            max_restarts=0,  # restarting a killed group hung in our tests: Ray Train does restarts
             monitor_interval=0.1,
             start_method="spawn",
             local_addr="127.0.0.1",
@@ -673,8 +672,7 @@ def _has_checkpoint(run_dir: Path) -> bool:
 
 
 def _local_worker(recipe: Recipe, run_dir: str, resume: bool, force: bool) -> None:
-    """One local ddp rank (a spawned process): join the group, fit, leave. After a restart
-    (`max_failures`) it continues from the run's last checkpoint."""
+    """One local ddp rank (a spawned process): join the group, fit, leave."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
     try:
@@ -686,10 +684,8 @@ def _local_worker(recipe: Recipe, run_dir: str, resume: bool, force: bool) -> No
 def _local_rank_fit(recipe: Recipe, run_dir: str, resume: bool, force: bool) -> None:
     from surgery.train import fit
 
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     placement = DistributedDataParallel.from_env(recipe)
     try:
-        resume = resume or (restarted and _has_checkpoint(Path(run_dir)))
         fit(recipe, Path(run_dir), resume=resume, force=force, placement=placement)
     finally:
         placement.close()

@@ -393,7 +393,8 @@ class Placement(Strict):
     )
     max_failures: Annotated[int, Field(ge=0)] = Field(
         0,
-        description="`ddp`: worker failures to survive; after one, all workers restart from the last checkpoint.",
+        description="`ddp` with `engine: ray`: worker failures to survive; after one, Ray Train restarts all "
+        "workers from the last checkpoint.",
     )
     stages: list[Stage] = Field(
         default_factory=list,
@@ -810,7 +811,13 @@ def _placement_problems(placement: Placement) -> list[Problem]:
             refuse(
                 "engine", "`engine: ray` runs `ddp` workers on Ray Train; use `strategy: ddp` (`workers: 1` for one)"
             )
-    elif re.fullmatch(r"cuda:[0-9]+|mps", placement.device):
+    elif placement.max_failures and placement.engine != "ray":
+        refuse(
+            "max_failures",
+            "worker restarts need `engine: ray` (Ray Train restarts them from the last checkpoint); "
+            "a local ddp run that fails continues with `surgery build --resume`",
+        )
+    if strategy == "ddp" and re.fullmatch(r"cuda:[0-9]+|mps", placement.device):
         refuse("device", f"ddp gives each worker its own GPU; use `cuda`, `cpu` or `auto`, not {placement.device!r}")
     return problems
 

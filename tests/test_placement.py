@@ -76,6 +76,8 @@ def test_fields_of_another_strategy_are_errors_not_ignored() -> None:
         vit(placement="{strategy: single, workers: 2, micro_batches: 2, max_failures: 1, engine: ray}")
     fields = {line.split(" ")[1] for line in str(info.value).splitlines()}
     assert fields == {f"placement.{key}:" for key in ("workers", "engine", "max_failures", "micro_batches")}
+    with pytest.raises(RecipeError, match=r"placement.max_failures: worker restarts need `engine: ray`"):
+        vit(placement="{strategy: ddp, workers: 2, max_failures: 1}")
     with pytest.raises(RecipeError, match="ddp gives each worker its own GPU"):
         vit(placement="{strategy: ddp, device: 'cuda:1'}")
     with pytest.raises(RecipeError, match="needs at least two stages"):
