@@ -3,6 +3,7 @@ places it, export the bundle."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,30 +20,42 @@ def build_command(
     runs_root: Path = Path("runs"),
     run_id: str | None = None,
 ) -> Path:
-    """`surgery build`: load the recipe, make (or find) the run folder, train, export the bundle."""
+    """`surgery build`: load the recipe, make (or find) the run folder, train, export the bundle.
+
+    Training runs where `placement` says: in this process (one device, a pipeline, or one rank
+    under `torchrun`), in `workers` local ddp processes, or on Ray Train; the run folder is made
+    once, by this process (rank 0 under `torchrun`), and only that process exports."""
     from surgery.export import export_run
     from surgery.model import check_fits_in_memory
-    from surgery.placement import placement_for
+    from surgery.placement import launcher_for
     from surgery.recipe import load_recipe
     from surgery.runs import hold_run, link_latest, run_folder
-    from surgery.train import fit
 
     recipe = load_recipe(recipe_path, overrides)
     if recipe.data is None:
         raise SurgeryError(f"{recipe_path}: the recipe has no `data:` section; `surgery build` needs training data")
-    placement = placement_for(recipe)  # a placement this machine cannot carry out fails before any folder exists
+    launcher = launcher_for(recipe)  # a placement this machine cannot carry out fails before any folder or process
     check_fits_in_memory(recipe)  # so does a model bigger than this machine
-    run_dir = run_folder(Path(runs_root), recipe.name, run_id, resume=resume)
-    with hold_run(run_dir, resume=resume) as hold:  # one process trains in a run at a time
-        if hold.restarted:
-            print(
-                f"run {run_dir} was stopped before its first checkpoint: training it again from the beginning",
-                file=sys.stderr,
-            )
-        link_latest(run_dir)
+
+    with contextlib.ExitStack() as held:
+
+        def new_run() -> tuple[Path, bool]:
+            run_dir = run_folder(Path(runs_root), recipe.name, run_id, resume=resume)
+            # The launching process (rank 0 under torchrun) holds the run while it trains and exports.
+            hold = held.enter_context(hold_run(run_dir, resume=resume))
+            if hold.restarted:
+                print(
+                    f"run {run_dir} was stopped before its first checkpoint: training it again from the beginning",
+                    file=sys.stderr,
+                )
+            link_latest(run_dir)
+            return run_dir, hold.restarted
+
         try:
-            fit(recipe, run_dir, resume=resume and not hold.restarted, force=force, placement=placement)
+            run_dir, restarted = launcher.on_main(new_run)
+            launcher.fit(recipe, run_dir, resume=resume and not restarted, force=force)
         finally:
-            placement.close()
-        export_run(run_dir)
+            launcher.close()
+        if launcher.is_main:
+            export_run(run_dir)
     return run_dir

@@ -87,8 +87,9 @@ def make_plan(recipe: Recipe, *, depth: int = 3) -> dict[str, Any]:
 
 
 def _module_devices(prefix: str, placement: dict[str, str]) -> list[str]:
+    """Where a module runs: its own entry (a module without weights), or where its parameters are."""
     start = prefix + "."
-    return sorted({d for n, d in placement.items() if n.startswith(start)})
+    return sorted({d for n, d in placement.items() if n == prefix or n.startswith(start)})
 
 
 # --------------------------------------------------------------------------- measurement

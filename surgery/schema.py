@@ -399,29 +399,82 @@ class Head(Strict):
 # --------------------------------------------------------------------------- placement
 
 
+_MODULE_PATH = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*"
+_STAGE_ENTRY = rf"{_MODULE_PATH}(\.\.{_MODULE_PATH})?"
+
+
+def _stage_entry(value: str) -> str:
+    if not re.fullmatch(_STAGE_ENTRY, value):
+        raise PydanticCustomError(
+            "bad_stage_entry",
+            "{msg}",
+            {
+                "msg": f"{value!r} is not a module path (`backbone.layer1`) or a range (`backbone.layer1..backbone.layer3`)"
+            },
+        )
+    return value
+
+
+def _strategy(value: Any) -> Any:
+    if value == "data_parallel":
+        raise PydanticCustomError(
+            "refused_strategy",
+            "data_parallel (single-process nn.DataParallel) is refused: `ddp` replaces it, with one process "
+            "per device (no GIL contention between devices) and no gathering of every output and gradient "
+            "on the first GPU (no memory imbalance); use `strategy: ddp` with `workers: N`",
+        )
+    return value
+
+
 class Stage(Strict):
-    params: list[ParamGlob] = Field(min_length=1, description="Globs over parameter names placed on this stage.")
-    device: Annotated[str, Field(pattern=_DEVICE)] = Field(
-        description="Device of the stage (`cuda:0`, `cuda:1`, `cpu`)."
+    """One pipeline stage: consecutive modules of the model, on one device."""
+
+    modules: list[Annotated[str, AfterValidator(_stage_entry)]] = Field(
+        min_length=1,
+        description="Module paths of this stage in forward order, as `surgery plan` prints them: `backbone.conv1`, "
+        "a range of sibling modules `backbone.layer1..backbone.layer3`, `heads`, or a parameter a split module "
+        "owns directly (`backbone.pos_embed`).",
+    )
+    device: Annotated[str, Field(pattern=r"^(cpu|mps|cuda(:[0-9]+)?)$")] = Field(
+        description="Device of the stage: `cuda:N`, `cpu` or `mps` (`auto` is not: a stage names its device)."
     )
 
 
 class Placement(Strict):
-    """Where the model runs: one device, data parallel (DDP), or model-parallel stages."""
+    """Where the model runs: one device, data parallel (DDP) on local processes or Ray Train, or
+    model-parallel pipeline stages."""
 
-    strategy: Literal["single", "ddp", "pipeline"] = Field(
-        "single", description="`single` device, `ddp` data parallel, or `pipeline` model-parallel stages."
+    strategy: Annotated[Literal["single", "ddp", "pipeline"], BeforeValidator(_strategy)] = Field(
+        "single",
+        description="`single` device, `ddp` (DistributedDataParallel over `workers` processes), or `pipeline` "
+        "(model-parallel `stages`). `data_parallel` is refused: `ddp` replaces it.",
     )
     device: Annotated[str, Field(pattern=_DEVICE)] = Field(
-        "auto", description="Device for `single`: `auto` (CUDA if present, else CPU), `cpu`, `cuda`, `cuda:N`, `mps`."
+        "auto",
+        description="`single`: `auto` (CUDA if present, else CPU), `cpu`, `cuda`, `cuda:N`, `mps`. "
+        "`ddp`: `auto`, `cpu` (Gloo) or `cuda` (NCCL, one GPU per worker).",
     )
-    workers: PositiveInt = Field(1, description="Processes for `ddp` (one per GPU).")
-    use_ray: bool = Field(
-        False, description="Run `ddp` workers through Ray Train (on `RAY_ADDRESS` if set) instead of locally."
+    workers: PositiveInt = Field(
+        1, description="`ddp` processes (one per GPU; on CPU at most one per core). `data.batch_size` is per worker."
+    )
+    engine: Literal["local", "ray"] = Field(
+        "local",
+        description="Where `ddp` workers run: `local` processes launched by `surgery build` (or `torchrun`), or "
+        "`ray`: Ray Train (on the cluster `RAY_ADDRESS` names, which also selects `ray` when set).",
+    )
+    max_failures: Annotated[int, Field(ge=0)] = Field(
+        0,
+        description="`ddp` with `engine: ray`: worker failures to survive; after one, Ray Train restarts all "
+        "workers from the last checkpoint.",
     )
     stages: list[Stage] = Field(
         default_factory=list,
-        description="For `pipeline`: consecutive stages, each a set of parameter globs and a device.",
+        description="`pipeline`: consecutive stages covering the model in forward order, each on a device.",
+    )
+    micro_batches: PositiveInt = Field(
+        1,
+        description="`pipeline`: split each batch into this many micro-batches so stages overlap (GPipe); "
+        "gradients accumulate over them.",
     )
 
 
@@ -843,10 +896,46 @@ def cross_check(recipe: Recipe) -> list[Problem]:
         check_metric(("train", "early_stopping", "monitor"), recipe.train.early_stopping.monitor)
     if recipe.tune is not None:
         check_metric(("tune", "metric"), recipe.tune.metric)
-    if recipe.placement.strategy == "pipeline" and not recipe.placement.stages:
-        problems.append(Problem(("placement", "stages"), "strategy 'pipeline' needs at least one stage"))
+    problems.extend(_placement_problems(recipe.placement))
     if recipe.data is not None and recipe.data.source in ("image_folder", "csv", "jsonl") and not recipe.data.train:
         problems.append(Problem(("data", "train"), f"data source {recipe.data.source!r} needs a `train` path"))
+    return problems
+
+
+def _placement_problems(placement: Placement) -> list[Problem]:
+    """Placement fields that only mean something for another strategy are errors, not ignored."""
+    problems: list[Problem] = []
+    strategy = placement.strategy
+
+    def refuse(key: str, message: str) -> None:
+        problems.append(Problem(("placement", key), message))
+
+    if strategy == "pipeline":
+        if len(placement.stages) < 2:
+            refuse("stages", "strategy 'pipeline' needs at least two stages")
+        if placement.engine == "ray":
+            refuse("engine", "a pipeline runs in one process; `engine: ray` applies to `ddp`")
+    elif placement.stages:
+        refuse("stages", f"stages apply to strategy 'pipeline', not {strategy!r}")
+    if strategy != "pipeline" and placement.micro_batches != 1:
+        refuse("micro_batches", f"micro_batches apply to strategy 'pipeline', not {strategy!r}")
+    if strategy != "ddp":
+        if placement.workers != 1:
+            refuse("workers", f"workers apply to strategy 'ddp', not {strategy!r}")
+        if placement.max_failures:
+            refuse("max_failures", f"max_failures apply to strategy 'ddp', not {strategy!r}")
+        if strategy == "single" and placement.engine == "ray":
+            refuse(
+                "engine", "`engine: ray` runs `ddp` workers on Ray Train; use `strategy: ddp` (`workers: 1` for one)"
+            )
+    elif placement.max_failures and placement.engine != "ray":
+        refuse(
+            "max_failures",
+            "worker restarts need `engine: ray` (Ray Train restarts them from the last checkpoint); "
+            "a local ddp run that fails continues with `surgery build --resume`",
+        )
+    if strategy == "ddp" and re.fullmatch(r"cuda:[0-9]+|mps", placement.device):
+        refuse("device", f"ddp gives each worker its own GPU; use `cuda`, `cpu` or `auto`, not {placement.device!r}")
     return problems
 
 

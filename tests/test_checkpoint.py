@@ -238,7 +238,9 @@ def test_resume_refuses_frozen_weights_that_changed(tmp_path: Path) -> None:
     from surgery.train import fit
 
     weights = tmp_path / "backbone.safetensors"
-    probe = load_recipe_text(LEAN.format(weights=", pretrained: false", bn="eval").replace("surgery: [{input_channels: 1}]", ""))
+    probe = load_recipe_text(
+        LEAN.format(weights=", pretrained: false", bn="eval").replace("surgery: [{input_channels: 1}]", "")
+    )
     backbone = {
         k.removeprefix("backbone."): v for k, v in build_model(probe).state_dict().items() if k.startswith("backbone.")
     }

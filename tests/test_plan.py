@@ -60,7 +60,7 @@ def test_memory_estimate_follows_trainable_parameters(tiny_recipe: Path) -> None
 
 
 def test_plan_splits_pipeline_stages(tmp_path: Path) -> None:
-    stages = [{"params": ["backbone.**"], "device": "cuda:0"}, {"params": ["heads.**"], "device": "cuda:1"}]
+    stages = [{"modules": ["backbone"], "device": "cuda:0"}, {"modules": ["heads"], "device": "cuda:1"}]
     path = tmp_path / "pipe.yaml"
     path.write_text(yaml.safe_dump(TINY | {"placement": {"strategy": "pipeline", "stages": stages}}))
     recipe = load_recipe(path)

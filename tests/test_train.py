@@ -100,13 +100,3 @@ def test_run_folders(tmp_path: Path) -> None:
     assert run_folder(tmp_path, "loop", None, resume=True) == first
     assert find_last(first).name == "step-00000002"
     assert run_folder(tmp_path, "loop", None, resume=False) != first  # a new timestamped run
-
-
-def test_placement_this_build_cannot_carry_out_fails_before_any_folder(tmp_path: Path) -> None:
-    from surgery.build import build_command
-
-    path = tmp_path / "ddp.yaml"
-    path.write_text(BASE.format(samples=16, epochs=1, train="", extra="placement: {strategy: ddp, workers: 2}"))
-    with pytest.raises(SurgeryError, match=r"placement\.strategy 'ddp'"):
-        build_command(path, (), runs_root=tmp_path / "runs")
-    assert not (tmp_path / "runs").exists()
