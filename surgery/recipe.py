@@ -514,6 +514,11 @@ def _parse_override(text: str) -> tuple[list[str | int], str]:
     return path, text[at + 1 :]
 
 
+def override_path(text: str) -> list[str | int]:
+    """The field path a `--set PATH=VALUE` override writes, as keys and indices."""
+    return _parse_override(text)[0]
+
+
 def _apply_override(data: dict[str, Any], pos: _Pos, text: str) -> None:
     path, raw = _parse_override(text)
     label = Location(f"--set {text}", field=_dotted(path))
@@ -752,6 +757,18 @@ def load_recipe_text(
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Load a recipe file, or a shipped recipe by name (`quickstart`), with `--set` overrides."""
+    data, pos = _load_file(path, overrides)
+    return _validate(data, pos)
+
+
+def field_location(path: str | Path, overrides: Sequence[str], field: Sequence[str | int]) -> Location:
+    """Where a field of a recipe (file, extends and `--set` applied) was written, for problems
+    found after loading it (`surgery tune` checking the values its space can produce)."""
+    _data, pos = _load_file(path, overrides)
+    return _locate(pos, tuple(field))
+
+
+def _load_file(path: str | Path, overrides: Sequence[str]) -> tuple[dict[str, Any], _Pos]:
     given = str(path)
     file = _find_recipe(given, Path.cwd())
     if file is None:
@@ -764,7 +781,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     text = _read(file, source)
     data, pos = _load_document(text, source, file.parent, (file,))
     _apply_overrides(data, pos, overrides)
-    return _validate(data, pos)
+    return data, pos
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
@@ -813,8 +830,10 @@ __all__ = [
     "RECIPES_DIR",
     "Location",
     "dump_recipe",
+    "field_location",
     "load_recipe",
     "load_recipe_text",
+    "override_path",
     "recipe_diff",
     "recipe_hash",
     "recipe_to_dict",
