@@ -631,7 +631,9 @@ class Tune(Strict):
     mode: Literal["min", "max"] | None = Field(
         None, description="Minimise or maximise `metric`; default: `min` for a loss, `max` for any other metric."
     )
-    num_samples: PositiveInt = Field(8, description="Trials (for `grid`: repeats of the whole grid).")
+    num_samples: PositiveInt | None = Field(
+        None, description="Trials; for `grid`, repeats of the whole grid. Default: 1 for `grid`, else 8."
+    )
     max_concurrent: PositiveInt | None = Field(
         None, description="Trials run at once; default (and upper bound): as many as the resources allow."
     )

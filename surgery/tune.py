@@ -146,10 +146,26 @@ def metric_mode(tune: Tune) -> str:
     return "min" if tune.metric.endswith("loss") else "max"
 
 
+def single_device_refusal(recipe: Recipe) -> str | None:
+    """Why a trial of `recipe` cannot run here: trials run on one device each (a trial never
+    quietly trains on one device what its recipe places on several)."""
+    strategy = recipe.placement.strategy
+    if strategy == "single":
+        return None
+    return (
+        f"placement.strategy {strategy!r}: surgery tune runs each trial on one device (multi-worker trials are "
+        "not available yet); search with `placement.strategy: single`, then build the tuned recipe with yours"
+    )
+
+
+def num_samples(tune: Tune) -> int:
+    """`tune.num_samples`, or its default: the grid once, 8 samples otherwise."""
+    return tune.num_samples or (1 if tune.search == "grid" else 8)
+
+
 def check_space(recipe_path: str | Path, overrides: Sequence[str], recipe: Recipe) -> None:
     """Load the recipe with every value each domain can produce, and refuse the search (before Ray
     starts) with every problem found, each at the line of the space entry that produced it."""
-    from surgery.placement import refused_strategy
     from surgery.recipe import field_location, load_recipe
 
     assert recipe.tune is not None
@@ -169,7 +185,7 @@ def check_space(recipe_path: str | Path, overrides: Sequence[str], recipe: Recip
             except SurgeryError as err:
                 problems.append(f"{label}: {domain.kind} value {_value_text(value)}: {err}")
                 continue
-            if reason := refused_strategy(trial):
+            if reason := single_device_refusal(trial):
                 problems.append(f"{label}: {domain.kind} value {_value_text(value)}: {reason}")
     if problems:
         raise RecipeError(list(dict.fromkeys(problems)))
@@ -545,6 +561,7 @@ def write_tuned_recipe(
     metric: str,
     mode: str,
     search_desc: str,
+    threads: int | None = None,
 ) -> Path:
     """`<name>.tuned.yaml`: `extends` the original recipe and sets exactly the values the best
     trial ran with (the search's own `--set` overrides, then its searched values); its header
@@ -568,7 +585,13 @@ def write_tuned_recipe(
         header.append(f"# the search's --set: {' '.join(overrides)}")
     if best.status != "finished":
         header.append("# the trial was stopped early by the scheduler; building this trains every epoch")
-    header.append(f"# retrain it: surgery build {out.name}")
+    if threads:
+        header.append(
+            f"# retrain it: surgery build {out.name}  (the trial used {threads} CPU thread(s); on a CPU, "
+            f"OMP_NUM_THREADS={threads} repeats it bit for bit)"
+        )
+    else:
+        header.append(f"# retrain it: surgery build {out.name}")
     body = {"extends": extends, **chosen_values(trial_recipe, paths)}
     text = "\n".join(header) + "\n" + yaml.safe_dump(body, sort_keys=False, allow_unicode=True, width=100)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -586,6 +609,21 @@ def write_tuned_recipe(
 
 
 # --------------------------------------------------------------------------- the command
+
+
+def _check_runnable(recipe: Recipe) -> None:
+    """What this machine or package set cannot carry out, refused before anything starts."""
+    import importlib.util
+
+    assert recipe.tune is not None
+    if reason := single_device_refusal(recipe):
+        raise TuneError(reason)
+    needs = {"bohb": ("hpbandster", "ConfigSpace"), "optuna": ("optuna",)}.get(recipe.tune.search, ())
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    if missing:
+        raise TuneError(f"tune.search {recipe.tune.search!r} needs {', '.join(missing)}: pip install 'surgery[tune]'")
+    if recipe.placement.device.startswith("cuda") and not recipe.tune.resources.gpus:
+        raise TuneError("placement.device asks for CUDA but tune.resources.gpus is 0: give each trial a GPU share")
 
 
 def _search_folders(recipe_dir: Path) -> list[Path]:
@@ -637,11 +675,11 @@ def _start_ray() -> bool:
     """Connect to `RAY_ADDRESS`, or start a local Ray; True when this process started it."""
     import ray
 
+    # a small checkpoint per epoch makes Tune snapshot its state often: that is what `--resume` reads
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # a tiny checkpoint per epoch makes Tune snapshot often, which is what `--resume` relies on
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level="WARNING", log_to_driver=False)
     else:
@@ -679,9 +717,8 @@ def tune_command(
         overrides = list(overrides) or list(started["overrides"])
         recipe = load_recipe(recipe_path, overrides)
         _check_same_recipe(folder, recipe)
+    _check_runnable(recipe)
     check_space(recipe_path, overrides, recipe)
-    if recipe.placement.device.startswith("cuda") and not tune_cfg.resources.gpus:
-        raise TuneError("placement.device asks for CUDA but tune.resources.gpus is 0: give each trial a GPU share")
     if not resume:
         folder = _new_search_folder(recipe_dir, search_id)
         write_lock(recipe, folder)
@@ -728,7 +765,7 @@ def _run_search(plan: SearchPlan, tune_cfg: Tune, recipe: Recipe, folder: Path, 
         max_epochs = _max_epochs(recipe)
         echo(
             f"search {folder.name}: {tune_cfg.search}"
-            f"{' (grid ×' + str(tune_cfg.num_samples) + ')' if tune_cfg.search == 'grid' else ', ' + str(tune_cfg.num_samples) + ' trials'}"
+            f"{' (grid ×' + str(num_samples(tune_cfg)) + ')' if tune_cfg.search == 'grid' else ', ' + str(num_samples(tune_cfg)) + ' trials'}"
             f", scheduler {tune_cfg.scheduler or ('hyperband' if tune_cfg.search == 'bohb' else 'none')}, "
             f"{slots} at a time on {where} ({tune_cfg.resources.cpus:g} CPU, {tune_cfg.resources.gpus:g} GPU each)"
         )
@@ -738,12 +775,11 @@ def _run_search(plan: SearchPlan, tune_cfg: Tune, recipe: Recipe, folder: Path, 
             tune_config=tune.TuneConfig(
                 metric=plan.metric,
                 mode=plan.mode,
-                num_samples=tune_cfg.num_samples,
+                num_samples=num_samples(tune_cfg),
                 search_alg=_searcher(tune_cfg, slots, plan.mode),
                 scheduler=_scheduler(tune_cfg, max_epochs),
-                max_concurrent_trials=slots if tune_cfg.search in ("grid", "random") else None,
                 time_budget_s=tune_cfg.time_budget_s,
-                reuse_actors=False,
+                reuse_actors=True,  # a trial starts in a warm process: imports and data are not paid again
             ),
             run_config=tune.RunConfig(
                 name=RAY_DIR,
@@ -789,6 +825,7 @@ def _finish(plan: SearchPlan, tune_cfg: Tune, recipe: Recipe, folder: Path, *, o
         metric=plan.metric,
         mode=plan.mode,
         search_desc=desc,
+        threads=max(1, int(tune_cfg.resources.cpus)) if not tune_cfg.resources.gpus else None,
     )
     echo(f"best: trial {best.trial}, {plan.metric} = {best.best:.4f} at epoch {best.best_epoch} ({best.run_dir})")
     echo(f"tuned recipe: {tuned}")
