@@ -289,19 +289,6 @@ def _trial_placement(recipe: Recipe, record: TrialRecord) -> Any:
     return TrialPlacement(placement_for(recipe).device)
 
 
-def _write_trial_hparams(run_dir: Path, values: Mapping[str, Any], record: TrialRecord, plan: SearchPlan) -> None:
-    """The trial's searched values and best score in TensorBoard's hparams view (`tb/`), so the
-    whole search compares side by side with `tensorboard --logdir runs/<name>/tune-<id>`."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    best, _ = record.best(plan.metric, plan.mode)
-    hparams = {p: v if isinstance(v, int | float | str | bool) else _value_text(v) for p, v in values.items()}
-    metrics = {f"tune/best/{plan.metric}": best} if best is not None else {}
-    metrics["tune/epochs"] = float(record.last_epoch)
-    with SummaryWriter(str(run_dir / "tb")) as writer:
-        writer.add_hparams(hparams, metrics, run_name="tune")
-
-
 def run_trial(config: dict[str, Any], plan: SearchPlan) -> None:
     """The Ray Tune function of one trial: load the recipe with the trial's values, make (or find)
     its run folder, and `fit` it, reporting each evaluated epoch."""
@@ -325,7 +312,13 @@ def run_trial(config: dict[str, Any], plan: SearchPlan) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     record = TrialRecord(run_dir)
     if not record.info:
-        record.update(trial=trial_id, params=values, status="running", started=datetime.now().isoformat())
+        record.update(
+            trial=trial_id,
+            params=values,
+            status="running",
+            epochs_planned=recipe.train.epochs,
+            started=datetime.now().isoformat(),
+        )
     restored = _restored_epoch()
     for row in record.reports:  # epochs Tune lost (a driver killed, a trial paused) are replayed
         if row["epoch"] > restored:
@@ -348,7 +341,6 @@ def run_trial(config: dict[str, Any], plan: SearchPlan) -> None:
     finally:
         placement.close()
     record.update(status="finished")
-    _write_trial_hparams(run_dir, values, record, plan)
 
 
 # --------------------------------------------------------------------------- the search
@@ -459,8 +451,8 @@ def collect_trials(folder: Path, metric: str, mode: str) -> list[TrialRow]:
         info = record.info
         best, epoch = record.best(metric, mode)
         status = info.get("status", "running")
-        if status == "running":
-            status = "stopped"
+        if status == "running":  # Tune ended it: at its last epoch (a scheduler's max_t), or early
+            status = "finished" if record.last_epoch >= info.get("epochs_planned", math.inf) else "stopped"
         last = {k: v for k, v in (record.reports[-1] if record.reports else {}).items() if k != "epoch"}
         rows.append(
             TrialRow(
@@ -478,6 +470,22 @@ def collect_trials(folder: Path, metric: str, mode: str) -> list[TrialRow]:
     sign = 1 if mode == "min" else -1
     rows.sort(key=lambda r: (r.best is None, sign * (r.best if r.best is not None else 0.0), r.trial))
     return rows
+
+
+def write_hparams(rows: Sequence[TrialRow], metric: str) -> None:
+    """Each trial's searched values and score in TensorBoard's hparams view (`<trial>/tb/tune`),
+    so the whole search compares side by side with `tensorboard --logdir runs/<name>/tune-<id>`."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for row in rows:
+        folder = row.run_dir / "tb" / "tune"
+        shutil.rmtree(folder, ignore_errors=True)  # a resumed search writes it again, once
+        hparams = {p: v if isinstance(v, int | float | str | bool) else _value_text(v) for p, v in row.params.items()}
+        metrics = {"tune/epochs": float(row.epochs)}
+        if row.best is not None:
+            metrics[f"tune/best/{metric}"] = row.best
+        with SummaryWriter(str(row.run_dir / "tb")) as writer:
+            writer.add_hparams(hparams, metrics, run_name="tune")
 
 
 def results_table(rows: Sequence[TrialRow], metric: str, mode: str, title: str) -> Any:
@@ -799,6 +807,7 @@ def _finish(plan: SearchPlan, tune_cfg: Tune, recipe: Recipe, folder: Path, *, o
     with (folder / f".{RESULTS_FILE}.tmp").open("w") as f:
         f.writelines(json.dumps(r.as_json(plan.metric), default=str) + "\n" for r in rows)
     os.replace(folder / f".{RESULTS_FILE}.tmp", folder / RESULTS_FILE)
+    write_hparams(rows, plan.metric)
     desc = (
         f"{tune_cfg.search}, scheduler {tune_cfg.scheduler or ('hyperband' if tune_cfg.search == 'bohb' else 'none')}"
         f", {len(rows)} trials"
