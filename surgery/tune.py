@@ -447,6 +447,8 @@ def collect_trials(folder: Path, metric: str, mode: str) -> list[TrialRow]:
     rows = []
     for trial_file in sorted(folder.glob(f"*/{TRIAL_FILE}")):
         run_dir = trial_file.parent
+        if run_dir.is_symlink():  # `best`
+            continue
         record = TrialRecord(run_dir)
         info = record.info
         best, epoch = record.best(metric, mode)
