@@ -49,6 +49,12 @@ class TuneError(SurgeryError):
     """A search that cannot start or resume as asked."""
 
 
+class TuneInterrupted(SurgeryError):
+    """A search stopped by Ctrl-C; `--resume` continues it."""
+
+    exit_code = 130
+
+
 # --------------------------------------------------------------------------- the space
 
 
@@ -356,7 +362,7 @@ def _max_epochs(recipe: Recipe) -> int:
     return max(int(v) for v in Dimension.of("train.epochs", domain).corner_values())
 
 
-def _searcher(tune_cfg: Tune, concurrency: int, mode: str) -> Any:
+def _searcher(tune_cfg: Tune, concurrency: int) -> Any:
     from ray.tune.search import ConcurrencyLimiter
 
     if tune_cfg.search == "bohb":
@@ -719,50 +725,52 @@ def tune_command(
         raise TuneError(f"{recipe_path}: the recipe has no `tune:` section; `surgery tune` needs a search space")
     if recipe.data is None:
         raise TuneError(f"{recipe_path}: the recipe has no `data:` section; trials need training data")
-    tune_cfg = recipe.tune
     recipe_dir = Path(runs_root) / recipe.name
+    folder = None
     if resume:
         folder = _resume_folder(recipe_dir, search_id)
         started = json.loads((folder / SEARCH_FILE).read_text())
         overrides = list(overrides) or list(started["overrides"])
         recipe = load_recipe(recipe_path, overrides)
         _check_same_recipe(folder, recipe)
+    tune_cfg = recipe.tune
+    assert tune_cfg is not None
     _check_runnable(recipe)
     check_space(recipe_path, overrides, recipe)
-    if not resume:
-        folder = _new_search_folder(recipe_dir, search_id)
-        write_lock(recipe, folder)
-        _write_json(
-            folder / SEARCH_FILE,
-            {"recipe": recipe_path, "overrides": list(overrides), "cwd": os.getcwd(), "started": datetime.now()},
-        )
-    folder = folder.resolve()
-    mode = metric_mode(tune_cfg)
-    plan = SearchPlan(
-        recipe_path=recipe_path,
-        overrides=tuple(overrides),
-        cwd=os.getcwd(),
-        folder=str(folder),
-        dimensions=tuple(Dimension.of(p, d) for p, d in tune_cfg.space.items()),
-        metric=tune_cfg.metric,
-        mode=mode,
-    )
     started_ray = _start_ray()
     try:
-        _run_search(plan, tune_cfg, recipe, folder, resume=resume, echo=echo)
+        import ray
+
+        slots = concurrency(tune_cfg, ray.cluster_resources())  # a machine too small: refused before any folder
+        if folder is None:
+            folder = _new_search_folder(recipe_dir, search_id)
+            write_lock(recipe, folder)
+            _write_json(
+                folder / SEARCH_FILE,
+                {"recipe": recipe_path, "overrides": list(overrides), "cwd": os.getcwd(), "started": datetime.now()},
+            )
+        folder = folder.resolve()
+        plan = SearchPlan(
+            recipe_path=recipe_path,
+            overrides=tuple(overrides),
+            cwd=os.getcwd(),
+            folder=str(folder),
+            dimensions=tuple(Dimension.of(p, d) for p, d in tune_cfg.space.items()),
+            metric=tune_cfg.metric,
+            mode=metric_mode(tune_cfg),
+        )
+        _run_search(plan, tune_cfg, recipe, folder, slots, resume=resume, echo=echo)
     finally:
         if started_ray:
-            import ray
-
             ray.shutdown()
     return _finish(plan, tune_cfg, recipe, folder, out=out, echo=echo)
 
 
-def _run_search(plan: SearchPlan, tune_cfg: Tune, recipe: Recipe, folder: Path, *, resume: bool, echo: Any) -> None:
-    import ray
+def _run_search(
+    plan: SearchPlan, tune_cfg: Tune, recipe: Recipe, folder: Path, slots: int, *, resume: bool, echo: Any
+) -> None:
     from ray import tune
 
-    slots = concurrency(tune_cfg, ray.cluster_resources())
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, plan=plan), {"cpu": tune_cfg.resources.cpus, "gpu": tune_cfg.resources.gpus}
     )
@@ -786,7 +794,7 @@ def _run_search(plan: SearchPlan, tune_cfg: Tune, recipe: Recipe, folder: Path, 
                 metric=plan.metric,
                 mode=plan.mode,
                 num_samples=num_samples(tune_cfg),
-                search_alg=_searcher(tune_cfg, slots, plan.mode),
+                search_alg=_searcher(tune_cfg, slots),
                 scheduler=_scheduler(tune_cfg, max_epochs),
                 time_budget_s=tune_cfg.time_budget_s,
                 reuse_actors=True,  # a trial starts in a warm process: imports and data are not paid again
@@ -799,7 +807,13 @@ def _run_search(plan: SearchPlan, tune_cfg: Tune, recipe: Recipe, folder: Path, 
                 verbose=0,
             ),
         )
-    tuner.fit()
+    results = tuner.fit()
+    unfinished = len(results) - results.num_terminated - results.num_errors
+    if unfinished:  # Ctrl-C: Tune saved its state and stopped the running trials
+        raise TuneInterrupted(
+            f"search {folder.name} interrupted with {unfinished} trial(s) unfinished; continue it with "
+            f"`surgery tune {plan.recipe_path} --resume --search-id {folder.name}`"
+        )
 
 
 def _finish(plan: SearchPlan, tune_cfg: Tune, recipe: Recipe, folder: Path, *, out: Path | None, echo: Any) -> Path:
