@@ -152,16 +152,45 @@ def metric_mode(tune: Tune) -> str:
     return "min" if tune.metric.endswith("loss") else "max"
 
 
-def single_device_refusal(recipe: Recipe) -> str | None:
-    """Why a trial of `recipe` cannot run here: trials run on one device each (a trial never
-    quietly trains on one device what its recipe places on several)."""
-    strategy = recipe.placement.strategy
-    if strategy == "single":
+def trial_refusal(recipe: Recipe) -> str | None:
+    """Why a trial of `recipe` cannot run: a placement this build cannot carry out in a trial
+    (never quietly trained on one device instead)."""
+    from surgery.placement import placement_for
+
+    placement = recipe.placement
+    if placement.strategy == "single":
         return None
-    return (
-        f"placement.strategy {strategy!r}: surgery tune runs each trial on one device (multi-worker trials are "
-        "not available yet); search with `placement.strategy: single`, then build the tuned recipe with yours"
-    )
+    if placement.strategy == "ddp":
+        if _ray_train_launcher() is None:
+            return (
+                "placement.strategy 'ddp': multi-worker trials need surgery's Ray Train launcher, which this "
+                "build lacks; search with `placement.strategy: single`, then build the tuned recipe with ddp"
+            )
+        return None
+    try:
+        placement_for(recipe).close()
+    except SurgeryError as err:
+        return str(err)
+    return None
+
+
+def _ray_train_launcher() -> Any:
+    """`surgery.placement.train_on_ray` (`fit` on Ray Train's TorchTrainer), where this build has it."""
+    try:
+        from surgery.placement import train_on_ray  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return train_on_ray
+
+
+def trial_resources(recipe: Recipe) -> tuple[float, float]:
+    """(CPUs, GPUs) one trial holds. A ddp trial's Tune function holds nothing itself: its Ray
+    Train workers take one CPU each (and one GPU each on CUDA)."""
+    assert recipe.tune is not None
+    placement = recipe.placement
+    if placement.strategy == "ddp":
+        return float(placement.workers), float(placement.workers if placement.device.startswith("cuda") else 0)
+    return recipe.tune.resources.cpus, recipe.tune.resources.gpus
 
 
 def num_samples(tune: Tune) -> int:
@@ -179,6 +208,9 @@ def check_space(recipe_path: str | Path, overrides: Sequence[str], recipe: Recip
     for path, domain in recipe.tune.space.items():
         where = field_location(recipe_path, overrides, ("tune", "space", path))
         label = f"{where} tune.space[{path!r}]"
+        if path.split(".")[0].split("[")[0] == "placement":
+            problems.append(f"{label}: the placement is fixed for a search (it sets what each trial holds)")
+            continue
         for value in Dimension.of(path, domain).corner_values():
             override = set_override(path, value)
             try:
@@ -191,7 +223,7 @@ def check_space(recipe_path: str | Path, overrides: Sequence[str], recipe: Recip
             except SurgeryError as err:
                 problems.append(f"{label}: {domain.kind} value {_value_text(value)}: {err}")
                 continue
-            if reason := single_device_refusal(trial):
+            if reason := trial_refusal(trial):
                 problems.append(f"{label}: {domain.kind} value {_value_text(value)}: {reason}")
     if problems:
         raise RecipeError(list(dict.fromkeys(problems)))
@@ -279,20 +311,37 @@ def _restored_epoch() -> int:
         return int(json.loads((Path(folder) / "epoch.json").read_text())["epoch"])
 
 
-def _trial_placement(recipe: Recipe, record: TrialRecord) -> Any:
-    from surgery.placement import SingleDevice, placement_for
+class TrialPlacement:
+    """The placement the trial's recipe asks for (one device, pipeline stages), with `report`
+    handing each evaluated epoch to Ray Tune, once across restarts."""
 
-    class TrialPlacement(SingleDevice):
-        """One device, reporting every evaluated epoch to Ray Tune (once, across restarts)."""
+    def __init__(self, inner: Any, record: TrialRecord) -> None:
+        self._inner = inner
+        self._record = record
 
-        name = "tune-trial"
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
-        def report(self, epoch: int, metrics: Mapping[str, float], checkpoint: Path | None) -> None:
-            if epoch + 1 <= record.last_epoch:  # a resumed fit re-evaluating an epoch Tune has
+    def report(self, epoch: int, metrics: Mapping[str, float], checkpoint: Path | None) -> None:
+        if epoch + 1 <= self._record.last_epoch:  # a resumed fit re-evaluating an epoch Tune has
+            return
+        _report_to_tune(self._record.add(epoch + 1, metrics))
+
+
+def _fit_on_ray_train(recipe: Recipe, run_dir: Path, record: TrialRecord, *, resume: bool) -> None:
+    """A ddp trial: the Tune function starts a Ray Train `TorchTrainer` (surgery's launcher);
+    Ray Train's report callback records each epoch in the trial's folder and passes it to Tune."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class RecordingTuneReport(TuneReportCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            values = {k: v for k, v in metrics[0].items() if isinstance(v, int | float) and k != "epoch"}
+            epoch = int(metrics[0]["epoch"])
+            if epoch <= record.last_epoch:  # replayed to Tune already
                 return
-            _report_to_tune(record.add(epoch + 1, metrics))
+            super().after_report(run_context, [record.add(epoch, values)], None)
 
-    return TrialPlacement(placement_for(recipe).device)
+    _ray_train_launcher()(recipe, run_dir, resume=resume, callbacks=[RecordingTuneReport()])
 
 
 def run_trial(config: dict[str, Any], plan: SearchPlan) -> None:
@@ -302,6 +351,7 @@ def run_trial(config: dict[str, Any], plan: SearchPlan) -> None:
     from ray import tune
 
     from surgery import checkpoint as ckpt
+    from surgery.placement import placement_for
     from surgery.recipe import load_recipe
     from surgery.runs import run_folder
     from surgery.train import fit
@@ -338,14 +388,18 @@ def run_trial(config: dict[str, Any], plan: SearchPlan) -> None:
         resume = False
         shutil.rmtree(run_dir / ckpt.CHECKPOINTS, ignore_errors=True)  # only interrupted saves
     run_folder(folder.parent, folder.name, trial_id, resume=resume)
-    placement = _trial_placement(recipe, record)
     try:
-        fit(recipe, run_dir, resume=resume, force=False, placement=placement)
+        if recipe.placement.strategy == "ddp":
+            _fit_on_ray_train(recipe, run_dir, record, resume=resume)
+        else:
+            placement = TrialPlacement(placement_for(recipe), record)
+            try:
+                fit(recipe, run_dir, resume=resume, force=False, placement=placement)
+            finally:
+                placement.close()
     except Exception as err:
         record.update(status="error", error=f"{type(err).__name__}: {err}")
         raise
-    finally:
-        placement.close()
     record.update(status="finished")
 
 
@@ -403,21 +457,29 @@ def _scheduler(tune_cfg: Tune, max_epochs: int) -> Any:
     return schedulers.FIFOScheduler()
 
 
-def concurrency(tune_cfg: Tune, resources: Mapping[str, float]) -> int:
-    """Trials that can run at once on these resources (and at most `max_concurrent`); a machine
-    too small for one trial is an error, not a search that waits forever."""
+def concurrency(recipe: Recipe, resources: Mapping[str, float]) -> int:
+    """Trials that can run at once on these resources (and at most `max_concurrent`), so no trial
+    waits on resources held by others; a machine too small for one trial is an error, not a search
+    that waits forever."""
+    assert recipe.tune is not None
     cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
-    need = tune_cfg.resources
-    if need.cpus > cpus or need.gpus > gpus:
-        raise TuneError(
-            f"one trial needs {need.cpus:g} CPU and {need.gpus:g} GPU (tune.resources) but this Ray "
-            f"{'cluster' if os.environ.get('RAY_ADDRESS') else 'machine'} has {cpus:g} CPU and {gpus:g} GPU; "
-            "lower tune.resources or add machines"
+    need_cpus, need_gpus = trial_resources(recipe)
+    if need_cpus > cpus or need_gpus > gpus:
+        what = (
+            f"placement.workers: {recipe.placement.workers} Ray Train workers"
+            if recipe.placement.strategy == "ddp"
+            else "tune.resources"
         )
-    fit = math.floor(cpus / need.cpus + 1e-9)
-    if need.gpus:
-        fit = min(fit, math.floor(gpus / need.gpus + 1e-9))
-    return max(1, min(fit, tune_cfg.max_concurrent or fit))
+        raise TuneError(
+            f"one trial needs {need_cpus:g} CPU and {need_gpus:g} GPU ({what}) but this Ray "
+            f"{'cluster' if os.environ.get('RAY_ADDRESS') else 'machine'} has {cpus:g} CPU and {gpus:g} GPU; "
+            "ask for less per trial or add machines"
+        )
+    fit = math.floor(cpus / need_cpus + 1e-9) if need_cpus else math.inf
+    if need_gpus:
+        fit = min(fit, math.floor(gpus / need_gpus + 1e-9))
+    limit = recipe.tune.max_concurrent or fit
+    return int(max(1, min(fit, limit)))
 
 
 @dataclass
@@ -632,13 +694,18 @@ def _check_runnable(recipe: Recipe) -> None:
     import importlib.util
 
     assert recipe.tune is not None
-    if reason := single_device_refusal(recipe):
+    if reason := trial_refusal(recipe):
         raise TuneError(reason)
+    if recipe.placement.strategy == "ddp" and "resources" in recipe.tune.model_fields_set:
+        raise TuneError(
+            "tune.resources: a ddp trial holds its Ray Train workers (one CPU each, one GPU each on CUDA); "
+            "set placement.workers instead"
+        )
     needs = {"bohb": ("hpbandster", "ConfigSpace"), "optuna": ("optuna",)}.get(recipe.tune.search, ())
     missing = [m for m in needs if importlib.util.find_spec(m) is None]
     if missing:
         raise TuneError(f"tune.search {recipe.tune.search!r} needs {', '.join(missing)}: pip install 'surgery[tune]'")
-    if recipe.placement.device.startswith("cuda") and not recipe.tune.resources.gpus:
+    if recipe.placement.device.startswith("cuda") and not trial_resources(recipe)[1]:
         raise TuneError("placement.device asks for CUDA but tune.resources.gpus is 0: give each trial a GPU share")
 
 
@@ -741,7 +808,7 @@ def tune_command(
     try:
         import ray
 
-        slots = concurrency(tune_cfg, ray.cluster_resources())  # a machine too small: refused before any folder
+        slots = concurrency(recipe, ray.cluster_resources())  # a machine too small: refused before any folder
         if folder is None:
             folder = _new_search_folder(recipe_dir, search_id)
             write_lock(recipe, folder)
@@ -771,9 +838,12 @@ def _run_search(
 ) -> None:
     from ray import tune
 
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, plan=plan), {"cpu": tune_cfg.resources.cpus, "gpu": tune_cfg.resources.gpus}
-    )
+    cpus, gpus = trial_resources(recipe)
+    ddp = recipe.placement.strategy == "ddp"
+    # a ddp trial's Tune function only starts its TorchTrainer, whose workers hold the CPUs/GPUs;
+    # it asks for a token of memory (Ray needs a non-empty request) so it never takes a worker's CPU
+    held = {"cpu": 0, "gpu": 0, "memory": 1 << 20} if ddp else {"cpu": cpus, "gpu": gpus}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), held)
     where = f"the Ray cluster at {os.environ['RAY_ADDRESS']}" if os.environ.get("RAY_ADDRESS") else "this machine"
     ray_dir = folder / RAY_DIR
     if resume and tune.Tuner.can_restore(str(ray_dir)):
@@ -785,7 +855,8 @@ def _run_search(
             f"search {folder.name}: {tune_cfg.search}"
             f"{' (grid ×' + str(num_samples(tune_cfg)) + ')' if tune_cfg.search == 'grid' else ', ' + str(num_samples(tune_cfg)) + ' trials'}"
             f", scheduler {tune_cfg.scheduler or ('hyperband' if tune_cfg.search == 'bohb' else 'none')}, "
-            f"{slots} at a time on {where} ({tune_cfg.resources.cpus:g} CPU, {tune_cfg.resources.gpus:g} GPU each)"
+            f"{slots} at a time on {where} ({cpus:g} CPU, {gpus:g} GPU each"
+            f"{f', in {recipe.placement.workers} Ray Train workers' if ddp else ''})"
         )
         tuner = tune.Tuner(
             trainable,
@@ -814,6 +885,12 @@ def _run_search(
             f"search {folder.name} interrupted with {unfinished} trial(s) unfinished; continue it with "
             f"`surgery tune {plan.recipe_path} --resume --search-id {folder.name}`"
         )
+
+
+def _trial_threads(recipe: Recipe) -> int | None:
+    """CPU threads a single-device CPU trial trained with (None when that does not decide its numbers)."""
+    cpus, gpus = trial_resources(recipe)
+    return max(1, int(cpus)) if recipe.placement.strategy == "single" and not gpus else None
 
 
 def _finish(plan: SearchPlan, tune_cfg: Tune, recipe: Recipe, folder: Path, *, out: Path | None, echo: Any) -> Path:
@@ -850,7 +927,7 @@ def _finish(plan: SearchPlan, tune_cfg: Tune, recipe: Recipe, folder: Path, *, o
         metric=plan.metric,
         mode=plan.mode,
         search_desc=desc,
-        threads=max(1, int(tune_cfg.resources.cpus)) if not tune_cfg.resources.gpus else None,
+        threads=_trial_threads(recipe),
     )
     echo(f"best: trial {best.trial}, {plan.metric} = {best.best:.4f} at epoch {best.best_epoch} ({best.run_dir})")
     echo(f"tuned recipe: {tuned}")

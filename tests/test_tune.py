@@ -19,11 +19,11 @@ import torch
 import cli
 from surgery.errors import RecipeError
 from surgery.recipe import load_recipe, load_recipe_text, recipe_hash
-from surgery.schema import TrialResources, Tune
 from surgery.tune import (
     Dimension,
     TrialRow,
     TuneError,
+    _ray_train_launcher,
     chosen_values,
     collect_trials,
     concurrency,
@@ -139,26 +139,36 @@ def test_domains_produce_exactly_the_values_that_were_checked() -> None:
     assert Dimension("x", "loguniform", (1e-4, 1e-2)).corner_values() == pytest.approx([1e-4, 1e-3, 1e-2])
 
 
+def _recipe(tune: str, *overrides: str):
+    return load_recipe_text(TINY + tune, filename="t.yaml", base_dir=ROOT / "recipes", overrides=overrides)
+
+
 def test_concurrency_follows_the_resources() -> None:
-    tune = Tune(space={"train.seed": {"choice": [0, 1]}})
-    assert concurrency(tune, {"CPU": 2.0}) == 2
-    tune.max_concurrent = 1
-    assert concurrency(tune, {"CPU": 8.0}) == 1
-    tune.max_concurrent = None
-    tune.resources = TrialResources(cpus=1, gpus=0.25)
-    assert concurrency(tune, {"CPU": 16.0, "GPU": 2.0}) == 8  # four trials share each GPU
-    tune.resources = TrialResources(cpus=4)
-    with pytest.raises(TuneError, match=r"one trial needs 4 CPU and 0 GPU .* has 2 CPU and 0 GPU"):
-        concurrency(tune, {"CPU": 2.0})
+    space = "  space: {train.seed: {choice: [0, 1]}}\n"
+    assert concurrency(_recipe(space), {"CPU": 2.0}) == 2
+    assert concurrency(_recipe(space, "tune.max_concurrent=1"), {"CPU": 8.0}) == 1
+    shared = _recipe(space, "tune.resources.gpus=0.25")
+    assert concurrency(shared, {"CPU": 16.0, "GPU": 2.0}) == 8  # four trials share each GPU
+    with pytest.raises(TuneError, match=r"one trial needs 4 CPU and 0 GPU \(tune.resources\) .* has 2 CPU and 0 GPU"):
+        concurrency(_recipe(space, "tune.resources.cpus=4"), {"CPU": 2.0})
+    ddp = _recipe(space, "placement.strategy=ddp", "placement.workers=2")
+    assert concurrency(ddp, {"CPU": 5.0}) == 2  # each trial's two workers hold a CPU each
+    with pytest.raises(TuneError, match=r"needs 2 CPU and 0 GPU \(placement.workers: 2 Ray Train workers\)"):
+        concurrency(ddp, {"CPU": 1.0})
 
 
-def test_trials_placed_on_several_devices_are_refused(tmp_path, no_ray) -> None:
+def test_placements_a_trial_cannot_carry_out_are_refused_before_ray(tmp_path, no_ray) -> None:
     recipe = write(tmp_path, "space: {train.optimizer.lr: {choice: [0.01]}}")
-    with pytest.raises(TuneError, match="runs each trial on one device") as err:
-        tune_command(recipe, ["placement.strategy=ddp", "placement.workers=2"], runs_root=tmp_path / "runs")
-    assert "\n" not in str(err.value)
-    with pytest.raises(RecipeError, match=r"tune.space\['placement.strategy'\]: choice value ddp"):
-        tune_command(write(tmp_path, "space: {placement.strategy: {choice: [single, ddp]}}"), [])
+    ddp = ["placement.strategy=ddp", "placement.workers=2"]
+    if _ray_train_launcher() is None:  # this build has no Ray Train launcher for ddp trials
+        with pytest.raises(TuneError, match="multi-worker trials need surgery's Ray Train launcher") as err:
+            tune_command(recipe, ddp, runs_root=tmp_path / "runs")
+        assert "\n" not in str(err.value)
+    with pytest.raises(TuneError, match=r"a ddp trial holds its Ray Train workers|Ray Train launcher"):
+        tune_command(recipe, [*ddp, "tune.resources.cpus=2"], runs_root=tmp_path / "runs")
+    with pytest.raises(RecipeError, match=r"tune.space\['placement.workers'\]: the placement is fixed for a search"):
+        tune_command(write(tmp_path, "space: {placement.workers: {choice: [1, 2]}}"), [])
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_recipe_without_a_search_is_one_line(tmp_path, capsys, monkeypatch, no_ray) -> None:
@@ -217,8 +227,10 @@ def test_resume_refuses_a_changed_recipe(tmp_path, no_ray) -> None:
 # --------------------------------------------------------------------------- searches (Ray)
 
 
-def _search(tmp_path: Path, tune: str, *overrides: str, search_id: str = "t") -> tuple[Path, list[dict]]:
-    recipe = write(tmp_path, tune)
+def _search(
+    tmp_path: Path, tune: str, *overrides: str, search_id: str = "t", base: str = TINY
+) -> tuple[Path, list[dict]]:
+    recipe = write(tmp_path, tune, base=base)
     folder = tune_command(recipe, list(overrides), runs_root=tmp_path / "runs", search_id=search_id)
     rows = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
     return folder, rows
@@ -341,3 +353,21 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(ray_session, 
         assert (run_dir / "metrics.jsonl").stat().st_mtime_ns == mtime
         assert len((run_dir / "reports.jsonl").read_text().splitlines()) == 1
     assert (search / "tiny.tuned.yaml").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_ray_train_launcher() is None, reason="this build has no Ray Train launcher for ddp trials")
+def test_ddp_trials_run_on_ray_train(ray_session, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    folder, rows = _search(
+        tmp_path,
+        "search: grid\nspace: {train.optimizer.lr: {grid: [0.01]}}",
+        "placement.strategy=ddp",
+        "placement.workers=2",
+        "placement.engine=ray",
+        base=TINY.replace("  resources: {cpus: 1}\n", ""),  # a ddp trial's workers say what it holds
+    )
+    assert len(rows) == 1 and rows[0]["status"] == "finished"
+    assert rows[0]["best"] is not None and rows[0]["epochs"] == 1  # reported through Ray Train to Tune
+    assert load_recipe(Path(rows[0]["run_dir"]) / "recipe.lock.yaml").placement.workers == 2
+    _assert_tuned_recipe_validates(folder, rows[0])
