@@ -765,8 +765,8 @@ def _start_ray() -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level="WARNING", log_to_driver=False)
-    else:
-        ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    else:  # a Ray of our own: never another user's `ray start` instance found on this machine
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     return True
 
 
@@ -878,9 +878,11 @@ def _run_search(
                 verbose=0,
             ),
         )
-    results = tuner.fit()
-    unfinished = len(results) - results.num_terminated - results.num_errors
-    if unfinished:  # Ctrl-C: Tune saved its state and stopped the running trials
+    tuner.fit()
+    # Ctrl-C: Tune saved its state (the stopped trials as pending) and returned; read what it saved
+    saved = tune.ExperimentAnalysis(str(ray_dir)).trials
+    unfinished = sum(t.status not in ("TERMINATED", "ERROR") for t in saved)
+    if unfinished:
         raise TuneInterrupted(
             f"search {folder.name} interrupted with {unfinished} trial(s) unfinished; continue it with "
             f"`surgery tune {plan.recipe_path} --resume --search-id {folder.name}`"
