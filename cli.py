@@ -27,7 +27,10 @@ app = typer.Typer(
 
 # Options shared by every command that reads a recipe.
 RecipeArg = Annotated[
-    Path, typer.Argument(help="Recipe YAML file, or the name of a shipped recipe.", show_default=False)
+    Path,
+    typer.Argument(
+        help="Recipe YAML file, or a library reference: a name (`quickstart`) or name@version.", show_default=False
+    ),
 ]
 SetOpt = Annotated[
     list[str] | None,
@@ -231,6 +234,145 @@ def predict(
     from serve.client import predict_command
 
     typer.echo(predict_command(url, inputs, token_file=token_file))
+
+
+recipes_app = typer.Typer(help="The recipe library: list, show, start from, and add sources.", no_args_is_help=True)
+keys_app = typer.Typer(help="Ed25519 signing keys and the keys you trust.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+app.add_typer(keys_app, name="keys")
+
+
+@recipes_app.command("list")
+def recipes_list(tag: Annotated[str | None, typer.Option(help="Only recipes with this tag.")] = None) -> None:
+    """Every recipe of the shipped library and the configured sources."""
+    from surgery.library import list_recipes
+
+    typer.echo(list_recipes(tag))
+
+
+@recipes_app.command("show")
+def recipes_show(
+    reference: Annotated[str, typer.Argument(help="A name, name@version or path.", show_default=False)],
+) -> None:
+    """The recipe file as written, and where it comes from."""
+    from surgery.library import show_recipe
+
+    typer.echo(show_recipe(reference), nl=False)
+
+
+@recipes_app.command("new")
+def recipes_new(
+    name: Annotated[str, typer.Argument(help="Name of the new recipe (writes NAME.yaml).", show_default=False)],
+    base: Annotated[str, typer.Option("--from", help="The recipe it extends (name, name@version or path).")],
+    folder: Annotated[Path | None, typer.Option("--dir", help="Folder to write it in (default: here).")] = None,
+) -> None:
+    """Write a starter recipe that extends BASE."""
+    from surgery.library import new_recipe
+
+    typer.echo(f"wrote {new_recipe(name, base, folder)}")
+
+
+@recipes_app.command("add-source")
+def recipes_add_source(
+    location: Annotated[str, typer.Argument(help="A library folder or URL.", show_default=False)],
+    allow_unsigned: Annotated[
+        bool, typer.Option("--allow-unsigned", help="Accept a remote library whose index is not signed.")
+    ] = False,
+) -> None:
+    """Add a library (a local folder, or a URL serving index.json) to search for recipe names."""
+    from surgery.library import add_source
+
+    library = add_source(location, allow_unsigned=allow_unsigned)
+    signed = f", signed by {library.signed_by}" if library.signed_by else ""
+    typer.echo(f"added {library.label}: {len(library.entries)} recipes{signed}")
+
+
+@recipes_app.command("remove-source")
+def recipes_remove_source(location: Annotated[str, typer.Argument(show_default=False)]) -> None:
+    """Stop searching a library."""
+    from surgery.library import remove_source
+
+    remove_source(location)
+
+
+@recipes_app.command("sources")
+def recipes_sources() -> None:
+    """The libraries searched for recipe names, in order."""
+    from surgery.library import configured_sources
+
+    typer.echo("shipped")
+    for source in configured_sources():
+        typer.echo(source["location"] + ("  (unsigned allowed)" if source.get("allow_unsigned") else ""))
+
+
+@recipes_app.command("index")
+def recipes_index(
+    folder: Annotated[Path, typer.Argument(help="Folder of recipes to publish.", show_default=False)],
+    sign: Annotated[str | None, typer.Option(help="Sign the index with this key (name or file).")] = None,
+) -> None:
+    """Validate a folder of recipes and write its index.json (then serve the folder as static files)."""
+    from surgery.library import build_index
+
+    typer.echo(f"wrote {build_index(folder, sign=sign)}")
+
+
+@keys_app.command("new")
+def keys_new(name: Annotated[str, typer.Argument(show_default=False)]) -> None:
+    """Make a signing key; its public key is trusted here and printed to share."""
+    from surgery.keys import new_key
+
+    path, line = new_key(name)
+    typer.echo(f"private key: {path}\npublic key (give this to others): {line}")
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """Your keys and the trusted ones."""
+    from surgery.keys import list_keys
+
+    typer.echo(list_keys())
+
+
+@keys_app.command("trust")
+def keys_trust(public_key: Annotated[str, typer.Argument(help="A .pub file or its line.", show_default=False)]) -> None:
+    """Trust signatures made with this public key."""
+    from surgery.keys import trust
+
+    typer.echo(f"trusted {trust(public_key)}")
+
+
+@keys_app.command("untrust")
+def keys_untrust(key: Annotated[str, typer.Argument(help="Key id or name.", show_default=False)]) -> None:
+    """Stop trusting a key."""
+    from surgery.keys import untrust
+
+    untrust(key)
+
+
+@app.command()
+def pack(
+    target: Annotated[Path, typer.Argument(help="A run folder or a bundle.", show_default=False)],
+    out: Annotated[Path, typer.Option(help="Archive to write (.tar, or .tar.gz to compress).")],
+    sign: Annotated[str | None, typer.Option(help="Sign with this key (name or file).")] = None,
+) -> None:
+    """Pack a trained model to share: bundle, resolved recipe, model card and sha256 manifest."""
+    from surgery.share import pack_command
+
+    typer.echo(pack_command(target, out, sign=sign))
+
+
+@app.command()
+def pull(
+    source: Annotated[str, typer.Argument(help="A packed archive: file path or URL.", show_default=False)],
+    out: Annotated[Path | None, typer.Option(help="Folder to unpack into (default: ./<model name>).")] = None,
+    allow_unsigned: Annotated[
+        bool, typer.Option("--allow-unsigned", help="Accept an unsigned archive from a URL.")
+    ] = False,
+) -> None:
+    """Fetch and verify a packed model; `surgery serve` accepts the folder."""
+    from surgery.share import pull_command
+
+    typer.echo(pull_command(source, out, allow_unsigned=allow_unsigned))
 
 
 @app.command()

@@ -31,7 +31,7 @@ from surgery.train import fit, seed_everything
 
 RECIPE = """
 name: bench
-backbone: {{source: timm, name: resnet10t}}
+backbone: {{source: timm, name: resnet10t, pretrained: false}}
 input: {{size: [32, 32]}}
 heads: [{{name: cls, layers: [{{linear: {{out_features: 10}}}}], loss: cross_entropy, metrics: [accuracy]}}]
 data: {{source: synthetic, batch_size: {batch}, synthetic: {{num_samples: {samples}, num_classes: 10}}}}

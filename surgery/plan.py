@@ -61,6 +61,7 @@ def plan_command(recipe_path: str | Path, overrides: Sequence[str], *, depth: in
 
 def make_plan(recipe: Recipe, *, depth: int = 3) -> dict[str, Any]:
     """The plan as plain data (what `--json` prints)."""
+    from surgery.backbones import weights_origin
     from surgery.model import build_model
 
     model = build_model(recipe, load_weights=False)
@@ -71,6 +72,7 @@ def make_plan(recipe: Recipe, *, depth: int = 3) -> dict[str, Any]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {
         "recipe": recipe.name,
+        "weights": weights_origin(recipe.backbone),
         "input": model.input_spec.to_dict(),
         "heads": model.head_info,
         "taps": measured.taps,
@@ -320,6 +322,7 @@ def _totals_text(plan: dict[str, Any]) -> str:
         else f"{spec['max_length']} tokens"
     )
     return (
+        f"backbone weights: {plan['weights']}{' (plan does not load them)' if plan['weights'].startswith('pretrained') else ''}\n"
         f"parameters: {totals['params']:,} total, {totals['trainable']:,} trainable, {totals['frozen']:,} frozen\n"
         f"input: {spec['kind']} {shape}; forward FLOPs per sample: {_human(plan['flops_per_sample'])} (2 per multiply-add)\n"
         f"heads: "

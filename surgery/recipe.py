@@ -31,11 +31,12 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from surgery.errors import RecipeError
+from surgery.library import SHIPPED_DIR, LibraryError, Provenance, Resolved, resolve
 from surgery.registry import did_you_mean
 from surgery.schema import Recipe, cross_check
 
-RECIPES_DIR: Path = Path(__file__).resolve().parent.parent / "recipes"
-"""The shipped recipe library; `extends: <name>` and `surgery validate <name>` look here."""
+RECIPES_DIR: Path = SHIPPED_DIR
+"""The shipped recipe library (`surgery/shipped`, the repository's `recipes/`)."""
 
 MAX_BYTES = 1 << 20  # a recipe is a page of YAML; 1 MiB is generous
 MAX_ALIASES = 1_000  # alias references in one file
@@ -376,10 +377,6 @@ def _display(path: Path) -> str:
         return str(path)
 
 
-def _shipped_names() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
-
-
 def _read(path: Path, where: Location | str) -> str:
     try:
         with path.open("rb") as f:
@@ -396,19 +393,6 @@ def _read(path: Path, where: Location | str) -> str:
         raise _problem(where, f"{_display(path)} is not UTF-8 text (bad byte at offset {err.start})") from None
 
 
-def _find_recipe(name: str, base_dir: Path) -> Path | None:
-    """A path relative to `base_dir`, else a shipped recipe name (with or without `.yaml`)."""
-    candidate = (base_dir / Path(name).expanduser()).resolve()
-    if candidate.is_file():
-        return candidate
-    if "/" not in name and os.sep not in name:
-        stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
-        shipped = RECIPES_DIR / f"{stem}.yaml"
-        if shipped.is_file():
-            return shipped.resolve()
-    return None
-
-
 def _absolutize(data: dict[str, Any], base_dir: Path) -> None:
     for section, key in _PATH_FIELDS:
         part = data.get(section)
@@ -420,7 +404,11 @@ def _absolutize(data: dict[str, Any], base_dir: Path) -> None:
             part[key] = expanded
 
 
-def _load_document(text: str, source: str, base_dir: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], _Pos]:
+def _load_document(
+    text: str, source: str, base_dir: Path, chain: tuple[Path, ...], origin: Resolved | None, trail: list[Resolved]
+) -> tuple[dict[str, Any], _Pos]:
+    """One file, its bases merged under it. `origin` says where it came from (a library recipe
+    may only extend its own library); `trail` collects where every file of the chain came from."""
     parsed = _parse(text, source)
     if parsed is None:
         raise _problem(Location(source, 1, 1), "the recipe is empty (it needs at least `name`, `backbone` and `heads`)")
@@ -441,20 +429,29 @@ def _load_document(text: str, source: str, base_dir: Path, chain: tuple[Path, ..
     merged: dict[str, Any] = {}
     merged_pos = _Pos(pos.here)
     for target, where in targets:
-        path = _find_recipe(target, base_dir)
-        if path is None:
-            hint = (
-                did_you_mean(target, _shipped_names()) or f"; shipped recipes: {', '.join(_shipped_names()) or 'none'}"
-            )
-            raise _problem(where, f"extends: no recipe {target!r} next to this file or among the shipped recipes{hint}")
+        try:
+            found = resolve(target, base_dir, origin)
+        except LibraryError as err:
+            raise _problem(where, f"extends: {err}") from None
+        path = found.path
         if path in chain:
             cycle = " -> ".join(_display(p) for p in (*chain[chain.index(path) :], path))
             raise _problem(where, f"extends: cycle {cycle}")
         if len(chain) >= MAX_EXTENDS:
             raise _problem(where, f"extends: chain longer than {MAX_EXTENDS} files")
-        base, base_pos = _load_document(_read(path, where), _display(path), path.parent, (*chain, path))
+        trail.append(found)
+        base, base_pos = _load_document(_read(path, where), _display(path), path.parent, (*chain, path), found, trail)
+        base.pop("version", None)  # a version belongs to the file that states it, not to what extends it
+        base_pos.children.pop("version", None)
         merged, merged_pos = _merge(merged, merged_pos, base, base_pos)
     return _merge(merged, merged_pos, data, pos)
+
+
+def read_fields(path: Path) -> dict[str, Any]:
+    """The top-level keys a recipe file writes itself, without resolving `extends` or validating."""
+    parsed = _parse(_read(path, _display(path)), _display(path))
+    data = parsed[0] if parsed else None
+    return data if isinstance(data, dict) else {}
 
 
 def _extends_targets(value: Any, pos: _Pos) -> list[tuple[str, Location]]:
@@ -750,36 +747,53 @@ def load_recipe_text(
     """Parse, extend, override and validate recipe text. Raises RecipeError listing every problem
     as ``file:line:col path: message``. Relative paths resolve against `base_dir` (default: cwd)."""
     base = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
-    data, pos = _load_document(text, filename, base, ())
+    trail: list[Resolved] = []
+    data, pos = _load_document(text, filename, base, (), None, trail)
     _apply_overrides(data, pos, overrides)
-    return _validate(data, pos)
+    recipe = _validate(data, pos)
+    recipe._provenance = Provenance(trail)
+    return recipe
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
-    """Load a recipe file, or a shipped recipe by name (`quickstart`), with `--set` overrides."""
-    data, pos = _load_file(path, overrides)
-    return _validate(data, pos)
+    """Load a recipe by reference — a file, a shipped or library name, or `name@version` — with
+    `--set` overrides."""
+    return _load_reference(path, overrides, validate=True)
 
 
 def field_location(path: str | Path, overrides: Sequence[str], field: Sequence[str | int]) -> Location:
-    """Where a field of a recipe (file, extends and `--set` applied) was written, for problems
-    found after loading it (`surgery tune` checking the values its space can produce)."""
-    _data, pos = _load_file(path, overrides)
+    """Where a field of a recipe (a reference as for `load_recipe`, extends and `--set` applied)
+    was written, for problems found after loading it (`surgery tune` checking its space's values)."""
+    _data, pos = _load_reference(path, overrides, validate=False)
     return _locate(pos, tuple(field))
 
 
-def _load_file(path: str | Path, overrides: Sequence[str]) -> tuple[dict[str, Any], _Pos]:
+def _load_reference(path: str | Path, overrides: Sequence[str], *, validate: bool) -> Any:
     given = str(path)
-    file = _find_recipe(given, Path.cwd())
-    if file is None:
-        if Path(given).expanduser().is_dir():
-            raise _problem(given, "is a folder, not a recipe file")
-        names = _shipped_names()
-        hint = did_you_mean(Path(given).stem, names) or (f"; shipped recipes: {', '.join(names)}" if names else "")
-        raise _problem(given, f"no such recipe file{hint}")
-    source = given if Path(given).expanduser().is_file() else _display(file)
+    try:
+        found = resolve(given, Path.cwd())
+    except LibraryError as err:
+        raise _problem(given, str(err).removeprefix(f"{given} ")) from None
+    display = given if found.source == "file" else None
+    return load_resolved(found, overrides, display=display) if validate else _resolved_data(found, overrides, display)
+
+
+def load_resolved(found: Resolved, overrides: Sequence[str] = (), *, display: str | None = None) -> Recipe:
+    """Load a recipe a reference resolved to (see `surgery.library.resolve`)."""
+    trail: list[Resolved] = [found]
+    data, pos = _resolved_data(found, overrides, display, trail)
+    recipe = _validate(data, pos)
+    recipe._provenance = Provenance(trail)
+    return recipe
+
+
+def _resolved_data(
+    found: Resolved, overrides: Sequence[str], display: str | None, trail: list[Resolved] | None = None
+) -> tuple[dict[str, Any], _Pos]:
+    file = found.path
+    source = display or _display(file)
     text = _read(file, source)
-    data, pos = _load_document(text, source, file.parent, (file,))
+    data, pos = _load_document(text, source, file.parent, (file,), found, trail if trail is not None else [found])
     _apply_overrides(data, pos, overrides)
     return data, pos
 
@@ -833,7 +847,9 @@ __all__ = [
     "field_location",
     "load_recipe",
     "load_recipe_text",
+    "load_resolved",
     "override_path",
+    "read_fields",
     "recipe_diff",
     "recipe_hash",
     "recipe_to_dict",

@@ -89,6 +89,7 @@ def _weight_hashes(recipe: Recipe) -> dict[str, str]:
 def write_lock(recipe: Recipe, run_dir: Path) -> Path:
     """`recipe.lock.yaml`: the resolved recipe, with package versions and weight hashes as a
     comment header (so the file loads back as the recipe itself)."""
+    from surgery.library import provenance_lines
     from surgery.recipe import dump_recipe, recipe_hash
 
     lines = ["# surgery lock: the resolved recipe of this run; load it like any recipe (comments are ignored)"]
@@ -97,6 +98,7 @@ def write_lock(recipe: Recipe, run_dir: Path) -> Path:
     if recipe.backbone.pretrained:
         lines.append(f"# pretrained: {recipe.backbone.source} {recipe.backbone.name} (from the zoo's hub/cache)")
     lines.extend(f"# weights: {path} sha256:{digest}" for path, digest in _weight_hashes(recipe).items())
+    lines.extend(provenance_lines(recipe))
     path = Path(run_dir) / LOCK_FILE
     tmp = path.with_name(f".{LOCK_FILE}.tmp")
     tmp.write_text("\n".join(lines) + "\n" + dump_recipe(recipe))

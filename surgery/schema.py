@@ -21,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     WithJsonSchema,
     model_validator,
 )
@@ -202,8 +203,8 @@ class Backbone(Strict):
         description="Model name in that zoo (timm/torchvision name, or a Hugging Face hub id or local folder for transformers).",
     )
     pretrained: bool = Field(
-        False,
-        description="Load the zoo's pretrained weights from its hub/cache (needs the network unless cached). Offline, use `weights:`.",
+        True,
+        description="Start from trained weights: `weights:` when given, else the model folder (a local folder or `package:` model), else the zoo's hub/cache (needs the network unless cached). `false` asks for random initialisation.",
     )
     weights: str | None = Field(
         None,
@@ -708,10 +709,20 @@ class Recipe(Strict):
         description="Recipe name; run folders are `runs/<name>/<run-id>`."
     )
     description: str = Field("", description="What this recipe is for.")
+    tags: list[Annotated[str, Field(pattern=_SLUG)]] | None = Field(
+        None, description="Keywords for `surgery recipes list --tag`."
+    )
+    version: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")] | None = Field(
+        None,
+        description="Version of this recipe in a library (`name@version` picks it); not inherited through `extends`.",
+    )
     extends: str | list[str] | None = Field(
         None,
-        description="Base recipe(s) deep-merged under this one: a path relative to this file or a name from the shipped `recipes/`. Mappings merge; lists and scalars replace. Empty after loading.",
+        description="Base recipe(s) deep-merged under this one: a path relative to this file, a library name (`quickstart`), or `name@version` from a configured library. Mappings merge; lists and scalars replace. Empty after loading.",
     )
+    _provenance: Any = PrivateAttr(
+        default=None
+    )  # set by surgery.recipe: where each file of the extends chain came from
     backbone: Backbone = Field(description="The pretrained network.")
     input: InputOverride | None = Field(None, description="Overrides of the input spec the backbone provides.")
     surgery: list[SurgeryOp] = Field(

@@ -91,3 +91,30 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny BERT folder shared by the session (tests that delete or change it make their own
     with `make_tiny_bert`)."""
     return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture
+def http_folder():
+    """Serve folders as static files on 127.0.0.1 (a remote library or archive host, in-process):
+    call it with a folder, get back its base URL ending in '/'."""
+    import functools
+    import http.server
+    import threading
+
+    servers = []
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    def serve(folder: Path) -> str:
+        handler = functools.partial(Quiet, directory=str(folder))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()

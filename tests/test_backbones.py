@@ -28,7 +28,7 @@ def head(name: str, tap: str, out: int = 3, **extra: Any) -> dict[str, Any]:
     return {"name": name, "input": tap, "layers": [{"linear": {"out_features": out}}], "loss": "cross_entropy", **extra}
 
 
-TIMM = {"source": "timm", "name": "test_resnet"}
+TIMM = {"source": "timm", "name": "test_resnet", "pretrained": False}
 
 
 # --------------------------------------------------------------------------- timm
@@ -81,7 +81,7 @@ def test_unknown_timm_name_suggests_close_names() -> None:
 
 
 def test_timm_vit_pooled_tap() -> None:
-    model = build_model(recipe({"source": "timm", "name": "test_vit"}))
+    model = build_model(recipe({"source": "timm", "name": "test_vit", "pretrained": False}))
     assert model.head_info["out"]["out_features"] == 3
     assert model.taps(*model.example_inputs(1))["pooled"].shape == (1, 64)
 
@@ -92,7 +92,7 @@ def test_timm_vit_pooled_tap() -> None:
 def test_torchvision_pooled_and_logits_from_one_forward() -> None:
     model = build_model(
         recipe(
-            {"source": "torchvision", "name": "resnet18"},
+            {"source": "torchvision", "name": "resnet18", "pretrained": False},
             [head("p", "pooled"), head("l", "logits", 1) | {"loss": "bce_with_logits"}],
         )
     )
@@ -107,14 +107,14 @@ def test_torchvision_pooled_and_logits_from_one_forward() -> None:
 
 
 def test_torchvision_pooled_only_drops_last_linear() -> None:
-    model = build_model(recipe({"source": "torchvision", "name": "mobilenet_v3_small"}))
+    model = build_model(recipe({"source": "torchvision", "name": "mobilenet_v3_small", "pretrained": False}))
     assert isinstance(model.backbone.classifier[3], torch.nn.Identity)
     assert model.taps(*model.example_inputs(2))["pooled"].shape == (2, 1024)
 
 
 def test_torchvision_unknown_tap_is_an_error() -> None:
     with pytest.raises(BuildError, match="no tokens tap"):
-        build_model(recipe({"source": "torchvision", "name": "resnet18"}, [head("t", "tokens")]))
+        build_model(recipe({"source": "torchvision", "name": "resnet18", "pretrained": False}, [head("t", "tokens")]))
 
 
 # --------------------------------------------------------------------------- transformers
@@ -222,7 +222,9 @@ def timm_weights(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
 
 def test_local_safetensors_round_trip_with_sha256_pin(timm_weights: tuple[Path, dict[str, torch.Tensor]]) -> None:
     path, state = timm_weights
-    model = build_model(recipe(TIMM | {"weights": str(path), "sha256": sha256_file(path)}, [head("l", "logits")]))
+    model = build_model(
+        recipe(TIMM | {"pretrained": True, "weights": str(path), "sha256": sha256_file(path)}, [head("l", "logits")])
+    )
     torch.testing.assert_close(
         model.backbone.conv1[0].weight
         if isinstance(model.backbone.conv1, torch.nn.Sequential)
@@ -240,14 +242,14 @@ def test_tampered_weights_fail_the_pin(timm_weights: tuple[Path, dict[str, torch
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(BuildError, match="sha256"):
-        build_model(recipe(TIMM | {"weights": str(path), "sha256": pin}))
+        build_model(recipe(TIMM | {"pretrained": True, "weights": str(path), "sha256": pin}))
 
 
 def test_pt_file_loads_with_weights_only(tmp_path: Path, timm_weights: tuple[Path, dict[str, torch.Tensor]]) -> None:
     _, state = timm_weights
     path = tmp_path / "w.pth"
     torch.save({"state_dict": state}, path)
-    model = build_model(recipe(TIMM | {"weights": str(path)}, [head("l", "logits")]))
+    model = build_model(recipe(TIMM | {"pretrained": True, "weights": str(path)}, [head("l", "logits")]))
     torch.testing.assert_close(model.backbone.state_dict()["fc.weight"], state["fc.weight"])
 
 
@@ -259,7 +261,7 @@ def test_pickled_objects_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pt"
     torch.save({"x": NotAStateDict()}, path)
     with pytest.raises(BuildError, match="weights_only"):
-        build_model(recipe(TIMM | {"weights": str(path)}))
+        build_model(recipe(TIMM | {"pretrained": True, "weights": str(path)}))
 
 
 def test_key_mismatches_are_named(tmp_path: Path, timm_weights: tuple[Path, dict[str, torch.Tensor]]) -> None:
@@ -271,12 +273,12 @@ def test_key_mismatches_are_named(tmp_path: Path, timm_weights: tuple[Path, dict
     path = tmp_path / "broken.safetensors"
     save_file(broken, str(path))
     with pytest.raises(BuildError) as info:
-        build_model(recipe(TIMM | {"weights": str(path)}))
+        build_model(recipe(TIMM | {"pretrained": True, "weights": str(path)}))
     message = str(info.value)
     assert "missing: layer1.0.conv1.weight" in message
     assert "unexpected: extra.weight" in message
     assert "shape mismatch: layer2.0.bn1.bias" in message
-    model = build_model(recipe(TIMM | {"weights": str(path), "strict": False}))
+    model = build_model(recipe(TIMM | {"pretrained": True, "weights": str(path), "strict": False}))
     torch.testing.assert_close(model.backbone.state_dict()["layer3.0.conv1.weight"], state["layer3.0.conv1.weight"])
 
 
@@ -287,19 +289,34 @@ def test_a_different_classifier_is_tolerated(
     other = dict(state, **{"fc.weight": torch.zeros(10, 96), "fc.bias": torch.zeros(10)})
     path = tmp_path / "ten-class.safetensors"
     save_file(other, str(path))
-    model = build_model(recipe(TIMM | {"weights": str(path)}, [head("l", "logits")]))
+    model = build_model(recipe(TIMM | {"pretrained": True, "weights": str(path)}, [head("l", "logits")]))
     assert model.backbone.fc.weight.shape == (1000, 96)
     torch.testing.assert_close(model.backbone.state_dict()["layer1.0.conv1.weight"], state["layer1.0.conv1.weight"])
 
 
-def test_pretrained_and_weights_together_is_an_error(timm_weights: tuple[Path, dict[str, torch.Tensor]]) -> None:
-    with pytest.raises(BuildError, match="not both"):
-        build_model(recipe(TIMM | {"pretrained": True, "weights": str(timm_weights[0])}))
+def test_random_init_with_weights_is_an_error(timm_weights: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    with pytest.raises(BuildError, match="`pretrained: false` asks for random initialisation"):
+        build_model(recipe(TIMM | {"pretrained": False, "weights": str(timm_weights[0])}))
+
+
+def test_pretrained_is_the_default_and_a_local_folder_is_loaded(tiny_bert: Path) -> None:
+    from transformers import BertModel
+
+    spec = {"source": "transformers", "name": str(tiny_bert)}  # no `pretrained:` at all
+    model = build_model(recipe(spec, [head("t", "tokens", pool="cls")]))
+    reference = BertModel.from_pretrained(tiny_bert)
+    torch.testing.assert_close(
+        model.backbone.embeddings.word_embeddings.weight, reference.embeddings.word_embeddings.weight
+    )
+    scratch = build_model(recipe(spec | {"pretrained": False}, [head("t", "tokens", pool="cls")]))
+    assert not torch.equal(
+        scratch.backbone.embeddings.word_embeddings.weight, reference.embeddings.word_embeddings.weight
+    )
 
 
 def test_missing_weights_file(tmp_path: Path) -> None:
     with pytest.raises(BuildError, match="does not exist"):
-        build_model(recipe(TIMM | {"weights": str(tmp_path / "nope.safetensors")}))
+        build_model(recipe(TIMM | {"pretrained": True, "weights": str(tmp_path / "nope.safetensors")}))
 
 
 # --------------------------------------------------------------------------- offline
@@ -317,8 +334,8 @@ def empty_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     "backbone",
     [
-        {"source": "timm", "name": "test_resnet"},
-        {"source": "torchvision", "name": "resnet18"},
+        {"source": "timm", "name": "test_resnet", "pretrained": False},
+        {"source": "torchvision", "name": "resnet18", "pretrained": False},
         {"source": "transformers", "name": "no-such-org/no-such-model"},
     ],
 )

@@ -19,7 +19,7 @@ from surgery.recipe import load_recipe_text
 
 RECIPE = """
 name: tiny-bundle
-backbone: {source: timm, name: test_resnet}
+backbone: {source: timm, name: test_resnet, pretrained: false}
 input: {size: [32, 32]}
 heads:
   - name: label

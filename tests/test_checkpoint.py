@@ -20,7 +20,7 @@ from surgery.recipe import load_recipe_text
 
 RECIPE = """
 name: tiny
-backbone: {{source: timm, name: test_resnet}}
+backbone: {{source: timm, name: test_resnet, pretrained: false}}
 input: {{size: [16, 16]}}
 surgery: [{{input_channels: 1}}]
 heads:

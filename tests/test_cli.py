@@ -17,7 +17,7 @@ from surgery.recipe import RECIPES_DIR, load_recipe, load_recipe_text
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = {"torch", "torchvision", "timm", "transformers", "ray"}
 SHIPPED = sorted(RECIPES_DIR.glob("*.yaml"))
-GOOD = "name: tiny\nbackbone: {source: timm, name: test_resnet}\nheads:\n  - {name: cls, layers: [{linear: {out_features: 3}}], loss: cross_entropy}\n"
+GOOD = "name: tiny\nbackbone: {source: timm, name: test_resnet, pretrained: false}\nheads:\n  - {name: cls, layers: [{linear: {out_features: 3}}], loss: cross_entropy}\n"
 
 
 def run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str, str]:

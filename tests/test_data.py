@@ -33,7 +33,7 @@ def image_recipe(data: dict, out_features: int = 10, labels: list[str] | None = 
     return Recipe.model_validate(
         {
             "name": "t",
-            "backbone": {"source": "timm", "name": "test_resnet"},
+            "backbone": {"source": "timm", "name": "test_resnet", "pretrained": False},
             "input": {"size": [16, 16]},
             "surgery": [{"input_channels": 1}],
             "heads": [head],
@@ -173,7 +173,7 @@ def table_recipe(source: str, train: Path, **data) -> Recipe:
     return Recipe.model_validate(
         {
             "name": "t",
-            "backbone": {"source": "timm", "name": "test_resnet"},
+            "backbone": {"source": "timm", "name": "test_resnet", "pretrained": False},
             "heads": [{"name": "cls", "layers": [{"linear": {"out_features": 2}}], "loss": "cross_entropy"}],
             "data": {"source": source, "train": str(train), **data},
         }

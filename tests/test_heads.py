@@ -126,7 +126,7 @@ def two_heads(**loss_a: Any) -> Recipe:
     return Recipe.model_validate(
         {
             "name": "t",
-            "backbone": {"source": "timm", "name": "test_resnet"},
+            "backbone": {"source": "timm", "name": "test_resnet", "pretrained": False},
             "heads": [
                 {"name": "a", "layers": [{"linear": {"out_features": 3}}], "loss": {"name": "cross_entropy", **loss_a}},
                 {
@@ -156,7 +156,7 @@ def test_regression_losses_accept_flat_targets(loss: str, fn: Any) -> None:
     recipe = Recipe.model_validate(
         {
             "name": "t",
-            "backbone": {"source": "timm", "name": "test_resnet"},
+            "backbone": {"source": "timm", "name": "test_resnet", "pretrained": False},
             "heads": [{"name": "r", "layers": [{"linear": {"out_features": 1}}], "loss": loss}],
         }
     )

@@ -38,7 +38,7 @@ def test_tracker_accumulates_batches_and_names_keys() -> None:
     recipe = Recipe.model_validate(
         {
             "name": "t",
-            "backbone": {"source": "timm", "name": "test_resnet"},
+            "backbone": {"source": "timm", "name": "test_resnet", "pretrained": False},
             "heads": [
                 {
                     "name": "kind",

@@ -16,7 +16,7 @@ from surgery.schema import Recipe
 def recipe(**extra: Any) -> Recipe:
     data = {
         "name": "t",
-        "backbone": {"source": "timm", "name": "test_resnet"},
+        "backbone": {"source": "timm", "name": "test_resnet", "pretrained": False},
         "heads": [
             {
                 "name": "kind",
@@ -85,7 +85,10 @@ def test_input_overrides_apply_over_the_backbone_config() -> None:
 
 def test_input_channels_override_follows_the_model() -> None:
     model = build_model(
-        recipe(input={"channels": 1}, backbone={"source": "timm", "name": "test_resnet", "kwargs": {"in_chans": 1}})
+        recipe(
+            input={"channels": 1},
+            backbone={"source": "timm", "name": "test_resnet", "pretrained": False, "kwargs": {"in_chans": 1}},
+        )
     )
     assert model.input_spec.channels == 1 and model.example_inputs(1)[0].shape[1] == 1
 

@@ -15,7 +15,7 @@ from surgery.train import fit
 
 RECIPE = """
 name: mon
-backbone: {source: timm, name: test_resnet}
+backbone: {source: timm, name: test_resnet, pretrained: false}
 input: {size: [16, 16]}
 surgery: [{input_channels: 1}]
 heads:

@@ -15,7 +15,7 @@ from surgery.model import build_model
 from surgery.ops import has_lora, merge_lora
 from surgery.schema import Recipe
 
-TIMM = {"source": "timm", "name": "test_resnet"}
+TIMM = {"source": "timm", "name": "test_resnet", "pretrained": False}
 POOLED = [{"name": "out", "input": "pooled", "layers": [{"linear": {"out_features": 3}}], "loss": "cross_entropy"}]
 
 
@@ -88,7 +88,7 @@ def test_input_channels_adapts_the_first_conv_like_timm(tmp_path: Path) -> None:
     state = timm.create_model("test_resnet").state_dict()
     save_file(state, str(tmp_path / "w.safetensors"))
     first = next(k for k in state if k.endswith("weight") and state[k].dim() == 4)
-    backbone = TIMM | {"weights": str(tmp_path / "w.safetensors")}
+    backbone = TIMM | {"pretrained": True, "weights": str(tmp_path / "w.safetensors")}
     gray = build_model(recipe([{"input_channels": 1}], backbone=backbone))
     weight = gray.backbone.state_dict()[first]
     torch.testing.assert_close(weight, state[first].sum(1, keepdim=True))
@@ -99,7 +99,9 @@ def test_input_channels_adapts_the_first_conv_like_timm(tmp_path: Path) -> None:
 
 
 def test_input_channels_on_torchvision() -> None:
-    model = build_model(recipe([{"input_channels": 4}], backbone={"source": "torchvision", "name": "resnet18"}))
+    model = build_model(
+        recipe([{"input_channels": 4}], backbone={"source": "torchvision", "name": "resnet18", "pretrained": False})
+    )
     assert model.backbone.conv1.in_channels == 4
     assert model.example_inputs(1)[0].shape == (1, 4, 224, 224)
 

@@ -28,7 +28,7 @@ from surgery.schema import Recipe
 
 GOOD = """\
 name: tiny
-backbone: {source: timm, name: test_resnet}
+backbone: {source: timm, name: test_resnet, pretrained: false}
 heads:
   - name: cls
     layers:
@@ -207,7 +207,7 @@ def test_missing_required_field() -> None:
 
 
 def test_missing_top_level_field() -> None:
-    line = one_problem(GOOD.replace("backbone: {source: timm, name: test_resnet}\n", ""))
+    line = one_problem(GOOD.replace("backbone: {source: timm, name: test_resnet, pretrained: false}\n", ""))
     assert line == "r.yaml:1:1 backbone: missing required field"
 
 
@@ -462,7 +462,7 @@ def test_missing_extends_target(tmp_path: Path) -> None:
     line = one_problem(GOOD + "extends: base-image-clasifier\n", base_dir=tmp_path)
     assert (
         line
-        == "r.yaml:14:10: extends: no recipe 'base-image-clasifier' next to this file or among the shipped recipes (did you mean 'base-image-classifier', 'image-folder-classifier'?)"
+        == "r.yaml:14:10: extends: no recipe 'base-image-clasifier' in the libraries (searched: shipped) (did you mean 'base-image-classifier', 'image-folder-classifier'?)"
     )
 
 

@@ -67,7 +67,7 @@ def test_schema_accepts_shipped_recipes(path: Path) -> None:
 
 def test_schema_accepts_shorthands_and_rejects_what_the_loader_rejects() -> None:
     validator = jsonschema.Draft202012Validator(SCHEMA)
-    text = "name: s\nbackbone: {source: timm, name: test_resnet}\nheads:\n  - {name: h, layers: [relu, {linear: {out_features: 2}}], loss: mse}\n"
+    text = "name: s\nbackbone: {source: timm, name: test_resnet, pretrained: false}\nheads:\n  - {name: h, layers: [relu, {linear: {out_features: 2}}], loss: mse}\n"
     data = yaml.safe_load(text)
     load_recipe_text(text)
     assert list(validator.iter_errors(data)) == []

@@ -18,7 +18,7 @@ from surgery.train import fit
 
 BASE = """
 name: loop
-backbone: {{source: timm, name: test_resnet}}
+backbone: {{source: timm, name: test_resnet, pretrained: false}}
 input: {{size: [16, 16]}}
 surgery: [{{input_channels: 1}}]
 heads:
@@ -106,6 +106,6 @@ def test_placement_this_build_cannot_carry_out_fails_before_any_folder(tmp_path:
 
     path = tmp_path / "ddp.yaml"
     path.write_text(BASE.format(samples=16, epochs=1, train="", extra="placement: {strategy: ddp, workers: 2}"))
-    with pytest.raises(SurgeryError, match="placement.strategy 'ddp'"):
+    with pytest.raises(SurgeryError, match=r"placement\.strategy 'ddp'"):
         build_command(path, (), runs_root=tmp_path / "runs")
     assert not (tmp_path / "runs").exists()

@@ -1,0 +1,403 @@
+"""Sharing trained models: `surgery pack` writes one archive, `surgery pull` fetches and checks it.
+
+An archive (tar, optionally gzip) holds:
+
+  pack.json        format, model name, sha256 and size of every other member, optional signature
+  README.md        a generated model card
+  recipe.yaml      the resolved recipe (the run's recipe.lock.yaml when packed from a run)
+  bundle/...       the bundle: model.safetensors, manifest.json, tokenizer files, model.onnx
+
+Formats whose files hold pickles (TorchScript `model.ts`, `torch.export` `model.pt2`) are left out
+of the packed bundle, and its manifest copy drops them, since a shared model must never be
+unpickled. `pull` extracts into a new folder only, checks every member before it is written
+(regular files and folders only; no absolute paths, `..`, links or devices; no pickle files; size
+and count limits), then checks pack.json (format version, signature, every hash) and the bundle's
+own manifest. On any failure the folder is removed and nothing else was touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
+
+from surgery.errors import SurgeryError
+from surgery.library import fetch_to_file, is_url, sha256_bytes
+
+PACK_FORMAT = "surgery-pack"
+PACK_FORMAT_VERSION = 1
+PACK_FILE = "pack.json"
+CARD = "README.md"
+RECIPE = "recipe.yaml"
+BUNDLE = "bundle"
+PICKLE_FORMATS = {"torchscript": "model.ts", "pt2": "model.pt2"}
+PICKLE_SUFFIXES = {".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".bin", ".joblib", ".ts", ".pt2", ".npz"}
+MAX_MEMBERS = 10_000
+MAX_MEMBER_BYTES = 16 << 30
+MAX_TOTAL_BYTES = 64 << 30
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+class ShareError(SurgeryError):
+    """An archive that cannot be packed, or that is refused when pulled."""
+
+
+# --------------------------------------------------------------------------- pack
+
+
+def _find_bundle(target: Path) -> tuple[Path, Path | None]:
+    """(bundle folder, run folder or None) for a run folder or a bundle."""
+    target = Path(target).resolve()
+    if (target / "manifest.json").is_file():
+        run = target.parent if (target.parent / "recipe.lock.yaml").is_file() else None
+        return target, run
+    if (target / BUNDLE / "manifest.json").is_file():
+        return target / BUNDLE, target
+    raise ShareError(f"{target}: neither a bundle nor a run folder with bundle/ (build or export it first)")
+
+
+def pack_command(target: Path, out: Path, *, sign: str | None = None) -> str:
+    """`surgery pack`: write the archive; returns what to tell the user."""
+    path, left_out = pack(target, out, sign=sign)
+    note = f" (left out {', '.join(left_out)}: they hold pickles)" if left_out else ""
+    return f"packed {path}{note}"
+
+
+def pack(target: Path, out: Path, *, sign: str | None = None) -> tuple[Path, list[str]]:
+    """Pack a run or bundle into `out`; returns the archive and the bundle files left out."""
+    from surgery.bundle import read_manifest, verify_files
+    from surgery.recipe import load_recipe_text
+
+    bundle, run = _find_bundle(target)
+    manifest = read_manifest(bundle)
+    verify_files(bundle, manifest)  # never pass on a damaged bundle
+    left_out = [f for f in PICKLE_FORMATS.values() if f in manifest["files"]]
+    shared = dict(manifest)
+    shared["files"] = {k: v for k, v in manifest["files"].items() if k not in left_out}
+    shared["formats"] = {k: v for k, v in (manifest.get("formats") or {}).items() if k not in PICKLE_FORMATS}
+    members: dict[str, bytes | Path] = {f"{BUNDLE}/{rel}": bundle / rel for rel in shared["files"]}
+    members[f"{BUNDLE}/manifest.json"] = json.dumps(shared, indent=2).encode()
+    lock = run / "recipe.lock.yaml" if run else None
+    recipe_text = (lock if lock and lock.is_file() else bundle / "recipe.yaml").read_text(encoding="utf-8")
+    members[RECIPE] = recipe_text.encode()
+    recipe = load_recipe_text((bundle / "recipe.yaml").read_text(encoding="utf-8"), filename="recipe.yaml")
+    members[CARD] = model_card(recipe, shared, recipe_text, run).encode()
+    doc: dict[str, Any] = {
+        "format": PACK_FORMAT,
+        "format_version": PACK_FORMAT_VERSION,
+        "name": shared.get("name") or recipe.name,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "files": {name: _digest(name, data, shared["files"]) for name, data in sorted(members.items())},
+    }
+    if sign:
+        from surgery.keys import sign_document
+
+        doc = sign_document(doc, sign)
+    _write_tar(Path(out), {PACK_FILE: json.dumps(doc, indent=2).encode(), **members})
+    return Path(out).resolve(), left_out
+
+
+def _digest(name: str, data: bytes | Path, verified: dict[str, str]) -> dict[str, Any]:
+    """sha256 and size of a member; bundle files were just verified against their manifest, so
+    its hashes are reused instead of reading each file again."""
+    if isinstance(data, Path):
+        return {"sha256": verified[name.removeprefix(f"{BUNDLE}/")], "size": data.stat().st_size}
+    return {"sha256": sha256_bytes(data), "size": len(data)}
+
+
+def _write_tar(out: Path, members: dict[str, bytes | Path]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    mode = "w:gz" if out.name.endswith((".tar.gz", ".tgz")) else "w"
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    try:
+        with tarfile.open(tmp, mode) as tar:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.mode, info.mtime, info.uname, info.gname = 0o644, int(time.time()), "", ""
+                if isinstance(data, Path):
+                    info.size = data.stat().st_size
+                    with data.open("rb") as f:
+                        tar.addfile(info, f)
+                else:
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def model_card(recipe: Any, manifest: dict[str, Any], recipe_text: str, run: Path | None) -> str:
+    """README.md for a packed model: what it does, how it was trained, where it came from."""
+    heads = manifest.get("heads") or []
+    spec = manifest.get("input") or {}
+    data = recipe.data
+    train = recipe.train
+    lines = [f"# {recipe.name}", "", recipe.description or "(no description in the recipe)", ""]
+    lines += ["## Task", ""]
+    for head in heads:
+        labels = head.get("labels")
+        shown = ", ".join(map(str, labels[:50])) + (" ..." if labels and len(labels) > 50 else "") if labels else "-"
+        lines.append(
+            f"- head `{head['name']}`: {head.get('task')}, {head.get('out_features')} outputs; labels: {shown}"
+        )
+    kind = spec.get("kind")
+    shape = (
+        f"{spec.get('channels')}×{'×'.join(map(str, spec.get('size') or []))} image"
+        if kind == "image"
+        else f"text, up to {spec.get('max_length')} tokens"
+        if kind == "text"
+        else str(kind)
+    )
+    lines += [f"- input: {shape}", "", "## Metrics (validation, checkpoint exported)", ""]
+    metrics = manifest.get("metrics") or {}
+    lines += [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in sorted(metrics.items())] or [
+        "- none recorded"
+    ]
+    lines += ["", "## Data", ""]
+    if data is None:
+        lines.append("- not described in the recipe")
+    else:
+        lines.append(f"- source: {data.source}")
+        lines += [f"- {k}: {Path(v).name}" for k, v in (("train", data.train), ("val", data.val)) if v]
+        if data.val is None:
+            lines.append(f"- validation: {data.val_split:.0%} held out of the training data (seed {data.split_seed})")
+    lines += ["", "## Training", ""]
+    backbone = recipe.backbone
+    start = "pretrained weights" if backbone.pretrained else "random initialisation"
+    lines += [
+        f"- backbone: {backbone.source} `{backbone.name}`, from {start}",
+        f"- frozen: {', '.join(recipe.freeze) or 'nothing'}; kept trainable: {', '.join(recipe.unfreeze) or '-'}",
+        f"- optimizer: {train.optimizer.name}, lr {train.optimizer.lr:g}, weight decay {train.optimizer.weight_decay:g}; "
+        f"schedule {train.scheduler.name}; epochs {train.epochs}"
+        + (f", max {train.max_steps} steps" if train.max_steps else "")
+        + f"; batch {data.batch_size if data else '-'}; precision {train.precision}; seed {train.seed}",
+        "",
+        "## Provenance",
+        "",
+    ]
+    provenance = [line[2:] for line in recipe_text.splitlines() if line.startswith("# ") and ": " in line]
+    lines += [f"- {p}" for p in provenance[1:]] or ["- packed from a bundle without its run's lock file"]
+    lines += [f"- bundle formats: {', '.join(sorted(manifest.get('formats') or {})) or 'safetensors'}"]
+    lines += [
+        "",
+        "## Intended use",
+        "",
+        f"{(recipe.description or 'As described above').rstrip('.')}. It was trained and validated only on the data "
+        "listed here: check it on your own data before relying on it, and do not use it for decisions "
+        "about people without an assessment of its errors on them.",
+        "",
+        "## Use",
+        "",
+        "```bash",
+        f"surgery pull <this archive or its URL> --out {recipe.name}",
+        f"surgery serve {recipe.name}",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- pull
+
+
+def pull_command(source: str, out: Path | None, *, allow_unsigned: bool = False) -> str:
+    """`surgery pull`: returns what to tell the user."""
+    folder, signer = pull(source, out, allow_unsigned=allow_unsigned)
+    signed = f"signed by {signer}" if signer else "unsigned"
+    return f"pulled {folder} ({signed}); serve it with `surgery serve {folder}`"
+
+
+def pull(source: str, out: Path | None = None, *, allow_unsigned: bool = False) -> tuple[Path, str | None]:
+    """Fetch (path or URL), check and unpack an archive into `out` (default: the archive's name
+    without .tar/.tar.gz, in the current folder). Returns the folder and the signer, if signed.
+    Everything is written inside that folder, and a refused archive leaves nothing behind."""
+    remote = is_url(source)
+    if not remote and not Path(source).is_file():
+        raise ShareError(f"{source}: no such archive")
+    folder = Path(out or _default_folder(source)).resolve()
+    if (folder.is_dir() and any(folder.iterdir())) or (folder.exists() and not folder.is_dir()):
+        raise ShareError(f"{folder} exists already; pull into a new folder with --out")
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = folder / ".incoming"
+    try:
+        staging.mkdir()
+        archive = Path(source)
+        if remote:
+            archive = staging / "archive"
+            fetch_to_file(source, archive, MAX_TOTAL_BYTES)
+        tree = staging / "tree"
+        tree.mkdir()
+        hashes = extract(archive, tree)
+        _, signer = check_pack(tree, hashes, source, remote=remote, allow_unsigned=allow_unsigned)
+        for item in tree.iterdir():
+            os.replace(item, folder / item.name)
+        shutil.rmtree(staging)
+        return folder, signer
+    except BaseException:
+        shutil.rmtree(folder if created else staging, ignore_errors=True)
+        raise
+
+
+def _default_folder(source: str) -> str:
+    name = PurePosixPath(source.split("?")[0].rstrip("/")).name
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        name = name.removesuffix(suffix)
+    return name or "pulled-model"
+
+
+def _refuse(source: str, member: str, why: str) -> ShareError:
+    return ShareError(f"{source}: member {member!r} {why}; refusing the archive")
+
+
+def extract(archive: Path, into: Path) -> dict[str, str]:
+    """Extract a tar archive member by member, refusing anything that is not a plain file or folder
+    at a plain relative path, pickles, and members or archives over the limits. Returns the sha256
+    of every file, computed while it was written."""
+    where = str(archive)
+    try:
+        tar = tarfile.open(archive, "r:*")  # noqa: SIM115 (closed by the `with tar:` below)
+    except (tarfile.TarError, OSError) as err:
+        raise ShareError(f"{where}: not a tar archive ({err})") from None
+    seen: set[str] = set()
+    hashes: dict[str, str] = {}
+    total = 0
+    with tar:
+        try:
+            for count, member in enumerate(tar, 1):
+                if count > MAX_MEMBERS:
+                    raise ShareError(f"{where}: more than {MAX_MEMBERS} members; refusing the archive")
+                rel = _member_path(member, where)
+                if rel.as_posix() in seen:
+                    raise _refuse(where, member.name, "appears twice")
+                seen.add(rel.as_posix())
+                target = into.joinpath(*rel.parts)
+                if member.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                total += member.size
+                if total > MAX_TOTAL_BYTES:
+                    raise ShareError(f"{where}: more than {_size(MAX_TOTAL_BYTES)} in all; refusing the archive")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                stream = tar.extractfile(member)
+                if stream is None:
+                    raise _refuse(where, member.name, "has no content")
+                hashes[rel.as_posix()] = _copy_member(stream, target, member, where)
+        except tarfile.TarError as err:
+            raise ShareError(f"{where}: damaged archive ({err})") from None
+        except OSError as err:  # e.g. a member that is a file and also a folder of other members
+            raise ShareError(f"{where}: cannot unpack it ({err.strerror or err}); refusing the archive") from None
+    return hashes
+
+
+def _size(n: int) -> str:
+    return f"{n >> 30} GiB" if n >= 1 << 30 else f"{n >> 20} MiB"
+
+
+def _member_path(member: tarfile.TarInfo, where: str) -> PurePosixPath:
+    name = member.name
+    if member.issym() or member.islnk():
+        raise _refuse(where, name, "is a link")
+    if member.ischr() or member.isblk() or member.isfifo() or member.isdev():
+        raise _refuse(where, name, "is a device or fifo")
+    if not (member.isfile() or member.isdir()):
+        raise _refuse(where, name, "is not a regular file or folder")
+    path = PurePosixPath(name)
+    if not name or "\\" in name or path.is_absolute() or ".." in path.parts or name.startswith("~"):
+        raise _refuse(where, name, "has an absolute path or `..`")
+    if member.isfile() and path.suffix.lower() in PICKLE_SUFFIXES:
+        raise _refuse(where, name, "is a pickle-based file (only safetensors, ONNX, JSON and text are accepted)")
+    if member.size > MAX_MEMBER_BYTES:
+        raise _refuse(where, name, f"is over the {_size(MAX_MEMBER_BYTES)} limit")
+    parts = [p for p in path.parts if p != "."]
+    if not parts:
+        raise _refuse(where, name, "has an empty path")
+    return PurePosixPath(*parts)
+
+
+def _copy_member(stream: BinaryIO, target: Path, member: tarfile.TarInfo, where: str) -> str:
+    digest = hashlib.sha256()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        first = stream.read(1 << 20)
+        if first.startswith(_PICKLE_MAGIC):
+            raise _refuse(where, member.name, "is a pickle")
+        written = 0
+        chunk = first
+        while chunk:
+            written += len(chunk)
+            if written > member.size:
+                raise _refuse(where, member.name, "is longer than its header says")
+            f.write(chunk)
+            digest.update(chunk)
+            chunk = stream.read(1 << 20)
+    return digest.hexdigest()
+
+
+def check_pack(
+    tree: Path, hashes: dict[str, str], source: str, *, remote: bool, allow_unsigned: bool
+) -> tuple[dict[str, Any], str | None]:
+    """pack.json read and checked against the extracted files: format version, signature (an
+    unsigned archive from a URL needs `allow_unsigned`), every file's sha256, nothing extra, and
+    the bundle's own manifest."""
+    from surgery.keys import verify_document
+
+    pack_file = tree / PACK_FILE
+    if not pack_file.is_file():
+        raise ShareError(f"{source}: no {PACK_FILE}; not a surgery pack")
+    try:
+        doc = json.loads(pack_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ShareError(f"{source}: unreadable {PACK_FILE} ({err})") from None
+    if not isinstance(doc, dict) or doc.get("format") != PACK_FORMAT:
+        raise ShareError(f"{source}: {PACK_FILE} is not a surgery pack manifest")
+    if doc.get("format_version") != PACK_FORMAT_VERSION:
+        raise ShareError(
+            f"{source}: unknown pack format_version {doc.get('format_version')!r} "
+            f"(this surgery reads {PACK_FORMAT_VERSION}); upgrade surgery"
+        )
+    signer = verify_document(doc, f"{source}: {PACK_FILE}")
+    if signer is None and remote and not allow_unsigned:
+        raise ShareError(f"{source}: the archive is not signed; refusing it from a URL (--allow-unsigned accepts it)")
+    name = doc.get("name")
+    files = doc.get("files")
+    if not isinstance(name, str) or not name or "/" in name or name.startswith(".") or not isinstance(files, dict):
+        raise ShareError(f"{source}: {PACK_FILE} needs a plain `name` and a `files` map")
+    present = set(hashes) - {PACK_FILE}
+    if present != set(files):
+        extra, missing = sorted(present - set(files)), sorted(set(files) - present)
+        raise ShareError(f"{source}: files not in {PACK_FILE}: {extra or '-'}; missing: {missing or '-'}; refusing it")
+    for rel, info in files.items():
+        expected = info.get("sha256") if isinstance(info, dict) else None
+        if hashes[rel] != expected:
+            raise ShareError(f"{source}: {rel} does not match its sha256 in {PACK_FILE}; refusing the archive")
+    _check_bundle(tree / BUNDLE, {k.removeprefix(f"{BUNDLE}/"): v for k, v in hashes.items()}, source)
+    return doc, signer
+
+
+def _check_bundle(bundle: Path, hashes: dict[str, str], source: str) -> None:
+    """The bundle's manifest: a known format version, and every file it lists present with that
+    sha256 (hashes from the extraction, so nothing is read twice)."""
+    from surgery.bundle import MANIFEST, RECIPE, WEIGHTS, read_manifest
+
+    files = read_manifest(bundle).get("files")
+    if not isinstance(files, dict) or WEIGHTS not in files or RECIPE not in files:
+        raise ShareError(f"{source}: the bundle's {MANIFEST} does not list {WEIGHTS} and {RECIPE}; refusing it")
+    for rel, expected in files.items():
+        if hashes.get(rel) != expected:
+            raise ShareError(
+                f"{source}: bundle/{rel} is missing or does not match the bundle's {MANIFEST}; refusing it"
+            )
+
+
+__all__ = ["ShareError", "check_pack", "extract", "model_card", "pack", "pack_command", "pull", "pull_command"]
