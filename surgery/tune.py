@@ -879,9 +879,10 @@ def _run_search(
             ),
         )
     tuner.fit()
-    # Ctrl-C: Tune saved its state (the stopped trials as pending) and returned; read what it saved
+    # Ctrl-C: Tune saved its state, the trials it stopped as pending, and returned. (A search that
+    # ran out leaves none pending; HyperBandForBOHB may leave trials paused, which is no interrupt.)
     saved = tune.ExperimentAnalysis(str(ray_dir)).trials
-    unfinished = sum(t.status not in ("TERMINATED", "ERROR") for t in saved)
+    unfinished = sum(t.status in ("PENDING", "RUNNING") for t in saved)
     if unfinished:
         raise TuneInterrupted(
             f"search {folder.name} interrupted with {unfinished} trial(s) unfinished; continue it with "
