@@ -132,6 +132,32 @@ def build(
 
 
 @app.command()
+def tune(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue the latest (or --search-id) search; finished trials are not rerun."),
+    ] = False,
+    runs: Annotated[Path, typer.Option(help="Folder that holds run folders.")] = Path("runs"),
+    search_id: Annotated[
+        str | None, typer.Option(help="Search folder name, runs/<name>/tune-<id> (default: a timestamp).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write the tuned recipe (default: <search>/<name>.tuned.yaml).")
+    ] = None,
+) -> None:
+    """Search hyperparameters (the recipe's `tune:` section) on Ray Tune; write the results and the
+    best trial's recipe as <name>.tuned.yaml, and export its bundle."""
+    from surgery.tune import tune_command
+
+    folder = tune_command(
+        recipe, set_ or (), resume=resume, runs_root=runs, search_id=search_id, out=out, echo=typer.echo
+    )
+    typer.echo(f"search: {folder}")
+
+
+@app.command()
 def export(
     target: Annotated[Path, typer.Argument(help="A run folder or a checkpoint file.", show_default=False)],
     formats: Annotated[

@@ -524,6 +524,11 @@ def _parse_override(text: str) -> tuple[list[str | int], str]:
     return path, text[at + 1 :]
 
 
+def override_path(text: str) -> list[str | int]:
+    """The field path a `--set PATH=VALUE` override writes, as keys and indices."""
+    return _parse_override(text)[0]
+
+
 def _apply_override(data: dict[str, Any], pos: _Pos, text: str) -> None:
     path, raw = _parse_override(text)
     label = Location(f"--set {text}", field=_dotted(path))
@@ -770,26 +775,45 @@ def load_recipe_text(
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Load a recipe by reference — a file, a shipped or library name, or `name@version` — with
     `--set` overrides."""
+    return _load_reference(path, overrides, validate=True)
+
+
+def field_location(path: str | Path, overrides: Sequence[str], field: Sequence[str | int]) -> Location:
+    """Where a field of a recipe (a reference as for `load_recipe`, extends and `--set` applied)
+    was written, for problems found after loading it (`surgery tune` checking its space's values)."""
+    _data, pos = _load_reference(path, overrides, validate=False)
+    return _locate(pos, tuple(field))
+
+
+def _load_reference(path: str | Path, overrides: Sequence[str], *, validate: bool) -> Any:
     given = str(path)
     try:
         found = resolve(given, Path.cwd())
     except LibraryError as err:
         raise _problem(given, str(err).removeprefix(f"{given} ")) from None
-    return load_resolved(found, overrides, display=given if found.source == "file" else None)
+    display = given if found.source == "file" else None
+    return load_resolved(found, overrides, display=display) if validate else _resolved_data(found, overrides, display)
 
 
 def load_resolved(found: Resolved, overrides: Sequence[str] = (), *, display: str | None = None) -> Recipe:
     """Load a recipe a reference resolved to (see `surgery.library.resolve`)."""
+    trail: list[Resolved] = [found]
+    data, pos = _resolved_data(found, overrides, display, trail)
+    recipe = _validate(data, pos)
+    recipe._provenance = Provenance(trail)
+    recipe._source_dir = str(found.path.parent)
+    return recipe
+
+
+def _resolved_data(
+    found: Resolved, overrides: Sequence[str], display: str | None, trail: list[Resolved] | None = None
+) -> tuple[dict[str, Any], _Pos]:
     file = found.path
     source = display or _display(file)
     text = _read(file, source)
-    trail: list[Resolved] = [found]
-    data, pos = _load_document(text, source, file.parent, (file,), found, trail)
+    data, pos = _load_document(text, source, file.parent, (file,), found, trail if trail is not None else [found])
     _apply_overrides(data, pos, overrides)
-    recipe = _validate(data, pos)
-    recipe._provenance = Provenance(trail)
-    recipe._source_dir = str(file.parent)
-    return recipe
+    return data, pos
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
@@ -864,9 +888,11 @@ __all__ = [
     "RECIPES_DIR",
     "Location",
     "dump_recipe",
+    "field_location",
     "load_recipe",
     "load_recipe_text",
     "load_resolved",
+    "override_path",
     "read_fields",
     "recipe_diff",
     "recipe_hash",

@@ -716,39 +716,92 @@ class Monitor(Strict):
 
 
 class Domain(OneOf):
-    """A search domain: `{loguniform: [1e-4, 1e-2]}`."""
+    """A search domain: `{loguniform: [1e-4, 1e-2]}`. Every value it can produce (each listed
+    value, both ends of a range) is checked against the schema at its path before a search starts."""
 
-    grid: list[Any] | None = Field(None, description="Try every value (grid search).")
-    choice: list[Any] | None = Field(None, description="Sample one of the values.")
+    grid: Annotated[list[Any], Field(min_length=1)] | None = Field(
+        None, description="Try every value (grid search; with `search: random` the grid is crossed with samples)."
+    )
+    choice: Annotated[list[Any], Field(min_length=1)] | None = Field(None, description="Sample one of the values.")
     uniform: Annotated[list[float], Field(min_length=2, max_length=2)] | None = Field(
         None, description="Sample uniformly from [low, high]."
     )
     loguniform: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=2, max_length=2)] | None = Field(
-        None, description="Sample log-uniformly from [low, high]."
+        None, description="Sample log-uniformly from [low, high] (both > 0)."
     )
     randint: Annotated[list[int], Field(min_length=2, max_length=2)] | None = Field(
-        None, description="Sample an integer from [low, high)."
+        None, description="Sample an integer from [low, high) (high excluded)."
+    )
+    quniform: Annotated[list[float], Field(min_length=3, max_length=3)] | None = Field(
+        None, description="Sample uniformly from [low, high] in steps of q from low: `[low, high, q]`."
     )
 
     @classmethod
     def _takes_params(cls, key: Any) -> bool:
         return False
 
+    @model_validator(mode="after")
+    def _ordered(self) -> Domain:
+        kind = self.kind
+        if kind in ("uniform", "loguniform", "randint", "quniform"):
+            low, high = self.params[0], self.params[1]
+            if not low < high:
+                raise PydanticCustomError("bad_range", "{msg}", {"msg": f"{kind}: low {low} must be below high {high}"})
+            if kind == "randint" and high - low < 1:
+                raise PydanticCustomError("bad_range", "randint: the range [low, high) is empty")
+            if kind == "quniform" and not 0 < self.params[2] <= high - low:
+                raise PydanticCustomError(
+                    "bad_range",
+                    "{msg}",
+                    {"msg": f"quniform: q must be > 0 and at most high - low, got {self.params[2]}"},
+                )
+        return self
+
+
+class TrialResources(Strict):
+    """What one trial holds while it runs (Ray resources); concurrency follows from them."""
+
+    cpus: Annotated[float, Field(gt=0)] = Field(1.0, description="CPU cores per trial (its torch threads).")
+    gpus: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="GPUs per trial; a fraction (0.25) shares one GPU between trials."
+    )
+
 
 class Tune(Strict):
-    """Hyperparameter search with Ray Tune: each trial is one `fit` of the recipe with overrides."""
+    """Hyperparameter search with Ray Tune (`surgery tune`): each trial is one `fit` of the recipe
+    with the trial's values set at the space's paths, in its own run folder."""
 
-    search: Literal["grid", "random", "bohb"] = Field("random", description="Search algorithm.")
+    search: Literal["grid", "random", "bohb", "optuna"] = Field(
+        "random",
+        description="`grid` (every combination of `grid` domains), `random`, `bohb` (Bayesian optimisation + "
+        "HyperBand: TuneBOHB with HyperBandForBOHB) or `optuna` (TPE).",
+    )
     space: dict[str, Domain] = Field(min_length=1, description="Recipe paths (as for `--set`) → search domains.")
     metric: str = Field("val/loss", description="Metric to optimise (same names as `checkpoint.monitor`).")
-    mode: Literal["min", "max"] = Field("min", description="Minimise or maximise `metric`.")
-    num_samples: PositiveInt = Field(8, description="Trials (for grid: repeats of the grid).")
+    mode: Literal["min", "max"] | None = Field(
+        None, description="Minimise or maximise `metric`; default: `min` for a loss, `max` for any other metric."
+    )
+    num_samples: PositiveInt | None = Field(
+        None, description="Trials; for `grid`, repeats of the whole grid. Default: 1 for `grid`, else 8."
+    )
     max_concurrent: PositiveInt | None = Field(
-        None, description="Trials run at once; default: as many as resources allow."
+        None, description="Trials run at once; default (and upper bound): as many as the resources allow."
     )
-    scheduler: Literal["none", "asha", "hyperband"] = Field(
-        "none", description="Early-stopping trial scheduler (`bohb` uses its own HyperBand)."
+    scheduler: Literal["none", "asha", "hyperband"] | None = Field(
+        None,
+        description="Trial scheduler that stops (or pauses) poor trials at epoch milestones: `asha`, `hyperband`, "
+        "or `none`. Default: `hyperband` for `bohb` (HyperBandForBOHB, the only one it runs with), else `none`.",
     )
+    grace_period: PositiveInt = Field(1, description="`asha`: epochs every trial runs before it can be stopped.")
+    reduction_factor: Annotated[float, Field(gt=1)] = Field(
+        3.0, description="`asha`/`hyperband`: 1/reduction_factor of the trials go on at each milestone."
+    )
+    time_budget_s: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="Stop starting and running trials after this many seconds (finished trials count)."
+    )
+    resources: TrialResources = Field(default_factory=TrialResources, description="Resources one trial holds.")
+    seed: int | None = Field(0, description="Seed of the search algorithm (null: a different search each time).")
+    export_best: bool = Field(True, description="Export the best trial's bundle into its run folder.")
 
 
 # --------------------------------------------------------------------------- export & serve
@@ -896,6 +949,7 @@ def cross_check(recipe: Recipe) -> list[Problem]:
         check_metric(("train", "early_stopping", "monitor"), recipe.train.early_stopping.monitor)
     if recipe.tune is not None:
         check_metric(("tune", "metric"), recipe.tune.metric)
+        problems.extend(_tune_problems(recipe.tune))
     problems.extend(_placement_problems(recipe.placement))
     if recipe.data is not None and recipe.data.source in ("image_folder", "csv", "jsonl") and not recipe.data.train:
         problems.append(Problem(("data", "train"), f"data source {recipe.data.source!r} needs a `train` path"))
@@ -936,6 +990,26 @@ def _placement_problems(placement: Placement) -> list[Problem]:
         )
     if strategy == "ddp" and re.fullmatch(r"cuda:[0-9]+|mps", placement.device):
         refuse("device", f"ddp gives each worker its own GPU; use `cuda`, `cpu` or `auto`, not {placement.device!r}")
+    return problems
+
+
+def _tune_problems(tune: Tune) -> list[Problem]:
+    """Domains and schedulers the chosen search algorithm cannot carry out."""
+    problems: list[Problem] = []
+    for path, domain in tune.space.items():
+        where = ("tune", "space", path)
+        if tune.search == "grid" and domain.kind != "grid":
+            problems.append(
+                Problem(where, f"search 'grid' tries listed values only; write `grid: [...]` here (got {domain.kind})")
+            )
+        if tune.search in ("bohb", "optuna") and domain.kind == "grid":
+            problems.append(
+                Problem(where, f"search {tune.search!r} samples its own points; use `choice` instead of `grid`")
+            )
+    if tune.search == "bohb" and tune.scheduler not in (None, "hyperband"):
+        problems.append(
+            Problem(("tune", "scheduler"), "search 'bohb' runs with its own HyperBand (HyperBandForBOHB); drop this")
+        )
     return problems
 
 

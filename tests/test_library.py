@@ -78,9 +78,8 @@ def test_every_shipped_recipe_has_a_description_and_tags() -> None:
 def test_shipped_recipes_declare_pretrained_weights_unless_from_scratch() -> None:
     for name in SHIPPED:
         recipe = load_recipe(name)
-        assert recipe.backbone.pretrained or name.startswith("quickstart"), (
-            name
-        )  # the quickstart family trains from scratch
+        # the quickstart family trains from scratch
+        assert recipe.backbone.pretrained or name.startswith("quickstart"), name
 
 
 def test_list_show_and_tags() -> None:
@@ -279,12 +278,12 @@ SMALL = [
 ]
 
 
-@pytest.mark.slow
 # The placement recipes build (ddp on two local processes, the pipeline with its stages on the CPU)
 # in tests/test_placement.py; building them here too would only spend CI minutes twice.
 BUILT_ELSEWHERE = {"quickstart-ddp", "quickstart-pipeline"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in SHIPPED if n not in BUILT_ELSEWHERE])
 def test_every_shipped_recipe_builds(name: str, tmp_path: Path) -> None:
     from surgery.build import build_command
