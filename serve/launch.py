@@ -16,10 +16,9 @@ from typing import Any
 
 import yaml
 
-from serve.app import (
+from serve.config import (
     INGRESS_NAME,
     AppArgs,
-    build_app,
     deployment_options,
     model_deployment_name,
     model_settings,
@@ -201,6 +200,8 @@ def serve_command(
             for d in config["applications"][0]["deployments"]
         )
         args.update(_local_resources(total))
+    from serve.app import build_app
+
     app = build_app(args)  # reads every manifest: a bad bundle fails here, before Ray starts
     timeout_s = config["http_options"]["request_timeout_s"]
 

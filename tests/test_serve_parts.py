@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.app import CoreClaim
+from serve.cores import CoreClaim
 from serve.ingress import MAX_STATE_DIR, haproxy_environment, ingress_environment
 from surgery.errors import SurgeryError
 
