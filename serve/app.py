@@ -25,6 +25,7 @@ from ray.serve import Application
 
 from serve.config import (
     BATCH_KEYS,
+    CONSTRUCTOR_RETRIES,
     AppArgs,
     deployment_options,
     model_deployment_name,
@@ -80,7 +81,10 @@ def build_app(args: dict[str, Any]) -> Application:
         section = read_serve_section(bundle)
         settings = model_settings(parsed, section)
         models[name] = {"bundle": bundle, "settings": {k: v for k, v in settings.items() if k not in BATCH_KEYS}}
-        options[name] = deployment_options(parsed, section, settings)
+        options[name] = {
+            "max_constructor_retry_count": CONSTRUCTOR_RETRIES,
+            **deployment_options(parsed, section, settings),
+        }
         limits[name] = settings["max_body_mb"]
         timeouts[name] = settings["request_timeout_s"]
     ingress_settings = {
@@ -99,6 +103,8 @@ def build_app(args: dict[str, Any]) -> Application:
         for name, target in models.items()
     }
     most = max(o["max_ongoing_requests"] for o in options.values())
-    return SurgeryAPI.options(max_ongoing_requests=most * len(models), ray_actor_options={"num_cpus": 0}).bind(
-        handles, ingress_settings
-    )
+    return SurgeryAPI.options(
+        max_ongoing_requests=most * len(models),
+        ray_actor_options={"num_cpus": 0},
+        max_constructor_retry_count=CONSTRUCTOR_RETRIES,
+    ).bind(handles, ingress_settings)

@@ -16,6 +16,9 @@ from surgery.schema import Serve as ServeSection
 
 INGRESS_NAME = "SurgeryAPI"
 BATCH_KEYS = ("max_batch_size", "batch_wait_timeout_s")
+# A replica whose constructor fails (its bundle unreadable on that node) fails the same way when
+# retried: give up after a few tries instead of Ray's 20, so the deploy fails in seconds.
+CONSTRUCTOR_RETRIES = 3
 BATCH_DEFAULTS = {
     "max_batch_size": ServeSection().max_batch_size,
     "batch_wait_timeout_s": ServeSection().batch_wait_ms / 1000,
