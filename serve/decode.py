@@ -186,9 +186,15 @@ def example_shape(spec: InputSpec) -> tuple[int, ...]:
 class RowPreparer:
     """Validates and preprocesses inputs into model rows for one model's input spec."""
 
-    def __init__(self, spec: InputSpec, transform: Callable[[Any], Any] | None = None) -> None:
+    def __init__(
+        self,
+        spec: InputSpec,
+        transform: Callable[[Any], Any] | None = None,
+        on_row: Callable[[], None] | None = None,
+    ) -> None:
         self.spec = spec
         self.transform = transform
+        self.on_row = on_row
         self.mode = _MODES.get(spec.channels) if spec.kind == "image" else None
 
     def __call__(self, items: list[Any], stop: threading.Event | None = None) -> list[Any]:
@@ -213,6 +219,8 @@ class RowPreparer:
                 rows.append(self.transform(decode_image(data, i, self.mode)))
             else:
                 raise InputError(f"inputs[{i}]: expected an encoded image or pixel values, got {type(item).__name__}")
+            if self.on_row is not None:
+                self.on_row()
         return rows
 
 

@@ -266,10 +266,13 @@ class SurgeryAPI:
         """Read the body within its limit, hand it to the model, and answer with timings."""
         start = time.perf_counter()
         try:
-            body = await read_body(request, self.limits[name])
+            # a body trickling in slower than the model's time limit is cut off, not waited for
+            body = await asyncio.wait_for(read_body(request, self.limits[name]), self.timeouts[name])
             call_args = (body, _header_length(request)) if method == "infer_v2" else (*args, body)
         except InputError as exc:
             return error(exc.status, str(exc))
+        except TimeoutError:
+            return error(408, f"request body not received within {self.timeouts[name]:g} s")
         read = time.perf_counter()
         try:
             answer: Answer | None = await asyncio.wait_for(

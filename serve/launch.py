@@ -31,6 +31,7 @@ from surgery.bundle import read_manifest
 from surgery.errors import BundleError, SurgeryError
 
 APP_NAME = "surgery"
+OWN_RAY_ENV = {"RAY_enable_metrics_collection": "0"}
 IMPORT_PATH = "serve.app:build_app"
 
 
@@ -106,6 +107,9 @@ def _start_ray(detach: bool) -> None:
     if address:
         ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
         return
+    # Ray's metrics agent would serve Prometheus, without auth, on every interface; the app has
+    # its own /metrics behind the token. Read by the raylet this starts (and `ray start` below).
+    os.environ.update(OWN_RAY_ENV)
     if not detach:
         ray.init(
             address="local",

@@ -80,13 +80,15 @@ class ModelServer:
         # them never changes init args, and Ray updates running replicas instead of replacing them.
         self.settings = {**BATCH_DEFAULTS, **settings}
         self.batch_sizes: Counter[int] = Counter()
+        self.cancelled = 0  # requests given up while being answered (client gone)
+        self.rows_decoded = 0
         self.threads_used: Counter[int] = Counter()  # forwards run with each torch thread count
         transform = None
         if self.spec.kind == "image":
             from surgery.preprocess import image_eval_transform
 
             transform = image_eval_transform(self.spec)
-        self._prepare = RowPreparer(self.spec, transform)
+        self._prepare = RowPreparer(self.spec, transform, self._count_row)
         self._cores = CoreClaim()
         # One thread runs the model so the event loop keeps decoding and queueing the next batch.
         self._forward_pool = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{self.name}")
@@ -110,6 +112,9 @@ class ModelServer:
         )(surgery_predict_batch)
         with torch.inference_mode():  # the first forward pays allocations; not the first user
             self.model(*self.model.example_inputs(1))
+
+    def _count_row(self) -> None:
+        self.rows_decoded += 1
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         if "max_batch_size" in config:
@@ -149,6 +154,8 @@ class ModelServer:
             "max_batch_size": self.settings["max_batch_size"],
             "batch_wait_timeout_s": self.settings["batch_wait_timeout_s"],
             "queue_depth": self._preparing + self._gated + self._waiting,
+            "cancelled": self.cancelled,
+            "rows_decoded": self.rows_decoded,
         }
 
     # ------------------------------------------------------------------ protocols
@@ -189,6 +196,9 @@ class ModelServer:
         inline = self._alone() and size <= INLINE_DECODE_BYTES
         try:
             result = await asyncio.wait_for(answer(timings, inline), timeout)
+        except asyncio.CancelledError:  # the client is gone: its decoding stops, its rows leave the queue
+            self.cancelled += 1
+            raise
         except InputError as exc:
             result = Answer(exc.status, error_body(str(exc)))
         except TimeoutError:
