@@ -29,7 +29,7 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what serve/app.py sets in replicas: same for raw
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what serve/runtime.py sets in replicas: same for raw
 
 RECIPE = """
 name: {name}
@@ -193,7 +193,7 @@ def main() -> None:
     opts = parser.parse_args()
     cores = os.cpu_count() or 1
     if opts.replicas is None:
-        from serve.app import replica_count
+        from serve.config import replica_count
 
         opts.replicas = replica_count("auto")
     threads = opts.threads or max(1, cores // opts.replicas)

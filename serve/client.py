@@ -38,9 +38,18 @@ def _checked(response: httpx.Response) -> dict[str, Any]:
     return payload
 
 
+# Inputs named like these are meant as files: a missing one is an error, never sent as text.
+FILE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".json", ".npy", ".txt"}
+
+
 def _parse_input(text: str) -> tuple[str, Any]:
-    """("file", Path) for an existing file, ("json", value) for a JSON array, else ("text", str)."""
+    """("file", Path) for an existing file, ("json", value) for a JSON array, else ("text", str);
+    a missing file (named like one) is an error."""
     path = Path(text)
+    if len(text) < 4096 and path.is_dir():
+        raise SurgeryError(f"{text}: is a folder; give image files, text strings or JSON arrays")
+    if len(text) < 4096 and not path.is_file() and _looks_like_a_file(text):
+        raise SurgeryError(f"{text}: no such file")
     if len(text) < 4096 and path.is_file():
         if path.suffix.lower() == ".json":
             try:
@@ -54,6 +63,12 @@ def _parse_input(text: str) -> tuple[str, Any]:
         except ValueError as exc:
             raise SurgeryError(f"input {text[:40]!r}: looks like a JSON array but does not parse ({exc})") from None
     return "text", text
+
+
+def _looks_like_a_file(text: str) -> bool:
+    if not text or any(c.isspace() for c in text):
+        return False
+    return Path(text).suffix.lower() in FILE_SUFFIXES or "/" in text or text.startswith(("~", "."))
 
 
 def _format(payload: dict[str, Any], labels: list[str]) -> str:

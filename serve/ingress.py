@@ -10,7 +10,9 @@ Ray writes HAProxy's configuration itself, with its statistics and Prometheus li
 interface and its admin socket world-writable in /tmp. `surgery serve` keeps all of it private:
 the admin socket, configuration and state live in a folder only this user can enter, and HAProxy
 is started through a small wrapper that moves those two listeners to 127.0.0.1 (the request
-listener stays on the host the user asked for).
+listener stays on the host the user asked for) and sets the timeouts a slow client must meet:
+Ray's own configuration waits an hour for a client and forever for a request's headers, so a few
+thousand connections sending nothing would hold every slot (`maxconn`) and starve real clients.
 """
 
 from __future__ import annotations
@@ -30,17 +32,28 @@ INGRESSES = ("auto", "haproxy", "proxy")
 # most 97 characters.
 MAX_STATE_DIR = 97 - len("/" + "0" * 56 + "/metrics.sock")
 
+# What a client of the HAProxy ingress must meet (HAProxy's `defaults`; `maxconn` stays Ray's 4096,
+# `RAY_SERVE_HAPROXY_MAXCONN` changes it).
+HTTP_REQUEST_TIMEOUT_S = 10  # the request's headers, and its body up to HAProxy's 16 kB buffer
+KEEP_ALIVE_TIMEOUT_S = 10  # an idle connection between requests
+CLIENT_TIMEOUT_S = 60  # a client silent while it should be sending or reading
+
 # Runs HAProxy with the configuration file given by `-f` rewritten so that listeners bound to
-# every interface (`bind *:PORT`, `bind :PORT`) bind to 127.0.0.1 instead.
+# every interface (`bind *:PORT`, `bind :PORT`) bind to 127.0.0.1 instead, and the client-side
+# timeouts above replace Ray's.
 _WRAPPER = """#!{python} -I
-# Written by `surgery serve`: HAProxy with its wildcard listeners moved to loopback.
+# Written by `surgery serve`: HAProxy with its wildcard listeners moved to loopback and client timeouts set.
 import os, re, sys
+TIMEOUTS = {timeouts!r}
 args = sys.argv[1:]
 for i, arg in enumerate(args[:-1]):
     if arg == "-f":
         with open(args[i + 1]) as f:
             text = f.read()
         text = re.sub(r"(?m)^(\\s*bind\\s+)\\*?:", r"\\g<1>127.0.0.1:", text)
+        text = re.sub(r"(?m)^\\s*timeout (client|http-request|http-keep-alive) .*\\n", "", text)
+        ours = "".join(f"    timeout {{name}} {{value}}s\\n" for name, value in TIMEOUTS.items())
+        text = re.sub(r"(?m)^defaults\\n", lambda m: m.group(0) + ours + "    option http-buffer-request\\n", text, count=1)
         path = args[i + 1] + ".loopback"
         with open(path, "w") as f:
             f.write(text)
@@ -81,7 +94,9 @@ def _private_dir(path: Path) -> Path:
     return path
 
 
-def haproxy_environment(name: str, state_root: Path | None = None) -> dict[str, str]:
+def haproxy_environment(
+    name: str, state_root: Path | None = None, http_request_timeout_s: int = HTTP_REQUEST_TIMEOUT_S
+) -> dict[str, str]:
     """Environment that makes a Ray started from here use the HAProxy ingress, privately; `name`
     names its state folder (`surgery serve` uses the port).
 
@@ -96,7 +111,12 @@ def haproxy_environment(name: str, state_root: Path | None = None) -> dict[str, 
         root = Path("/tmp")
     state = _private_dir(root / folder)
     wrapper = state / "haproxy"
-    wrapper.write_text(_WRAPPER.format(python=sys.executable, binary=binary))
+    timeouts = {
+        "client": CLIENT_TIMEOUT_S,
+        "http-request": http_request_timeout_s,
+        "http-keep-alive": KEEP_ALIVE_TIMEOUT_S,
+    }
+    wrapper.write_text(_WRAPPER.format(python=sys.executable, binary=binary, timeouts=timeouts))
     wrapper.chmod(0o700)
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,10 +17,9 @@ from typing import Any
 
 import yaml
 
-from serve.app import (
+from serve.config import (
     INGRESS_NAME,
     AppArgs,
-    build_app,
     deployment_options,
     model_deployment_name,
     model_settings,
@@ -31,6 +31,7 @@ from surgery.bundle import read_manifest
 from surgery.errors import BundleError, SurgeryError
 
 APP_NAME = "surgery"
+OWN_RAY_ENV = {"RAY_enable_metrics_collection": "0"}
 IMPORT_PATH = "serve.app:build_app"
 
 
@@ -43,6 +44,15 @@ def resolve_bundle(target: Path) -> Path:
     if not target.exists():
         raise BundleError(f"{target}: no such bundle or run folder")
     raise BundleError(f"{target}: neither a bundle nor a run folder with bundle/ (run `surgery export {target}` first)")
+
+
+def verify_bundles(bundles: list[str]) -> None:
+    """Load every bundle here, as a replica would (schema, hashes, paths, model, weights), so a
+    bad one fails the command in seconds with its reason instead of failing replicas on Ray."""
+    from surgery.bundle import load_bundle
+
+    for bundle in bundles:
+        load_bundle(Path(bundle))
 
 
 def _is_loopback(host: str) -> bool:
@@ -97,6 +107,9 @@ def _start_ray(detach: bool) -> None:
     if address:
         ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
         return
+    # Ray's metrics agent would serve Prometheus, without auth, on every interface; the app has
+    # its own /metrics behind the token. Read by the raylet this starts (and `ray start` below).
+    os.environ.update(OWN_RAY_ENV)
     if not detach:
         ray.init(
             address="local",
@@ -133,8 +146,41 @@ def _deploy(app: Any, host: str, port: int, timeout_s: float) -> None:
     try:
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     except Exception as exc:
-        first = next((line for line in str(exc).splitlines() if "Error" in line), str(exc).splitlines()[0])
-        raise SurgeryError(f"deploying the models failed: {first.strip()}") from None
+        reason = _replica_failure() or next(
+            (line for line in str(exc).splitlines() if "Error" in line), str(exc).splitlines()[0]
+        )
+        raise SurgeryError(f"deploying the models failed: {reason.strip()}") from None
+
+
+_EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception|Interrupt|Exit)): ?(.*)$")
+
+
+def failure_reason(deployment: str, message: str) -> str | None:
+    """One line from a deployment's status message: the exception its replica's constructor
+    raised (our own errors as their message alone)."""
+    for line in reversed(message.strip().splitlines()):
+        match = _EXCEPTION_LINE.match(line.strip())
+        if match and not line.startswith("RuntimeError: Traceback"):
+            name, text = match.groups()
+            said = text if name in _SURGERY_ERRORS else f"{name}: {text}"
+            return f"a replica of {deployment} could not start: {said}"
+    return None
+
+
+_SURGERY_ERRORS = {"SurgeryError", "BundleError", "RecipeError", "BuildError", "DataError"}
+
+
+def _replica_failure() -> str | None:
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(APP_NAME)
+    except Exception:
+        return None
+    for name, deployment in app.deployments.items() if app else []:
+        if reason := failure_reason(name, deployment.message or ""):
+            return reason
+    return None
 
 
 def _shutdown() -> None:
@@ -169,6 +215,7 @@ def serve_command(
         raise SurgeryError("give at least one bundle or run folder to serve")
     check_ingress(ingress)
     bundles = [str(resolve_bundle(t)) for t in targets]
+    verify_bundles(bundles)
     args: dict[str, Any] = {"bundles": bundles}
     for key, value in (("replicas", replicas), ("max_batch_size", max_batch_size), ("batch_wait_ms", batch_wait_ms)):
         if value is not None:
@@ -201,6 +248,8 @@ def serve_command(
             for d in config["applications"][0]["deployments"]
         )
         args.update(_local_resources(total))
+    from serve.app import build_app
+
     app = build_app(args)  # reads every manifest: a bad bundle fails here, before Ray starts
     timeout_s = config["http_options"]["request_timeout_s"]
 

@@ -10,11 +10,16 @@ backbone's config and tokenizer from the bundle's own folders. Nothing in a bund
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from surgery.errors import BundleError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from surgery.errors import BundleError, RecipeError
 from surgery.files import sha256_file
 from surgery.inputs import InputSpec
 
@@ -23,6 +28,107 @@ MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 RECIPE = "recipe.yaml"
 TOKENIZER_DIR = "tokenizer"  # tokenizer files, and a transformers backbone's config.json (no weights)
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+_SHA256 = r"^[0-9a-f]{64}$"
+_IDENT = r"^[A-Za-z_][A-Za-z0-9_]*$"  # head names, as recipes allow them
+_SLUG = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # model names, as recipes allow them: never a path
+_REL_PATH = r"^[A-Za-z0-9_.-][A-Za-z0-9_./-]*$"
+
+
+# --------------------------------------------------------------------------- the manifest schema
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class ManifestInput(_Closed):
+    """What the model takes (`surgery.inputs.InputSpec`)."""
+
+    kind: Literal["image", "text", "vector"]
+    channels: Annotated[int, Field(ge=0)]
+    size: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2, max_length=2)]
+    mean: list[Finite]
+    std: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]]
+    interpolation: Annotated[str, Field(pattern=r"^[a-z_]+$")]
+    crop_pct: Annotated[float, Field(gt=0, le=1)]
+    tokenizer: Literal["tokenizer"] | None
+    max_length: Annotated[int, Field(ge=1)]
+    features: Annotated[int, Field(ge=0)]
+    extra: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ManifestInput:
+        if self.kind == "image":
+            if self.channels not in (1, 3, 4):
+                raise ValueError("an image input has 1, 3 or 4 channels")
+            for name, values in (("mean", self.mean), ("std", self.std)):
+                if len(values) not in (1, self.channels):
+                    raise ValueError(f"{name} needs 1 or `channels` values")
+        if self.kind == "vector" and self.features < 1:
+            raise ValueError("a vector input has at least one feature")
+        return self
+
+
+class ManifestHead(_Closed):
+    name: Annotated[str, Field(pattern=_IDENT)]
+    task: Literal["multiclass", "binary", "multilabel", "regression"] | None
+    labels: list[Annotated[str, Field(max_length=1000)]] | None
+    out_features: Annotated[int, Field(ge=1)] | None
+    output_shape: list[Annotated[int, Field(ge=0)] | Literal["batch", "sequence"]]
+
+
+class ManifestFormat(BaseModel):
+    """One exported format; exporters may note more about it (opset, dynamic shapes...)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    file: Annotated[str, Field(pattern=_REL_PATH)]
+    max_abs_diff: Finite
+
+
+class Manifest(_Closed):
+    """`manifest.json`: closed, as recipes are. `files` maps every file of the bundle but the
+    manifest to its sha256."""
+
+    format_version: Literal[1]
+    name: Annotated[str, Field(pattern=_SLUG, max_length=200)]
+    recipe_sha256: Annotated[str, Field(pattern=_SHA256)] | None
+    recipe: Literal["recipe.yaml"]
+    input: ManifestInput
+    input_names: list[Literal["pixel_values", "input_ids", "attention_mask", "features"]]
+    heads: Annotated[list[ManifestHead], Field(min_length=1)]
+    formats: dict[str, ManifestFormat]
+    failed_formats: dict[str, str]
+    lora_merged: bool
+    metrics: dict[str, Finite]
+    source: str | None
+    packages: dict[str, str]
+    created: str
+    files: Annotated[
+        dict[Annotated[str, Field(pattern=_REL_PATH)], Annotated[str, Field(pattern=_SHA256)]], Field(min_length=1)
+    ]
+
+    @field_validator("heads")
+    @classmethod
+    def _unique_heads(cls, heads: list[ManifestHead]) -> list[ManifestHead]:
+        names = [h.name for h in heads]
+        if len(set(names)) != len(names):
+            raise ValueError("head names repeat")
+        return heads
+
+
+def _schema_problems(err: ValidationError) -> str:
+    """Where and what, never the offending value (a manifest may hold anything)."""
+    problems = []
+    for e in err.errors(include_input=False, include_url=False)[:3]:
+        where = ".".join(str(part) for part in e.get("loc", ())) or "(top level)"
+        problems.append(f"{where}: {e.get('msg')}")
+    more = len(err.errors()) - len(problems)
+    return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
 
 
 def hash_files(root: Path) -> dict[str, str]:
@@ -35,32 +141,61 @@ def hash_files(root: Path) -> dict[str, str]:
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of the bundle at `path`, checked for a known format version (not the hashes)."""
+    """The manifest of the bundle at `path`, checked against the manifest schema (not the hashes
+    or the model: `load_bundle` does those)."""
     path = Path(path)
     manifest_path = path / MANIFEST
     if not path.is_dir():
         raise BundleError(f"{path}: not a bundle folder (no such directory)")
     if not manifest_path.is_file():
         raise BundleError(f"{path}: not a bundle (no {MANIFEST}); export one with `surgery export`")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    inside(path, MANIFEST)
+    if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
         raise BundleError(
-            f"{manifest_path}: unreadable manifest ({err}); the bundle is damaged, export it again"
+            f"{manifest_path}: larger than {MAX_MANIFEST_BYTES // 2**20} MB; not a manifest surgery wrote"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_bytes().decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        reason = f"line {err.lineno} column {err.colno}" if isinstance(err, json.JSONDecodeError) else "not UTF-8 JSON"
+        raise BundleError(
+            f"{manifest_path}: unreadable manifest ({reason}); the bundle is damaged, export it again"
         ) from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{manifest_path}: manifest is not a JSON object; the bundle is damaged, export it again")
     version = manifest.get("format_version")
     if version != BUNDLE_FORMAT_VERSION:
+        shown = version if isinstance(version, int) and not isinstance(version, bool) else type(version).__name__
         raise BundleError(
-            f"{manifest_path}: unknown bundle format_version {version!r} (this surgery reads {BUNDLE_FORMAT_VERSION}); "
+            f"{manifest_path}: unknown bundle format_version {shown} (this surgery reads {BUNDLE_FORMAT_VERSION}); "
             "use the surgery version that wrote it, or export the run again"
         )
+    try:
+        Manifest.model_validate(manifest)
+    except ValidationError as err:
+        raise BundleError(f"{manifest_path}: invalid manifest: {_schema_problems(err)}") from None
     return manifest
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def inside(root: Path, rel: str) -> Path:
+    """`root/rel`, resolved through every symlink, refused unless it stays inside `root`."""
+    posix = PurePosixPath(rel)
+    if not posix.parts or posix.is_absolute() or ".." in posix.parts or "\\" in rel:
+        raise BundleError(f"{root / MANIFEST}: file entry {rel!r} points outside the bundle")
+    real_root = Path(os.path.realpath(root))
+    target = Path(os.path.realpath(root.joinpath(*posix.parts)))
+    if target != real_root and real_root not in target.parents:
+        raise BundleError(f"{root / rel}: leads outside the bundle (a symlink?); refusing to read it")
+    return target
+
+
 def verify_files(path: Path, manifest: dict[str, Any]) -> None:
-    """Every file the manifest lists exists inside the bundle and has its recorded sha256."""
+    """Every file the manifest lists is inside the bundle (symlinks resolved) with its recorded
+    sha256, and every file in the bundle is listed."""
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise BundleError(f"{path / MANIFEST}: manifest lists no files; the bundle is damaged, export it again")
@@ -70,18 +205,35 @@ def verify_files(path: Path, manifest: dict[str, Any]) -> None:
                 f"{path / MANIFEST}: manifest does not list {required}; the bundle is damaged, export it again"
             )
     for rel, expected in files.items():
-        parts = PurePosixPath(rel).parts
-        if not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
-            raise BundleError(f"{path / MANIFEST}: file entry {rel!r} points outside the bundle")
-        file = path.joinpath(*parts)
+        file = inside(path, rel)
         if not file.is_file():
-            raise BundleError(f"{file}: listed in the manifest but missing; the bundle is incomplete, export it again")
+            raise BundleError(
+                f"{path / rel}: listed in the manifest but missing; the bundle is incomplete, export it again"
+            )
         actual = sha256_file(file)
         if actual != expected:
             raise BundleError(
-                f"{file}: sha256 mismatch (manifest {str(expected)[:12]}…, file {actual[:12]}…); "
+                f"{path / rel}: sha256 mismatch (manifest {str(expected)[:12]}…, file {actual[:12]}…); "
                 "the file was modified or truncated, export the bundle again"
             )
+    for rel in _bundle_files(path):
+        if rel not in files:
+            raise BundleError(
+                f"{path / rel}: in the bundle but not in its manifest; the bundle was modified, export it again"
+            )
+
+
+def _bundle_files(root: Path) -> list[str]:
+    """Every file and symlink under `root` but the manifest, as POSIX relative paths; symlinks
+    to folders are listed, not followed."""
+    found = []
+    for folder, dirs, names in os.walk(root):
+        base = Path(folder)
+        for name in [*names, *(d for d in dirs if (base / d).is_symlink())]:
+            rel = (base / name).relative_to(root).as_posix()
+            if rel != MANIFEST:
+                found.append(rel)
+    return sorted(found)
 
 
 @dataclass
@@ -127,32 +279,113 @@ def _recipe_for_loading(recipe: Any, path: Path, manifest: dict[str, Any]) -> An
 
 
 def load_bundle(path: Path) -> LoadedBundle:
-    """Verify and load a bundle: every sha256 checked, the model rebuilt from the bundled recipe
-    with no network access, weights loaded strictly from `model.safetensors`, eval mode."""
+    """Verify and load a bundle: the manifest against its schema, every sha256, every path inside
+    the bundle; the model rebuilt from the bundled recipe with no network access, weights loaded
+    strictly from `model.safetensors`, and the manifest cross-checked against what was built
+    (heads, labels, output sizes, input spec). Eval mode. Errors never quote the bundle's files."""
     from surgery.model import build_model
-    from surgery.recipe import load_recipe_text, recipe_hash
+    from surgery.recipe import recipe_hash
 
     path = Path(path).resolve()
     manifest = read_manifest(path)
     verify_files(path, manifest)
-    recipe_file = path / RECIPE
-    recipe = load_recipe_text(recipe_file.read_text(encoding="utf-8"), filename=str(recipe_file), base_dir=path)
+    recipe = _bundled_recipe(path)
     if manifest.get("recipe_sha256") not in (None, recipe_hash(recipe)):
         raise BundleError(
-            f"{recipe_file}: does not match the manifest's recipe_sha256; the bundle is damaged, export it again"
+            f"{path / RECIPE}: does not match the manifest's recipe_sha256; the bundle is damaged, export it again"
         )
-    model = build_model(_recipe_for_loading(recipe, path, manifest), load_weights=False)
+    try:
+        model = build_model(_recipe_for_loading(recipe, path, manifest), load_weights=False)
+    except BundleError:
+        raise
+    except Exception as err:  # the recipe validated but does not build here (other versions?)
+        raise BundleError(f"{path / RECIPE}: the bundled recipe does not build ({type(err).__name__})") from None
     try:
         load_weights(model, path / WEIGHTS)
     except ValueError as err:
         raise BundleError(f"{path / WEIGHTS}: {err}") from None
     model.eval()
+    check_against_model(path, manifest, recipe, model)
     spec = InputSpec.from_dict(manifest["input"])
     tokenizer = None
     if (path / TOKENIZER_DIR).is_dir():
         spec.tokenizer = str(path / TOKENIZER_DIR)
         tokenizer = getattr(model, "tokenizer", None) or _load_tokenizer(path / TOKENIZER_DIR)
     return LoadedBundle(path=path, model=model, manifest=manifest, recipe=recipe, input_spec=spec, tokenizer=tokenizer)
+
+
+_PROBLEM_PLACE = re.compile(r":(\d+):(\d+) ([A-Za-z0-9_.\[\]]+)")
+
+
+def _bundled_recipe(path: Path) -> Any:
+    """The bundle's resolved recipe. Its problems are reported by place and field only: the
+    message never quotes the file (which need not be a recipe at all)."""
+    import yaml
+
+    from surgery.recipe import load_recipe_text
+
+    file = path / RECIPE
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise BundleError(f"{file}: not a UTF-8 recipe; the bundle is damaged, export it again") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise BundleError(f"{file}: not valid YAML; the bundle is damaged, export it again") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{file}: not a recipe (a mapping); the bundle is damaged, export it again")
+    if "extends" in data:  # a resolved recipe extends nothing; loading it must read no other file
+        raise BundleError(f"{file}: a bundled recipe must be resolved (no `extends`); export the run again")
+    try:
+        return load_recipe_text(text, filename=RECIPE, base_dir=path)
+    except RecipeError as err:
+        place = _PROBLEM_PLACE.search(err.problems[0] if err.problems else "")
+        first = f"; first at line {place[1]}, {place[3]}" if place else ""
+        raise BundleError(
+            f"{file}: not a recipe this surgery can load ({len(err.problems)} problem(s){first}); "
+            "export the run again with this version"
+        ) from None
+
+
+def check_against_model(path: Path, manifest: dict[str, Any], recipe: Any, model: Any) -> None:
+    """The manifest says what the bundled recipe and weights build: name, heads (order, task,
+    labels, output size) and input spec. Problems name the field and the built value only."""
+    where = path / MANIFEST
+    problems: list[str] = []
+    if manifest["name"] != recipe.name:
+        problems.append(f"name differs from the bundled recipe's ({recipe.name})")
+    built_heads = getattr(model, "head_info", {})
+    names = [h["name"] for h in manifest["heads"]]
+    if names != list(built_heads):
+        problems.append(f"heads are not the model's ({', '.join(built_heads)})")
+    else:
+        for i, head in enumerate(manifest["heads"]):
+            built = built_heads[head["name"]].to_dict()
+            for key in ("task", "labels", "out_features"):
+                if head[key] != built.get(key):
+                    problems.append(f"heads[{i}].{key} differs from the model's ({built.get(key)})")
+            shape = head["output_shape"]
+            if not shape or shape[-1] != built.get("out_features"):
+                problems.append(
+                    f"heads[{i}].output_shape does not end in the model's {built.get('out_features')} outputs"
+                )
+    spec = model.input_spec.to_dict()
+    for key, value in manifest["input"].items():
+        if key == "tokenizer":
+            continue
+        want = spec.get(key)
+        same = (
+            all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(value, want, strict=True))
+            if key in ("mean", "std") and len(value) == len(want)
+            else value == want
+        )
+        if not same:
+            problems.append(f"input.{key} differs from the model's ({want})")
+    if manifest["input_names"] != list(model.input_spec.input_names):
+        problems.append(f"input_names differ from the model's ({', '.join(model.input_spec.input_names)})")
+    if problems:
+        raise BundleError(f"{where}: does not describe the bundled model: {'; '.join(problems[:3])}; export it again")
 
 
 def load_weights(model: Any, file: Path) -> None:

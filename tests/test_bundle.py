@@ -178,3 +178,155 @@ def test_bundle_errors_reach_the_user_as_one_line(bundle: Path) -> None:
     with pytest.raises(SurgeryError) as info:
         load_bundle(bundle)
     assert info.value.exit_code == 2 and "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- tampering
+
+
+SECRET = "root:x:0:0:TOPSECRET-LINE:/root:/bin/bash\n"
+
+
+def _rehash(bundle: Path, manifest: dict | None = None) -> None:
+    """Tamper like someone who knows the format: the file hashes are made to match again."""
+    manifest = manifest if manifest is not None else manifest_of(bundle)
+    manifest["files"] = hash_files(bundle)
+    write_manifest(bundle, manifest)
+
+
+def _set(path: str, value):
+    def edit(manifest: dict) -> None:
+        *parents, last = path.split(".")
+        target = manifest
+        for part in parents:
+            target = target[int(part)] if isinstance(target, list) else target[part]
+        if value is _DELETE:
+            del target[last]
+        else:
+            target[int(last) if isinstance(target, list) else last] = value
+
+    return edit
+
+
+_DELETE = object()
+
+
+def _edits(*edits):
+    def edit(manifest: dict) -> None:
+        for one in edits:
+            one(manifest)
+
+    return edit
+
+
+MANIFEST_TAMPERING = {
+    "head renamed": (_set("heads.0.name", "other"), "heads are not the model's (label)"),
+    "heads emptied": (_set("heads", []), "heads: List should have at least 1 item"),
+    "out_features changed": (_set("heads.0.out_features", 5), "heads[0].out_features differs from the model's (4)"),
+    "output shape changed": (_set("heads.0.output_shape", ["batch", 9]), "output_shape does not end"),
+    "labels changed": (_set("heads.0.labels", ["a", "b", "c", "z"]), "heads[0].labels differs"),
+    "task changed": (_set("heads.0.task", "regression"), "heads[0].task differs"),
+    "head name not an identifier": (_set("heads.0.name", "a b"), "heads.0.name: String should match pattern"),
+    "size -1": (_set("input.size", [-1, -1]), "input.size.0: Input should be greater than or equal to 1"),
+    "size text": (_set("input.size", "abc"), "input.size: Input should be a valid list"),
+    "size changed": (_set("input.size", [64, 64]), "input.size differs from the model's ([32, 32])"),
+    "channels wrong": (
+        _edits(_set("input.channels", 1), _set("input.mean", [0.5]), _set("input.std", [0.5])),
+        "input.channels differs from the model's (3)",
+    ),
+    "channels wrong for mean": (_set("input.channels", 1), "mean needs 1 or `channels` values"),
+    "channels impossible": (_set("input.channels", 7), "1, 3 or 4 channels"),
+    "std zero": (_set("input.std", [0]), "input.std.0: Input should be greater than 0"),
+    "mean changed": (_set("input.mean", [0.0, 0.0, 0.0]), "input.mean differs"),
+    "name a path": (_set("name", "../../evil"), "name: String should match pattern"),
+    "name changed": (_set("name", "evil"), "name differs from the bundled recipe's (tiny-bundle)"),
+    "no input": (_set("input", _DELETE), "input: Field required"),
+    "no heads": (_set("heads", _DELETE), "heads: Field required"),
+    "unknown key": (_set("run_this", "rm -rf /"), "run_this: Extra inputs are not permitted"),
+    "input kind unknown": (_set("input.kind", "audio"), "input.kind: Input should be"),
+    "input names changed": (_set("input_names", ["features"]), "input_names differ"),
+    "hash not hex": (_set("recipe_sha256", "zz"), "recipe_sha256: String should match pattern"),
+    "format version text": (_set("format_version", "1"), "unknown bundle format_version str"),
+}
+
+
+@pytest.mark.parametrize("case", list(MANIFEST_TAMPERING))
+def test_a_tampered_manifest_is_refused_in_one_line(bundle: Path, case: str) -> None:
+    edit, message = MANIFEST_TAMPERING[case]
+    manifest = manifest_of(bundle)
+    edit(manifest)
+    write_manifest(bundle, manifest)
+    with pytest.raises(BundleError) as info:
+        load_bundle(bundle)
+    text = str(info.value)
+    assert message in text and "\n" not in text, text
+    assert "rm -rf" not in text and "../../evil" not in text and "abc" not in text
+
+
+def test_a_listed_file_behind_a_symlinked_folder_is_never_read(bundle: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "etc"
+    outside.mkdir()
+    (outside / "passwd").write_text(SECRET)
+    (bundle / "sub").symlink_to(outside)
+    manifest = manifest_of(bundle)
+    manifest["files"]["sub/passwd"] = hash_files(outside)["passwd"]
+    write_manifest(bundle, manifest)
+    with pytest.raises(BundleError, match=r"sub/passwd: leads outside the bundle") as info:
+        load_bundle(bundle)
+    assert "TOPSECRET" not in str(info.value)
+
+
+def test_a_symlinked_recipe_is_refused_without_quoting_what_it_points_at(bundle: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "passwd"
+    secret.write_text(SECRET)
+    (bundle / "recipe.yaml").unlink()
+    (bundle / "recipe.yaml").symlink_to(secret)
+    manifest = manifest_of(bundle)
+    manifest["files"]["recipe.yaml"] = hash_files(tmp_path)["passwd"]
+    write_manifest(bundle, manifest)
+    with pytest.raises(BundleError, match="leads outside the bundle") as info:
+        load_bundle(bundle)
+    assert "TOPSECRET" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [SECRET, "name: [TOPSECRET-LINE\n", "TOPSECRET-LINE: 1\nname: tiny-bundle\n", "\xff\xfeTOPSECRET"],
+)
+def test_a_recipe_that_is_not_one_is_refused_without_quoting_it(bundle: Path, text: str) -> None:
+    (bundle / "recipe.yaml").write_bytes(text.encode("utf-8", errors="surrogateescape"))
+    manifest = manifest_of(bundle)
+    manifest["recipe_sha256"] = None
+    _rehash(bundle, manifest)
+    with pytest.raises(BundleError) as info:
+        load_bundle(bundle)
+    assert "TOPSECRET" not in str(info.value) and "recipe.yaml" in str(info.value)
+
+
+def test_a_bundled_recipe_may_not_extend_other_files(bundle: Path, tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text("name: x\n")
+    recipe = bundle / "recipe.yaml"
+    recipe.write_text(f"extends: {tmp_path / 'base.yaml'}\n" + recipe.read_text())
+    manifest = manifest_of(bundle)
+    manifest["recipe_sha256"] = None
+    _rehash(bundle, manifest)
+    with pytest.raises(BundleError, match="must be resolved"):
+        load_bundle(bundle)
+
+
+def test_files_the_manifest_does_not_list_are_refused(bundle: Path, tmp_path: Path) -> None:
+    (bundle / "tokenizer").symlink_to(tmp_path)  # e.g. a tokenizer folder pointing elsewhere
+    with pytest.raises(BundleError, match=r"tokenizer: in the bundle but not in its manifest"):
+        load_bundle(bundle)
+
+
+def test_a_symlinked_manifest_leading_outside_is_refused(bundle: Path, tmp_path: Path) -> None:
+    real = tmp_path / "manifest.json"
+    real.write_text((bundle / "manifest.json").read_text())
+    (bundle / "manifest.json").unlink()
+    (bundle / "manifest.json").symlink_to(real)
+    with pytest.raises(BundleError, match="leads outside the bundle"):
+        read_manifest(bundle)
+
+
+def test_an_untouched_bundle_passes_every_check(bundle: Path) -> None:
+    assert load_bundle(bundle).manifest["name"] == "tiny-bundle"

@@ -351,6 +351,208 @@ def test_unknown_model_and_route_are_json_404(server):
     assert httpx.get(f"{server}/nothing/here").json() == {"error": "Not Found"}
 
 
+# --------------------------------------------------------------------------- hostile traffic
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims `width`x`height` pixels."""
+    import struct
+    import zlib
+
+    data = bytearray(_png(size=(2, 2)))
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def test_hostile_bodies_get_4xx(server):
+    deep = b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    for url in (f"{server}/v1/models/tiny:predict", f"{server}/v2/models/tiny/infer"):
+        response = httpx.post(url, content=deep, headers={"content-type": "application/json"}, timeout=60)
+        assert response.status_code == 400 and "deeper than 32" in response.json()["error"]
+    huge = _predict(server, content=_png_claiming(20000, 20000), headers={"content-type": "image/png"})
+    assert huge.status_code == 413 and "pixel limit" in huge.json()["error"]
+    as_json = _predict(server, json={"inputs": [base64.b64encode(_png_claiming(7000, 7000)).decode()]})
+    assert as_json.status_code == 413
+    assert _predict(server, json={"inputs": [GOOD_PIXELS]}).status_code == 200
+
+
+def _held_connection(server: str, request: bytes) -> bytes:
+    """Send the start of a request and nothing more; what the server answers before closing."""
+    import socket
+
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(4096):
+            received += chunk
+        return received
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        b"POST /v1/models/tiny:predict HTTP/1.1\r\nHost: x\r\nContent-Ty",  # headers never finished
+        b"POST /v1/models/tiny:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 1000\r\n\r\n{"inputs": [',  # body never finished
+    ],
+)
+def test_a_client_that_stops_sending_is_cut_off(server, start):
+    """A slow-loris connection is closed with 408 by HAProxy's request timeout, not held open."""
+    answer = _held_connection(server, start)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+
+
+def test_a_request_whose_client_leaves_is_given_up(server):
+    import socket
+
+    stats = f"{server}/v1/models/tiny/stats"
+    before = httpx.get(stats).json()
+    body = json.dumps({"inputs": [base64.b64encode(_png(size=(900, 900))).decode()] * 200}).encode()
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            b"POST /v1/models/tiny:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        deadline = time.monotonic() + 60  # wait until the replica is decoding it, then leave
+        while httpx.get(stats).json()["rows_decoded"] == before["rows_decoded"]:
+            assert time.monotonic() < deadline, "the request never reached the replica"
+            time.sleep(0.05)
+    deadline = time.monotonic() + 60
+    while (after := httpx.get(stats).json())["cancelled"] == before["cancelled"] or after["queue_depth"]:
+        assert time.monotonic() < deadline, f"the replica kept working for a client that left: {after}"
+        time.sleep(0.2)
+    assert after["rows_decoded"] - before["rows_decoded"] < 200, "decoding went on after the client left"
+    assert _predict(server, json={"inputs": [GOOD_PIXELS]}).status_code == 200
+
+
+# --------------------------------------------------------------------------- the Open Inference Protocol
+
+
+def test_tritonclient_sees_a_ready_server_and_the_model_metadata(server):
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(server.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny")
+    assert not client.is_model_ready("nope")
+    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    metadata = client.get_model_metadata("tiny")
+    assert metadata["name"] == "tiny"
+    assert metadata["inputs"] == [
+        {"name": "pixel_values", "datatype": "FP32", "shape": [-1, 3, 32, 32]},
+        {"name": "image", "datatype": "BYTES", "shape": [-1]},
+    ]
+    assert metadata["outputs"] == [
+        {"name": "cls", "datatype": "FP32", "shape": [-1, 3]},
+        {"name": "score", "datatype": "FP32", "shape": [-1, 1]},
+    ]
+
+
+def _v1_outputs(server: str, **kwargs) -> dict:
+    import numpy as np
+
+    response = _predict(server, **kwargs)
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    return {head: np.array([p[head]["output"] for p in predictions], np.float32) for head in ("cls", "score")}
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_tritonclient_infer_equals_v1(server, binary):
+    import numpy as np
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(server.removeprefix("http://"))
+    pixels = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
+    expected = _v1_outputs(server, json={"inputs": pixels.tolist()})
+
+    tensor = triton.InferInput("pixel_values", list(pixels.shape), "FP32")
+    tensor.set_data_from_numpy(pixels, binary_data=binary)
+    outputs = [triton.InferRequestedOutput(name, binary_data=binary) for name in ("cls", "score")]
+    result = client.infer("tiny", [tensor], outputs=outputs, request_id="r1")
+    assert result.get_response()["id"] == "r1" and result.get_response()["model_name"] == "tiny"
+    for head in ("cls", "score"):
+        np.testing.assert_allclose(result.as_numpy(head), expected[head], atol=1e-5, rtol=1e-4)
+
+    half = triton.InferInput("pixel_values", list(pixels.shape), "FP16")  # other numeric types are cast
+    half.set_data_from_numpy(pixels.astype(np.float16), binary_data=binary)
+    np.testing.assert_allclose(client.infer("tiny", [half]).as_numpy("cls"), expected["cls"], atol=5e-3)
+
+    images = [_png(), _png((10, 120, 240), (64, 48), "JPEG")]
+    expected = _v1_outputs(server, files=[("file", (f"{i}", data, "image/png")) for i, data in enumerate(images)])
+    encoded = triton.InferInput("image", [2], "BYTES")
+    if binary:
+        encoded.set_data_from_numpy(np.array(images, dtype=object), binary_data=True)
+    else:  # BYTES in JSON are strings: images go base64
+        encoded.set_data_from_numpy(np.array([base64.b64encode(d) for d in images], dtype=object), binary_data=False)
+    result = client.infer("tiny", [encoded])  # no outputs named: all of them, binary (tritonclient's default)
+    for head in ("cls", "score"):
+        np.testing.assert_allclose(result.as_numpy(head), expected[head], atol=1e-5, rtol=1e-4)
+
+    ranked = client.infer("tiny", [encoded], outputs=[triton.InferRequestedOutput("cls", class_count=2)])
+    top = ranked.as_numpy("cls")
+    assert top.shape == (2, 2)
+    best = int(np.argmax(expected["cls"][0]))
+    assert top[0][0].decode().split(":")[1:] == [str(best), ["cat", "dog", "bird"][best]]
+
+
+@pytest.mark.parametrize(
+    ("request_json", "status", "message"),
+    [
+        ({"inputs": [{"name": "nope", "datatype": "FP32", "shape": [1], "data": [0]}]}, 400, "unknown input 'nope'"),
+        ({"inputs": [{"name": "pixel_values", "datatype": "FP32", "shape": [1, 3], "data": [0, 0, 0]}]}, 400,
+         "expected shape [-1, 3, 32, 32]"),
+        ({"inputs": [{"name": "pixel_values", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0]}]}, 400,
+         "1 values for shape"),
+        ({"inputs": [{"name": "image", "datatype": "BF17", "shape": [1], "data": ["x"]}]}, 400, "unsupported datatype"),
+        ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["!!"]}]}, 400, "base64"),
+        ({"inputs": []}, 400, "non-empty list"),
+        ({"inputs": [{"name": "pixel_values", "datatype": "FP32", "shape": [1, 3, 32, 32],
+                      "parameters": {"binary_data_size": 12288}}]}, 400, "does not fit the binary data"),
+        ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["eA=="]}],
+          "outputs": [{"name": "nope"}]}, 400, "unknown output 'nope'"),
+    ],
+)  # fmt: skip
+def test_v2_errors_use_the_protocol_error_body(server, request_json, status, message):
+    response = httpx.post(f"{server}/v2/models/tiny/infer", json=request_json, timeout=60)
+    assert response.status_code == status and message in response.json()["error"], response.text
+    assert set(response.json()) == {"error"}
+
+
+def test_v2_unknown_model_and_version(server):
+    for url in ("/v2/models/nope", "/v2/models/nope/ready", "/v2/models/tiny/versions/7"):
+        response = httpx.get(server + url)
+        assert response.status_code == 404 and "error" in response.json()
+    response = httpx.post(f"{server}/v2/models/nope/infer", json={"inputs": []})
+    assert response.status_code == 404 and "unknown model 'nope'" in response.json()["error"]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_metrics_count_requests_batches_and_queue(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _predict(server, json={"inputs": [GOOD_PIXELS]})
+    _predict(server, json={"inputs": "x"})
+    response = httpx.get(f"{server}/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    requests = {(s.labels["route"], s.labels["status"]): s.value for s in families["surgery_requests"].samples}
+    assert requests[("/v1/models/{name}:predict", "200")] >= 1 and requests[("/v1/models/{name}:predict", "400")] >= 1
+    assert any(s.name.endswith("_bucket") for s in families["surgery_request_duration_seconds"].samples)
+    batches = {
+        s.labels.get("le"): s.value for s in families["surgery_batch_size"].samples if s.name.endswith("_bucket")
+    }
+    assert batches["+Inf"] >= 1 and batches["1"] >= 1
+    (depth,) = families["surgery_queue_depth"].samples
+    assert depth.labels["model"] == "tiny" and depth.value == 0
+
+
 # --------------------------------------------------------------------------- token, multi-model
 
 
@@ -363,6 +565,13 @@ def test_token_guards_every_route_but_healthz(server):
         assert httpx.get(f"{secure}/docs", headers=headers).status_code == 401
         response = _predict(secure, headers=headers, json={"inputs": [GOOD_PIXELS]})
         assert response.status_code == 401 and response.json() == {"error": "missing or wrong bearer token"}
+        for path in ("/metrics", "/v2", "/v2/models/tiny", "/v2/models/tiny/ready"):
+            assert httpx.get(secure + path, headers=headers).status_code == 401
+        assert httpx.post(f"{secure}/v2/models/tiny/infer", headers=headers, json={}).status_code == 401
+    for path in ("/v2/health/live", "/v2/health/ready"):  # what load balancers probe
+        assert httpx.get(secure + path).status_code == 200
+    metrics = httpx.get(f"{secure}/metrics", headers=good)
+    assert metrics.status_code == 200 and 'surgery_queue_depth{model="tinytext"' in metrics.text
     assert [m["name"] for m in httpx.get(f"{secure}/v1/models", headers=good).json()["models"]] == ["tiny", "tinytext"]
     assert httpx.get(f"{secure}/docs", headers=good).status_code == 200
     assert _predict(secure, headers=good, json={"inputs": [GOOD_PIXELS]}).status_code == 200

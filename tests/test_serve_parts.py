@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.app import CoreClaim
+from serve.cores import CoreClaim
 from serve.ingress import MAX_STATE_DIR, haproxy_environment, ingress_environment
 from surgery.errors import SurgeryError
 
@@ -89,6 +89,7 @@ def test_haproxy_is_started_with_every_wildcard_listener_on_loopback(tmp_path, m
     config = state / "node" / "haproxy.cfg"  # where Ray writes it: a folder per node inside ours
     config.parent.mkdir()
     config.write_text(
+        "defaults\n    mode http\n    timeout client 3600s\n    timeout http-keep-alive 90s\n"
         "frontend prometheus\n    bind :9101\nfrontend http_frontend\n    bind 0.0.0.0:8000\n"
         "listen stats\n  bind *:8404\n  stats enable\n"
     )
@@ -102,6 +103,11 @@ def test_haproxy_is_started_with_every_wildcard_listener_on_loopback(tmp_path, m
     assert args == f"-db -f {config}.loopback -sf 123"
     assert "bind 127.0.0.1:9101" in rewritten and "bind 127.0.0.1:8404" in rewritten
     assert "bind 0.0.0.0:8000" in rewritten  # the request listener keeps the host the user chose
+    # a slow or idle client is cut off: Ray's hour-long client timeout and missing request timeout replaced
+    defaults = rewritten.split("frontend")[0]
+    for line in ("timeout client 60s", "timeout http-request 10s", "timeout http-keep-alive 10s"):
+        assert f"    {line}\n" in defaults
+    assert "3600s" not in rewritten and "90s" not in rewritten and "option http-buffer-request" in defaults
     assert config.read_text().count("bind *:8404") == 1  # Ray's own file is left as Ray wrote it
 
 

@@ -1,0 +1,116 @@
+"""What a served model runs with: the arguments of `build_app`, the recipe's `serve:` section, and
+the Ray Serve deployment options they make. Plain data; no Ray, no torch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve.tokens import TOKEN_ENV
+from surgery.errors import BundleError
+from surgery.schema import Serve as ServeSection
+
+INGRESS_NAME = "SurgeryAPI"
+BATCH_KEYS = ("max_batch_size", "batch_wait_timeout_s")
+# A replica whose constructor fails (its bundle unreadable on that node) fails the same way when
+# retried: give up after a few tries instead of Ray's 20, so the deploy fails in seconds.
+CONSTRUCTOR_RETRIES = 3
+BATCH_DEFAULTS = {
+    "max_batch_size": ServeSection().max_batch_size,
+    "batch_wait_timeout_s": ServeSection().batch_wait_ms / 1000,
+}
+
+
+class AppArgs(BaseModel):
+    """Arguments of `build_app` (the `args:` of a Serve config file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bundles: list[str] = Field(min_length=1, description="Bundle folders to serve (one model each).")
+    max_batch_size: int | None = Field(None, ge=1, description="Overrides the recipes' serve.max_batch_size.")
+    batch_wait_ms: float | None = Field(None, ge=0, description="Overrides the recipes' serve.batch_wait_ms.")
+    replicas: int | None = Field(None, ge=1, description="Overrides the recipes' serve.replicas.")
+    max_body_mb: float | None = Field(None, gt=0, description="Overrides the recipes' serve.max_body_mb.")
+    request_timeout_s: float | None = Field(None, gt=0, description="Overrides the recipes' serve.request_timeout_s.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each model replica.")
+    threads: int | None = Field(
+        None, ge=1, description="torch threads per model replica (default: num_cpus, at least 1)."
+    )
+    solo_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads for a request the replica has to itself, with no other replica on the node "
+        "busy (default: threads). `surgery serve` on one machine sets it to the core count, so a lone request "
+        "uses every core while load is still spread one replica per core.",
+    )
+    token_file: str | None = Field(
+        None, description=f"File holding the bearer token (else ${TOKEN_ENV} in the replica)."
+    )
+    token_sha256: str | None = Field(None, description="sha256 hex of the bearer token (what `surgery serve` passes).")
+
+
+def read_serve_section(bundle: str | Path) -> ServeSection:
+    """The `serve:` section of the bundle's resolved recipe (schema defaults when absent)."""
+    path = Path(bundle) / "recipe.yaml"
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        data = {}
+    section = data.get("serve") if isinstance(data, dict) else None
+    try:
+        return ServeSection.model_validate(section or {})
+    except ValueError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in getattr(exc, "errors", list)()[:3]
+        )
+        raise BundleError(f"{path}: invalid serve section ({problems or 'not a mapping'})") from None
+
+
+def model_settings(args: AppArgs, section: ServeSection) -> dict[str, Any]:
+    """Per-model settings: command-line/config overrides win over the recipe's serve section."""
+    threads = args.threads or max(1, int(args.num_cpus))
+    return {
+        "max_batch_size": args.max_batch_size or section.max_batch_size,
+        "batch_wait_timeout_s": (args.batch_wait_ms if args.batch_wait_ms is not None else section.batch_wait_ms)
+        / 1000,
+        "max_body_mb": args.max_body_mb or section.max_body_mb,
+        "request_timeout_s": args.request_timeout_s or section.request_timeout_s,
+        "top_k": section.top_k,
+        "threads": threads,
+        "solo_threads": max(threads, args.solo_threads or threads),
+    }
+
+
+def replica_count(setting: str | int) -> int:
+    """`serve.replicas` as a number: `auto` is one replica per CPU core, at most 4."""
+    return min(4, os.cpu_count() or 1) if setting == "auto" else int(setting)
+
+
+def deployment_options(args: AppArgs, section: ServeSection, settings: dict[str, Any]) -> dict[str, Any]:
+    """Ray Serve deployment options for one model (replicas, autoscaling, batch user_config)."""
+    options: dict[str, Any] = {
+        "max_ongoing_requests": max(section.max_ongoing_requests, 2 * settings["max_batch_size"]),
+        "user_config": {
+            "max_batch_size": settings["max_batch_size"],
+            "batch_wait_timeout_s": settings["batch_wait_timeout_s"],
+        },
+        "ray_actor_options": {"num_cpus": args.num_cpus},
+    }
+    if args.replicas is None and section.autoscaling is not None:
+        auto = section.autoscaling
+        options["autoscaling_config"] = {
+            "min_replicas": auto.min_replicas,
+            "max_replicas": auto.max_replicas,
+            "target_ongoing_requests": auto.target_ongoing_requests,
+        }
+    else:
+        options["num_replicas"] = args.replicas or replica_count(section.replicas)
+    return options
+
+
+def model_deployment_name(name: str) -> str:
+    return f"model-{name}"
