@@ -750,7 +750,10 @@ def train_on_ray(
     started = not ray.is_initialized()
     if started:
         address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, logging_level="WARNING", **({} if address else {"include_dashboard": False}))
+        if address:
+            ray.init(address=address, logging_level="WARNING")
+        else:  # a Ray of our own: never another `ray start` instance found on this machine (a detached serve)
+            ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     try:
         _check_ray_resources(placement.workers, use_gpu)
         run_dir = Path(run_dir).resolve()

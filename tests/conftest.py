@@ -38,6 +38,7 @@ def ray_session():
     ingress = haproxy_environment(str(os.getpid()))
     os.environ.update(ingress)
     ray.init(
+        address="local",  # never a detached `surgery serve` (or other `ray start`) found on this machine
         num_cpus=2,
         _node_ip_address="127.0.0.1",
         include_dashboard=False,
