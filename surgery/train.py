@@ -684,30 +684,31 @@ def fit(
         monitor.close()
         index = ckpt.read_index(run_dir)
         best = run_dir / ckpt.CHECKPOINTS / index["best"][0][0] if index.get("best") else None
-        rows = {k: v for k, v in sorted(state.metrics.items())}
-        rows.update(
-            {
-                "epochs": state.epoch,
-                "steps": state.step,
-                "stopped early": state.stopped_early,
-                "time (s)": round(elapsed, 1),
-                f"peak memory, last epoch (MiB, {peak_memory.kind})": round(epoch_scalars["system/peak_mib"], 1),
-            }
-        )
+        rows = {
+            "time (s)": round(elapsed, 1),
+            f"peak memory, last epoch (MiB, {peak_memory.kind})": round(epoch_scalars["system/peak_mib"], 1),
+        }
         if planned is not None:
             rows["surgery plan's estimate (MiB)"] = round(planned / 2**20, 1)
-        if state.oom_retries:
-            rows["out-of-memory retries"] = state.oom_retries
-            rows["micro-batch (samples)"] = math.ceil(
-                (recipe.data.batch_size if recipe.data else 1) / state.micro_split
-            )
         rows["feature cache"] = "used" if cache is not None else "not used"
-        if best is not None:
-            rows["best checkpoint"] = best.name
-        if data.skipped:
-            rows["skipped files"] = f"{len(data.skipped)}: {_some_files(data.skipped)}"
-        progress.summary(f"{recipe.name}: run summary", rows)
+        progress.summary(f"{recipe.name}: run summary", _summary_rows(recipe, state, data, best, rows))
     return FitResult(best, last_path, dict(state.metrics), state.stopped_early)
+
+
+def _summary_rows(
+    recipe: Recipe, state: TrainState, data: TrainingData, best: Path | None, measured: dict[str, Any]
+) -> dict[str, Any]:
+    """The run summary table: final metrics, progress, what was `measured`, and what went unusual."""
+    rows: dict[str, Any] = dict(sorted(state.metrics.items()))
+    rows.update({"epochs": state.epoch, "steps": state.step, "stopped early": state.stopped_early, **measured})
+    if state.oom_retries:
+        rows["out-of-memory retries"] = state.oom_retries
+        rows["micro-batch (samples)"] = math.ceil((recipe.data.batch_size if recipe.data else 1) / state.micro_split)
+    if best is not None:
+        rows["best checkpoint"] = best.name
+    if data.skipped:
+        rows["skipped files"] = f"{len(data.skipped)}: {_some_files(data.skipped)}"
+    return rows
 
 
 def _some_files(skipped: list[tuple[str, str]], n: int = 5) -> str:
