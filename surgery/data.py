@@ -614,15 +614,23 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     @property
     def batches_per_epoch(self) -> int:
         n = math.ceil(self.size / self.world_size)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        if self.drop_last or self._lone_last(n):
+            return n // self.batch_size
+        return math.ceil(n / self.batch_size)
+
+    def _lone_last(self, n: int) -> bool:
+        """A last batch of one sample joins the batch before it: BatchNorm cannot train on one."""
+        return n > self.batch_size and n % self.batch_size == 1
 
     def __len__(self) -> int:
         return max(0, self.batches_per_epoch - self.skip)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         indices = self.order(self.epoch)
-        for b in range(self.skip, self.batches_per_epoch):
-            yield [(self.epoch, i) for i in indices[b * self.batch_size : (b + 1) * self.batch_size]]
+        batches = self.batches_per_epoch
+        for b in range(self.skip, batches):
+            end = len(indices) if b == batches - 1 and self._lone_last(len(indices)) else (b + 1) * self.batch_size
+            yield [(self.epoch, i) for i in indices[b * self.batch_size : end]]
 
 
 # --------------------------------------------------------------------------- loaders

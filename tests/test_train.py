@@ -100,3 +100,10 @@ def test_run_folders(tmp_path: Path) -> None:
     assert run_folder(tmp_path, "loop", None, resume=True) == first
     assert find_last(first).name == "step-00000002"
     assert run_folder(tmp_path, "loop", None, resume=False) != first  # a new timestamped run
+
+
+def test_a_lone_last_sample_trains_with_the_batch_before_it(tmp_path: Path) -> None:
+    # 33 samples in batches of 8 would leave a batch of one, which BatchNorm cannot train on
+    result = fit(recipe(samples=33), tmp_path / "run")
+    assert find_last(tmp_path / "run").name == "step-00000004"
+    assert result.metrics["val/loss"] > 0
