@@ -139,9 +139,8 @@ def _kwargs_channels(built: BuiltBackbone, recipe: Recipe) -> None:
 
 def build_model(recipe: Recipe, *, load_weights: bool = True) -> SurgicalModel:
     """Build the model a recipe describes. With `load_weights=False` no pretrained weights are read
-    or downloaded (for `plan`, and for loading a bundle's own weights afterwards). A model whose
-    parameters alone would not fit in this machine's memory is refused before anything is allocated."""
-    check_fits_in_memory(recipe)
+    or downloaded (for `plan`, and for loading a bundle's own weights afterwards). The commands that
+    build from a user's recipe (`build`, `plan`, `tune`) first call `check_fits_in_memory`."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.train.seed)
         return _build(recipe, load_weights)

@@ -62,8 +62,9 @@ def plan_command(recipe_path: str | Path, overrides: Sequence[str], *, depth: in
 def make_plan(recipe: Recipe, *, depth: int = 3) -> dict[str, Any]:
     """The plan as plain data (what `--json` prints)."""
     from surgery.backbones import weights_origin
-    from surgery.model import build_model
+    from surgery.model import build_model, check_fits_in_memory
 
+    check_fits_in_memory(recipe)  # before allocating anything
     model = build_model(recipe, load_weights=False)
     placement = planned_devices(model, recipe)
     measured = measure(model)

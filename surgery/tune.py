@@ -201,9 +201,11 @@ def num_samples(tune: Tune) -> int:
 def check_space(recipe_path: str | Path, overrides: Sequence[str], recipe: Recipe) -> None:
     """Load the recipe with every value each domain can produce, and refuse the search (before Ray
     starts) with every problem found, each at the line of the space entry that produced it."""
+    from surgery.model import check_fits_in_memory
     from surgery.recipe import field_location, load_recipe
 
     assert recipe.tune is not None
+    check_fits_in_memory(recipe)
     problems: list[str] = []
     for path, domain in recipe.tune.space.items():
         where = field_location(recipe_path, overrides, ("tune", "space", path))
@@ -225,6 +227,11 @@ def check_space(recipe_path: str | Path, overrides: Sequence[str], recipe: Recip
                 continue
             if reason := trial_refusal(trial):
                 problems.append(f"{label}: {domain.kind} value {_value_text(value)}: {reason}")
+                continue
+            try:
+                check_fits_in_memory(trial)  # a value that makes the model bigger than this machine
+            except SurgeryError as err:
+                problems.append(f"{label}: {domain.kind} value {_value_text(value)}: {err}")
     if problems:
         raise RecipeError(list(dict.fromkeys(problems)))
 

@@ -9,7 +9,7 @@ import torch
 
 from surgery.errors import BuildError
 from surgery.heads import compute_losses
-from surgery.model import build_model
+from surgery.model import build_model, check_fits_in_memory
 from surgery.schema import Recipe
 
 
@@ -131,8 +131,26 @@ def test_a_model_bigger_than_the_machine_is_refused_before_allocating() -> None:
     with pytest.raises(
         BuildError, match=r"parameters alone need 4\.0 TiB \(1,099,6\d\d,\d{3},\d{3} parameters\)"
     ) as err:
-        build_model(recipe(heads=huge), load_weights=False)
+        check_fits_in_memory(recipe(heads=huge))
     assert "largest is heads.big.0.2" in str(err.value) and "of memory" in str(err.value)
+    from surgery.plan import make_plan
+
+    with pytest.raises(BuildError, match=r"parameters alone need 4\.0 TiB"):  # plan checks before it builds
+        make_plan(recipe(heads=huge))
+
+
+def test_build_refuses_a_model_bigger_than_the_machine_before_any_folder(tmp_path) -> None:
+    import yaml
+
+    from surgery.build import build_command
+
+    huge = [{"name": "big", "layers": [{"mlp": {"hidden": [2**20], "out_features": 2**20}}], "loss": "mse"}]
+    path = tmp_path / "huge.yaml"
+    data = recipe(heads=huge).model_dump(mode="json", exclude_defaults=True)
+    path.write_text(yaml.safe_dump({**data, "data": {"source": "synthetic"}}))
+    with pytest.raises(BuildError, match=r"parameters alone need 4\.0 TiB"):
+        build_command(path, (), runs_root=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_memory_check_counts_on_the_meta_device_and_compares_with_the_machine(monkeypatch) -> None:
@@ -144,6 +162,6 @@ def test_memory_check_counts_on_the_meta_device_and_compares_with_the_machine(mo
     assert biggest.startswith("backbone.")
     monkeypatch.setattr(model_module, "machine_memory", lambda: size - 1)
     with pytest.raises(BuildError, match=r"more than this machine's"):
-        build_model(recipe())
+        check_fits_in_memory(recipe())
     monkeypatch.setattr(model_module, "machine_memory", lambda: size)
-    build_model(recipe())
+    check_fits_in_memory(recipe())
