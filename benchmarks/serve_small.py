@@ -9,12 +9,15 @@ about 1 ms) answers `examples/digit-3.png` posted as `image/png`:
   preprocessing (`surgery.preprocess`) and the same forward under `inference_mode`, answering
   the outputs as JSON.
 
-Both servers run side by side; the load generator (one async httpx process) alternates between
-them in rounds, so a busy spell of this shared machine lands on both. Reported: requests/s at
-32 clients (target: served >= 1.0x bare), p50 at one client (target: served <= bare + 3 ms), and
-where a served request's time goes (`Server-Timing`, medians).
+Both servers run side by side; the load generator alternates between them in rounds, so a busy
+spell of this shared machine lands on both. It is `benchmarks/loadgen.py` (keep-alive
+connections, prepared requests: about 0.05 ms of CPU per request) unless `--client httpx` picks
+an async httpx client (2-3 ms per request: on 2 cores it takes most of a core from the servers,
+and the server that makes it work less per request wins). Reported: requests/s at 32 clients
+(target: served >= 1.0x bare), p50 at one client (target: served <= bare + 3 ms), the batch sizes
+the replicas formed, and where a served request's time goes (`Server-Timing`, medians).
 
-    python benchmarks/serve_small.py [--seconds 8] [--rounds 3] [--clients 32]
+    python benchmarks/serve_small.py [--seconds 8] [--rounds 3] [--clients 32] [--client lean|httpx]
 
 Reports; asserts nothing. About 2 minutes.
 """
@@ -31,10 +34,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = ROOT / "examples" / "digit-3.png"
+PNG = {"content-type": "image/png"}
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import loadgen  # noqa: E402  (benchmarks/loadgen.py)
 
 BARE_APP = """
 import io, sys
@@ -96,8 +104,43 @@ def wait_ready(url: str, proc: subprocess.Popen, seconds: float = 300) -> None:
     raise SystemExit(f"{url} did not come up")
 
 
+def lean_load(url: str, body: bytes, clients: int, seconds: float) -> float:
+    """Requests/s with `clients` keep-alive connections for `seconds` (benchmarks/loadgen.py)."""
+    return loadgen.load(url, [body], PNG, clients, seconds)[0]
+
+
+async def lean_latencies(
+    urls: dict[str, str], body: bytes, n: int
+) -> tuple[dict[str, list[float]], list[dict[str, float]]]:
+    """`latencies` with one keep-alive connection per server (benchmarks/loadgen.py)."""
+    times: dict[str, list[float]] = {name: [] for name in urls}
+    phases: list[dict[str, float]] = []
+    connections = {name: loadgen.Connection(url) for name, url in urls.items()}
+    for connection in connections.values():
+        await connection.__aenter__()
+    try:
+        requests = {name: c.request(body, PNG) for name, c in connections.items()}
+        for _ in range(n):
+            for name, connection in connections.items():
+                start = time.perf_counter()
+                status, headers, answer = await connection.send(requests[name])
+                times[name].append(time.perf_counter() - start)
+                if status != 200:
+                    raise loadgen.LoadError(f"HTTP {status}: {answer[:200]!r}")
+                if "server-timing" in headers:
+                    phases.append(server_timing(headers["server-timing"]))
+    finally:
+        for connection in connections.values():
+            await connection.__aexit__()
+    return times, phases
+
+
+def server_timing(header: str) -> dict[str, float]:
+    return {k.strip(): float(v) for k, v in (p.split(";dur=") for p in header.split(","))}
+
+
 async def load(url: str, body: bytes, clients: int, seconds: float) -> float:
-    """Requests/s with `clients` concurrent clients for `seconds`."""
+    """Requests/s with `clients` concurrent httpx clients for `seconds`."""
     import httpx
 
     done = 0
@@ -132,13 +175,23 @@ async def latencies(urls: dict[str, str], body: bytes, n: int) -> tuple[dict[str
                 times[name].append(time.perf_counter() - start)
                 r.raise_for_status()
                 if "server-timing" in r.headers:
-                    phases.append(
-                        {
-                            k.strip(): float(v)
-                            for k, v in (p.split(";dur=") for p in r.headers["server-timing"].split(","))
-                        }
-                    )
+                    phases.append(server_timing(r.headers["server-timing"]))
     return times, phases
+
+
+def replica_batches(stats_url: str) -> Counter:
+    """The batch sizes every replica formed (each `stats` request reaches one replica: ask until
+    the same replicas keep answering)."""
+    import httpx
+
+    seen: dict[int, dict[str, int]] = {}
+    for _ in range(40):
+        stats = httpx.get(stats_url, timeout=30).json()
+        seen[stats["rows_decoded"]] = stats["batch_sizes"]
+    total: Counter = Counter()
+    for sizes in seen.values():
+        total.update(sizes)
+    return total
 
 
 def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -162,6 +215,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=200, help="per server at one client")
+    parser.add_argument(
+        "--client", choices=["lean", "httpx"], default="lean", help="load generator (see the module docstring)"
+    )
     parser.add_argument("--serve-args", default="", help="extra `surgery serve` options")
     parser.add_argument("--serve-env", default="", help="extra environment for `surgery serve`: K=V,K=V")
     parser.add_argument(
@@ -207,18 +263,28 @@ def main() -> None:
     try:
         for name in servers:
             wait_ready(urls[name], servers[name])
+        lean = opts.client == "lean"
         for url in urls.values():
-            asyncio.run(load(url, body, 8, 2))  # warm-up
+            lean_load(url, body, 8, 2) if lean else asyncio.run(load(url, body, 8, 2))  # warm-up
         rps: dict[str, list[float]] = {name: [] for name in urls}
         times: dict[str, list[float]] = {name: [] for name in urls}
         phases: list[dict[str, float]] = []
         for _ in range(opts.rounds):
             for name, url in urls.items():
-                rps[name].append(asyncio.run(load(url, body, opts.clients, opts.seconds)))
-            t, p = asyncio.run(latencies(urls, body, opts.requests // opts.rounds))
+                rps[name].append(
+                    lean_load(url, body, opts.clients, opts.seconds)
+                    if lean
+                    else asyncio.run(load(url, body, opts.clients, opts.seconds))
+                )
+            t, p = (
+                loadgen.run(lean_latencies(urls, body, opts.requests // opts.rounds))
+                if lean
+                else asyncio.run(latencies(urls, body, opts.requests // opts.rounds))
+            )
             for name in urls:
                 times[name].extend(t[name])
             phases.extend(p)
+        batches = replica_batches(urls["served"].replace(":predict", "/stats"))
     finally:
         for proc in servers.values():
             stop(proc)
@@ -228,7 +294,7 @@ def main() -> None:
     bare_p50, served_p50 = (statistics.median(times[n]) * 1000 for n in ("bare", "served"))
     print(
         f"\nquickstart model, PNG {len(body)} bytes, {cores} cores, {opts.rounds} rounds of {opts.seconds:.0f} s; "
-        f"bare app torch threads: {opts.bare_threads}"
+        f"bare app torch threads: {opts.bare_threads}; client: {opts.client}"
     )
     print(
         f"  {opts.clients} clients: served {served_rps:7.1f} req/s, bare uvicorn+FastAPI {bare_rps:7.1f} req/s "
@@ -237,6 +303,12 @@ def main() -> None:
     print(
         f"  1 client p50: served {served_p50:.1f} ms, bare {bare_p50:.1f} ms -> {served_p50 - bare_p50:+.1f} ms "
         f"({len(times['served'])} requests each, alternating)"
+    )
+    rows = sum(int(size) * count for size, count in batches.items())
+    ones = batches.get("1", 0)
+    print(
+        f"  served batches (every replica, whole run): {sum(batches.values())} forwards of {rows} rows, "
+        f"mean {rows / max(1, sum(batches.values())):.1f} rows; rows that ran alone: {ones}"
     )
     if phases:
         keys = list(phases[0])

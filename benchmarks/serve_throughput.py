@@ -1,13 +1,14 @@
 """Serving throughput and latency against the raw model, in one run.
 
-Clients send JPEG images (224x224) from one async httpx load generator on this machine to
+Clients send JPEG images (224x224) from one load generator on this machine (`benchmarks/loadgen.py`:
+keep-alive connections, about 0.05 ms of CPU per request, so the replicas keep the cores) to
 `surgery serve`'s application (Ray Serve, dynamic batching, HAProxy ingress unless `--ingress proxy`), for a resnet18-class and a
 mobilenet-class model (torchvision, random init):
 
 - served throughput at 32 concurrent clients vs raw in-process `inference_mode` throughput at
-  the batch size Serve formed (target >= 0.7x);
+  the batch size Serve formed (target for resnet18 >= 0.86x);
 - p50 latency at concurrency 1 vs the model's own batch-1 forward time using every core (target
-  <= +15 ms), measured alternately, one request then one in-process forward, so a busy or idle
+  for resnet18 <= +10 ms), measured alternately, one request then one in-process forward, so a busy or idle
   spell of this shared machine lands on both;
 - batching on vs off, next to the raw batch-N / batch-1 speed-up.
 
@@ -19,13 +20,17 @@ Reports; asserts nothing. About 4 minutes on 2 cores.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
+import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import loadgen  # benchmarks/loadgen.py
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -43,6 +48,7 @@ heads:
 """
 BATCH = 16
 WAIT_MS = 2.0
+JPEG = {"content-type": "image/jpeg"}
 
 
 def export(name: str, root: Path) -> Path:
@@ -99,7 +105,6 @@ async def interleaved_latency(
     """(served p50, raw batch-1 p50, the replica's own forward p50 from `Server-Timing`) in seconds
     at concurrency 1, alternating one served request with one in-process forward of the same model
     so that both see the same machine state."""
-    import httpx
     import torch
 
     from surgery.bundle import load_bundle
@@ -111,7 +116,8 @@ async def interleaved_latency(
     raw: list[float] = []
     forward: list[float] = []
     stop = time.perf_counter() + seconds
-    async with httpx.AsyncClient(timeout=60) as client:
+    async with loadgen.Connection(url) as client:
+        requests = [client.request(image, JPEG) for image in images]
         k = 0
         while time.perf_counter() < stop or len(served) < 20:
             start = time.perf_counter()
@@ -119,40 +125,23 @@ async def interleaved_latency(
                 model(x)
             raw.append(time.perf_counter() - start)
             start = time.perf_counter()
-            r = await client.post(url, content=images[k % len(images)], headers={"content-type": "image/jpeg"})
+            status, headers, body = await client.send(requests[k % len(requests)])
             served.append(time.perf_counter() - start)
-            r.raise_for_status()
-            timing = dict(part.strip().split(";dur=") for part in r.headers["server-timing"].split(","))
+            if status != 200:
+                raise loadgen.LoadError(f"HTTP {status}: {body[:200]!r}")
+            timing = dict(part.strip().split(";dur=") for part in headers["server-timing"].split(","))
             forward.append(float(timing["forward"]) / 1000)
             k += 1
     return statistics.median(served), statistics.median(raw), statistics.median(forward)
 
 
-async def load(url: str, images: list[bytes], concurrency: int, seconds: float) -> tuple[float, list[float], list[int]]:
+def load(url: str, images: list[bytes], concurrency: int, seconds: float) -> tuple[float, list[float], list[int]]:
     """(requests/s, latencies, batch sizes) with `concurrency` clients posting JPEGs for `seconds`."""
-    import httpx
-
-    latencies: list[float] = []
     batches: list[int] = []
-    stop = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-
-        async def worker(i: int) -> None:
-            k = i
-            while time.perf_counter() < stop:
-                start = time.perf_counter()
-                r = await client.post(url, content=images[k % len(images)], headers={"content-type": "image/jpeg"})
-                latencies.append(time.perf_counter() - start)
-                r.raise_for_status()
-                batches.append(r.json()["batch_sizes"][0])
-                k += concurrency
-
-        begin = time.perf_counter()
-        await asyncio.gather(*(worker(i) for i in range(concurrency)))
-        elapsed = time.perf_counter() - begin
-    return len(latencies) / elapsed, latencies, batches
+    rps, latencies = loadgen.load(
+        url, images, JPEG, concurrency, seconds, lambda r: batches.append(json.loads(r[2])["batch_sizes"][0])
+    )
+    return rps, latencies, batches
 
 
 def deploy(bundle: Path, max_batch_size: int, wait_ms: float, threads: int, replicas: int, solo_threads: int) -> None:
@@ -212,6 +201,9 @@ def main() -> None:
         from serve.ingress import haproxy_environment
 
         os.environ.update(haproxy_environment(f"bench-{opts.port}"))
+    from serve.ingress import REPLICA_ENV
+
+    os.environ.update(REPLICA_ENV)  # as `surgery serve` runs its replicas
     ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": opts.port})
     base = f"http://127.0.0.1:{opts.port}"
@@ -220,14 +212,14 @@ def main() -> None:
         for name in models:
             url = f"{base}/v1/models/{name}:predict"
             deploy(bundles[name], BATCH, opts.wait_ms, threads, opts.replicas, solo)
-            asyncio.run(load(url, images, 8, 2))  # warm-up
-            on_rps, _, on_batches = asyncio.run(load(url, images, 32, opts.seconds))
-            p50_c1, raw_b1, replica_b1 = asyncio.run(
+            load(url, images, 8, 2)  # warm-up
+            on_rps, _, on_batches = load(url, images, 32, opts.seconds)
+            p50_c1, raw_b1, replica_b1 = loadgen.run(
                 interleaved_latency(url, images, bundles[name], cores, min(opts.seconds, 8))
             )
             deploy(bundles[name], 1, 0.0, threads, opts.replicas, solo)
-            asyncio.run(load(url, images, 8, 2))
-            off_rps, _, _ = asyncio.run(load(url, images, 32, opts.seconds))
+            load(url, images, 8, 2)
+            off_rps, _, _ = load(url, images, 32, opts.seconds)
             mean_batch = statistics.mean(on_batches)
             n = min(raw[name], key=lambda size: abs(size - mean_batch))
             rows.append(

@@ -25,13 +25,13 @@ from serve.config import (
     model_settings,
     read_serve_section,
 )
-from serve.ingress import check_ingress, ingress_environment, state_folder
+from serve.ingress import REPLICA_ENV, check_ingress, ingress_environment, state_folder
 from serve.tokens import TOKEN_ENV, read_token
 from surgery.bundle import read_manifest
 from surgery.errors import BundleError, SurgeryError
 
 APP_NAME = "surgery"
-OWN_RAY_ENV = {"RAY_enable_metrics_collection": "0"}
+OWN_RAY_ENV = {"RAY_enable_metrics_collection": "0", **REPLICA_ENV}
 IMPORT_PATH = "serve.app:build_app"
 
 

@@ -33,10 +33,11 @@ def ray_session():
     Serve on it uses the HAProxy ingress, as `surgery serve` does by default."""
     import ray
 
-    from serve.ingress import haproxy_environment, state_folder
+    from serve.ingress import REPLICA_ENV, haproxy_environment, state_folder
 
     ingress = haproxy_environment(str(os.getpid()))
     os.environ.update(ingress)
+    os.environ.update(REPLICA_ENV)  # replicas run as under `surgery serve`
     ray.init(
         address="local",  # never a detached `surgery serve` (or other `ray start`) found on this machine
         num_cpus=2,
