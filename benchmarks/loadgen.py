@@ -36,13 +36,22 @@ class Connection:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
+        self.reconnects = 0  # connections the server closed between requests (`Connection: close`)
+
     async def __aenter__(self) -> Connection:
-        self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        await self._open()
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
+        self._close()
+
+    async def _open(self) -> None:
+        self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+
+    def _close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+        self._reader = self._writer = None
 
     def request(self, body: bytes, headers: dict[str, str]) -> bytes:
         """The bytes of a POST of `body` (prepare once, send many times)."""
@@ -51,7 +60,12 @@ class Connection:
         return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
     async def send(self, request: bytes) -> Response:
-        assert self._reader is not None and self._writer is not None, "use `async with Connection(url)`"
+        """Send prepared request bytes and read the answer. A server that said `Connection: close`
+        (HAProxy does while a reload drains its old process) gets a new connection first."""
+        if self._writer is None:
+            await self._open()
+            self.reconnects += 1
+        assert self._reader is not None and self._writer is not None
         self._writer.write(request)
         head = await self._reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
@@ -61,7 +75,10 @@ class Connection:
             headers[name.strip().lower().decode()] = value.strip().decode()
         if "content-length" not in headers:
             raise LoadError(f"response without Content-Length: {head[:200]!r}")
-        return status, headers, await self._reader.readexactly(int(headers["content-length"]))
+        body = await self._reader.readexactly(int(headers["content-length"]))
+        if headers.get("connection", "").lower() == "close":
+            self._close()
+        return status, headers, body
 
     async def post(self, body: bytes, headers: dict[str, str]) -> Response:
         return await self.send(self.request(body, headers))
