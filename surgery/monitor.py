@@ -176,14 +176,17 @@ class RunMonitor:
                 self._histogram(f"grads/{name}", param.grad.detach(), step)
 
     def _histogram(self, tag: str, values: torch.Tensor, step: int, bins: int = 64) -> None:
-        # torch.histc, not TensorBoard's numpy path (which sorts every value: 10× slower).
+        # torch.histc, not TensorBoard's numpy path (which sorts every value: 10× slower); one
+        # aminmax pass finds the range and, through inf/nan there, any non-finite value.
         values = values.float().flatten()
-        if values.numel() == 0 or not torch.isfinite(values).all():
+        if values.numel() == 0:
             return
-        low, high = float(values.min()), float(values.max())
+        low, high = (float(v) for v in torch.aminmax(values))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            return
         if high <= low:
             high = low + 1e-12
-        counts = torch.histc(values, bins=bins, min=low, max=high).cpu()
+        counts = torch.histc(values, bins=bins, min=low, max=high)
         limits = torch.linspace(low, high, bins + 1)[1:]
         self.writer.add_histogram_raw(
             tag,
@@ -191,9 +194,9 @@ class RunMonitor:
             max=high,
             num=values.numel(),
             sum=float(values.sum()),
-            sum_squares=float((values * values).sum()),
+            sum_squares=float(torch.dot(values, values)),
             bucket_limits=limits.tolist(),
-            bucket_counts=counts.tolist(),
+            bucket_counts=counts.cpu().tolist(),
             global_step=step,
         )
 
