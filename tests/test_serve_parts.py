@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from serve.cores import CoreClaim
-from serve.ingress import MAX_STATE_DIR, haproxy_environment, ingress_environment
+from serve.ingress import MAX_STATE_DIR, haproxy_binary, haproxy_environment, ingress_environment
 from surgery.errors import SurgeryError
 
 
@@ -100,7 +100,9 @@ def test_haproxy_is_started_with_every_wildcard_listener_on_loopback(tmp_path, m
         check=True,
     )
     args, _, rewritten = done.stdout.partition("\n")
-    assert args == f"-db -f {config}.loopback -sf 123"
+    # HAProxy is started on Ray's own file (rewritten in place): its command line names that file,
+    # which is how Ray finds its HAProxy processes to signal and count them
+    assert args == f"-db -f {config} -sf 123" and config.read_text() == rewritten.removesuffix("\n")
     assert "bind 127.0.0.1:9101" in rewritten and "bind 127.0.0.1:8404" in rewritten
     assert "bind 0.0.0.0:8000" in rewritten  # the request listener keeps the host the user chose
     # a slow or idle client is cut off: Ray's hour-long client timeout and missing request timeout replaced
@@ -108,7 +110,49 @@ def test_haproxy_is_started_with_every_wildcard_listener_on_loopback(tmp_path, m
     for line in ("timeout client 60s", "timeout http-request 10s", "timeout http-keep-alive 10s"):
         assert f"    {line}\n" in defaults
     assert "3600s" not in rewritten and "90s" not in rewritten and "option http-buffer-request" in defaults
-    assert config.read_text().count("bind *:8404") == 1  # Ray's own file is left as Ray wrote it
+    again = subprocess.run(  # a reload (or a second wrapper) rewrites it again: nothing changes
+        [env["RAY_SERVE_HAPROXY_BINARY_PATH"], "-db", "-f", str(config)], capture_output=True, text=True, check=True
+    )
+    assert again.stdout.partition("\n")[2] == rewritten and rewritten.count("tcp-request connection reject") == 1
+    # one client address may hold at most the per-client limit of the request listener's connections
+    frontend = rewritten.split("frontend http_frontend\n")[1].split("listen")[0]
+    assert "tcp-request connection track-sc0 src" in frontend
+    assert "tcp-request connection reject if { sc0_conn_cur gt 1024 }" in frontend
+
+
+def test_an_inherited_wrapper_is_passed_over_not_wrapped_again(monkeypatch, state_name):
+    """`surgery serve` started from a process that set up HAProxy itself (a test session, another
+    `surgery serve`) inherits its wrapper in RAY_SERVE_HAPROXY_BINARY_PATH: wrapping it again
+    rewrote the configuration twice (a duplicate stick table: HAProxy refused to start)."""
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
+    real = haproxy_binary()
+    assert real is not None and "surgery-" not in real
+    parent = haproxy_environment(state_name)["RAY_SERVE_HAPROXY_BINARY_PATH"]
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", parent)
+    assert haproxy_binary() == real
+    Path(parent).unlink()  # the parent has cleaned up its state folder
+    assert haproxy_binary() == real
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", "/bin/true")  # a user's own choice stands
+    assert haproxy_binary() == "/bin/true"
+
+
+def test_the_per_client_connection_limit_is_configurable(tmp_path, monkeypatch, state_name):
+    monkeypatch.setattr("serve.ingress.haproxy_binary", lambda: str(_fake_haproxy(tmp_path)))
+    config = tmp_path / "haproxy.cfg"
+    config.write_text("defaults\n    mode http\nfrontend http_frontend\n    bind 127.0.0.1:8000\n")
+
+    def rewritten() -> str:
+        env = haproxy_environment(state_name)
+        done = subprocess.run([env["RAY_SERVE_HAPROXY_BINARY_PATH"], "-f", str(config)], capture_output=True, text=True)
+        return done.stdout
+
+    monkeypatch.setenv("SURGERY_SERVE_MAX_CONNECTIONS_PER_CLIENT", "8")
+    assert "reject if { sc0_conn_cur gt 8 }" in rewritten()
+    monkeypatch.setenv("SURGERY_SERVE_MAX_CONNECTIONS_PER_CLIENT", "0")
+    assert "tcp-request" not in rewritten()
+    monkeypatch.setenv("SURGERY_SERVE_MAX_CONNECTIONS_PER_CLIENT", "lots")
+    with pytest.raises(SurgeryError, match="SURGERY_SERVE_MAX_CONNECTIONS_PER_CLIENT must be a whole number"):
+        haproxy_environment(state_name)
 
 
 def test_haproxy_state_folder_must_be_our_own(tmp_path, monkeypatch, state_name):
