@@ -188,10 +188,14 @@ def replica_batches(stats_url: str) -> Counter:
     for _ in range(40):
         stats = httpx.get(stats_url, timeout=30).json()
         seen[stats["rows_decoded"]] = stats["batch_sizes"]
+        SOLO[stats["rows_decoded"]] = f"{stats.get('solo_threads')} threads (timed, ms: {stats.get('solo_timing_ms')})"
     total: Counter = Counter()
     for sizes in seen.values():
         total.update(sizes)
     return total
+
+
+SOLO: dict[int, str] = {}  # what each replica gives a lone request
 
 
 def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -310,6 +314,7 @@ def main() -> None:
         f"  served batches (every replica, whole run): {sum(batches.values())} forwards of {rows} rows, "
         f"mean {rows / max(1, sum(batches.values())):.1f} rows; rows that ran alone: {ones}"
     )
+    print(f"  a lone request in each replica: {'; '.join(sorted(set(SOLO.values())))}")
     if phases:
         keys = list(phases[0])
         medians = {k: statistics.median(p.get(k, 0.0) for p in phases) for k in keys}

@@ -47,6 +47,12 @@ class AppArgs(BaseModel):
         "busy (default: threads). `surgery serve` on one machine sets it to the core count, so a lone request "
         "uses every core while load is still spread one replica per core.",
     )
+    time_solo_threads: bool = Field(
+        True,
+        description="When solo_threads > threads, time a forward of one example on each when the replica starts and "
+        "give a lone request solo_threads only where that is at least 10% faster: a small model's forward is slower "
+        "on more threads (waking and joining them costs more than its work).",
+    )
     token_file: str | None = Field(
         None, description=f"File holding the bearer token (else ${TOKEN_ENV} in the replica)."
     )
@@ -82,6 +88,7 @@ def model_settings(args: AppArgs, section: ServeSection) -> dict[str, Any]:
         "top_k": section.top_k,
         "threads": threads,
         "solo_threads": max(threads, args.solo_threads or threads),
+        "time_solo_threads": args.time_solo_threads,
     }
 
 

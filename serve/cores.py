@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +44,30 @@ class CoreClaim:
             break
         try:
             yield alone
+        finally:
+            if held:
+                self._flock(self._fd, unlock)
+
+    @contextmanager
+    def whole_machine(self, wait_s: float) -> Iterator[bool]:
+        """Hold the machine exclusively (another replica's `whole_machine` waits, its forwards keep
+        to their share), waiting up to `wait_s` for it; yields whether it is held."""
+        if self._fd is None:
+            yield False
+            return
+        exclusive, _, unlock = self._modes
+        deadline = time.monotonic() + wait_s
+        held = False
+        while not held:
+            try:
+                self._flock(self._fd, exclusive)
+                held = True
+            except OSError:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.01)
+        try:
+            yield held
         finally:
             if held:
                 self._flock(self._fd, unlock)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import statistics
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,8 @@ from serve.decode import InputError, RowPreparer, Stopped, v1_items
 logger = logging.getLogger("ray.serve")
 
 INLINE_DECODE_BYTES = 256 * 1024  # a lone request this small is decoded on the event loop
+SOLO_TIMING_BUDGET_S = 0.1  # a forward slower than this on the replica's share gains from more threads: not timed
+SOLO_TIMING_WAIT_S = 10.0  # how long a starting replica waits for another one's timing before its own
 RowResult = tuple[dict[str, np.ndarray], int, float, float]  # outputs by head, batch size, start, end
 
 
@@ -112,6 +116,27 @@ class ModelServer:
         )(surgery_predict_batch)
         with torch.inference_mode():  # the first forward pays allocations; not the first user
             self.model(*self.model.example_inputs(1))
+        share = int(self.settings["threads"])
+        self.solo_threads = max(share, int(self.settings["solo_threads"]))  # what a lone request gets
+        self.solo_timing_ms: dict[str, float] = {}  # the lone forward's time on each thread count
+        if self.settings.get("time_solo_threads", True) and self.solo_threads > share:
+            with self._cores.whole_machine(wait_s=SOLO_TIMING_WAIT_S):  # replicas starting together take turns
+                self.solo_threads, self.solo_timing_ms = faster_threads(self._timed_forward, share, self.solo_threads)
+            torch.set_num_threads(share)
+            logger.info(
+                "model %s: a lone request runs on %d threads (%s)", self.name, self.solo_threads, self.solo_timing_ms
+            )
+
+    def _timed_forward(self, threads: int) -> float:
+        """Seconds of one forward of one example on `threads` torch threads."""
+        import torch
+
+        torch.set_num_threads(threads)
+        inputs = self.model.example_inputs(1)
+        with torch.inference_mode():
+            began = time.perf_counter()
+            self.model(*inputs)
+            return time.perf_counter() - began
 
     def _count_row(self) -> None:
         self.rows_decoded += 1
@@ -151,6 +176,8 @@ class ModelServer:
             "batches": sum(self.batch_sizes.values()),
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "threads": {str(k): v for k, v in sorted(self.threads_used.items())},
+            "solo_threads": self.solo_threads,
+            "solo_timing_ms": self.solo_timing_ms,
             "max_batch_size": self.settings["max_batch_size"],
             "batch_wait_timeout_s": self.settings["batch_wait_timeout_s"],
             "queue_depth": self._preparing + self._gated + self._waiting,
@@ -285,7 +312,7 @@ class ModelServer:
         import torch
 
         began = time.perf_counter()
-        share, whole = int(self.settings["threads"]), int(self.settings["solo_threads"])
+        share, whole = int(self.settings["threads"]), self.solo_threads
         with self._cores.claim(solo and whole > share) as alone:
             threads = whole if alone else share
             if torch.get_num_threads() != threads:
@@ -309,6 +336,25 @@ class ModelServer:
             arrays = {h["name"]: outputs[h["name"]].float().numpy() for h in self.heads}
         ended = time.perf_counter()
         return [({name: array[i] for name, array in arrays.items()}, n, began, ended) for i in range(n)]
+
+
+def faster_threads(
+    forward: Callable[[int], float], share: int, whole: int, repeats: int = 5
+) -> tuple[int, dict[str, float]]:
+    """The torch threads a lone forward should use: `whole` where it is at least 10% faster than
+    `share`, else `share`; and the median milliseconds of each. `forward(n)` runs one forward on n
+    threads and returns its seconds. A forward slower than SOLO_TIMING_BUDGET_S is not timed:
+    more threads pay for a model that size, and timing it would slow the replica's start."""
+    first = forward(share)
+    if first > SOLO_TIMING_BUDGET_S:
+        return whole, {str(share): round(first * 1000, 3)}
+    forward(whole)  # the wider thread pool's first use
+    times: dict[int, list[float]] = {share: [], whole: []}
+    for _ in range(repeats):  # alternating, so a busy spell lands on both
+        for n in (share, whole):
+            times[n].append(forward(n))
+    ms = {n: statistics.median(t) * 1000 for n, t in times.items()}
+    return (whole if ms[whole] < 0.9 * ms[share] else share), {str(n): round(v, 3) for n, v in ms.items()}
 
 
 def v1_error(message: str) -> bytes:

@@ -179,3 +179,36 @@ def test_ingress_choice(monkeypatch):
         ingress_environment("haproxy", 8000)
     with pytest.raises(SurgeryError, match="unknown --ingress 'nginx'"):
         ingress_environment("nginx", 8000)
+
+
+def _fake_forward(seconds: dict[int, float]):
+    calls: list[int] = []
+
+    def forward(threads: int) -> float:
+        calls.append(threads)
+        return seconds[threads]
+
+    return forward, calls
+
+
+def test_a_lone_request_gets_more_threads_only_where_they_are_faster():
+    from serve.runtime import SOLO_TIMING_BUDGET_S, faster_threads
+
+    small, _ = _fake_forward({1: 0.0010, 2: 0.0016})  # waking a second thread costs more than it does
+    assert faster_threads(small, 1, 2) == (1, {"1": 1.0, "2": 1.6})
+    close, _ = _fake_forward({1: 0.0100, 2: 0.0095})  # 5% is not worth taking the other core
+    assert faster_threads(close, 1, 2)[0] == 1
+    wide, _ = _fake_forward({1: 0.040, 2: 0.022})
+    assert faster_threads(wide, 1, 2) == (2, {"1": 40.0, "2": 22.0})
+    big, calls = _fake_forward({1: SOLO_TIMING_BUDGET_S * 3, 2: 0.0})  # too slow to time: threads pay there
+    assert faster_threads(big, 1, 2) == (2, {"1": SOLO_TIMING_BUDGET_S * 3000}) and calls == [1]
+
+
+def test_whole_machine_claims_take_turns(tmp_path):
+    first, second = CoreClaim(tmp_path / "cores.lock"), CoreClaim(tmp_path / "cores.lock")
+    with first.whole_machine(wait_s=1) as held:
+        assert held
+        with second.whole_machine(wait_s=0.05) as also:
+            assert not also  # gave up waiting: carries on without it
+    with second.whole_machine(wait_s=0.05) as held:
+        assert held
