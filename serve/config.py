@@ -50,8 +50,8 @@ class AppArgs(BaseModel):
     time_solo_threads: bool = Field(
         True,
         description="When solo_threads > threads, time a forward of one example on each when the replica starts and "
-        "give a lone request solo_threads only where that is at least 10% faster: a small model's forward is slower "
-        "on more threads (waking and joining them costs more than its work).",
+        "give a lone request only `threads` where a forward on solo_threads is at least 10% slower: a small model's "
+        "forward is slower on more threads (waking and joining them costs more than its work).",
     )
     token_file: str | None = Field(
         None, description=f"File holding the bearer token (else ${TOKEN_ENV} in the replica)."

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import statistics
 import threading
 import time
 from collections import Counter
@@ -339,22 +338,26 @@ class ModelServer:
 
 
 def faster_threads(
-    forward: Callable[[int], float], share: int, whole: int, repeats: int = 5
+    forward: Callable[[int], float], share: int, whole: int, repeats: int = 7
 ) -> tuple[int, dict[str, float]]:
-    """The torch threads a lone forward should use: `whole` where it is at least 10% faster than
-    `share`, else `share`; and the median milliseconds of each. `forward(n)` runs one forward on n
-    threads and returns its seconds. A forward slower than SOLO_TIMING_BUDGET_S is not timed:
-    more threads pay for a model that size, and timing it would slow the replica's start."""
+    """The torch threads a lone forward should use: `whole`, unless a forward on `whole` threads
+    is at least 10% slower than on `share` (a small model: waking and joining threads costs more
+    than its work); and the fastest milliseconds of each. `forward(n)` runs one forward on n
+    threads and returns its seconds. The fastest of several alternating runs is compared, since
+    other work on the machine (another replica starting) only ever adds time, and it adds more to
+    the run that needs every core: a close call keeps every core. A forward slower than
+    SOLO_TIMING_BUDGET_S is not timed: more threads pay for a model that size, and timing it
+    would slow the replica's start."""
     first = forward(share)
     if first > SOLO_TIMING_BUDGET_S:
         return whole, {str(share): round(first * 1000, 3)}
     forward(whole)  # the wider thread pool's first use
     times: dict[int, list[float]] = {share: [], whole: []}
-    for _ in range(repeats):  # alternating, so a busy spell lands on both
+    for _ in range(repeats):
         for n in (share, whole):
             times[n].append(forward(n))
-    ms = {n: statistics.median(t) * 1000 for n, t in times.items()}
-    return (whole if ms[whole] < 0.9 * ms[share] else share), {str(n): round(v, 3) for n, v in ms.items()}
+    ms = {n: min(t) * 1000 for n, t in times.items()}
+    return (share if ms[whole] > 1.1 * ms[share] else whole), {str(n): round(v, 3) for n, v in ms.items()}
 
 
 def v1_error(message: str) -> bytes:

@@ -213,7 +213,7 @@ def test_lone_request_runs_at_once_on_every_core_and_says_where_time_went(server
     assert ms["queue"] < 20
 
 
-def test_a_replica_times_a_lone_forward_on_each_thread_count_and_keeps_the_faster(bundles):
+def test_a_replica_times_a_lone_forward_on_each_thread_count(bundles):
     import torch
 
     from serve.runtime import ModelServer
@@ -224,7 +224,7 @@ def test_a_replica_times_a_lone_forward_on_each_thread_count_and_keeps_the_faste
         timed = ModelServer(str(bundles["tiny"]), {**settings, "time_solo_threads": True})
         ms = timed.solo_timing_ms
         assert set(ms) == {"1", "2"} and all(v > 0 for v in ms.values())
-        assert timed.solo_threads == (2 if ms["2"] < 0.9 * ms["1"] else 1)
+        assert timed.solo_threads == (1 if ms["2"] > 1.1 * ms["1"] else 2)
         assert timed.stats()["solo_threads"] == timed.solo_threads and torch.get_num_threads() == 1
         untimed = ModelServer(str(bundles["tiny"]), {**settings, "time_solo_threads": False})
         assert untimed.solo_threads == 2 and untimed.solo_timing_ms == {}
