@@ -64,7 +64,6 @@ class Connection:
         (HAProxy does while a reload drains its old process) gets a new connection first."""
         if self._writer is None:
             await self._open()
-            self.reconnects += 1
         assert self._reader is not None and self._writer is not None
         self._writer.write(request)
         head = await self._reader.readuntil(b"\r\n\r\n")

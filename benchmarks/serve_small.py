@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -115,10 +116,8 @@ async def lean_latencies(
     """`latencies` with one keep-alive connection per server (benchmarks/loadgen.py)."""
     times: dict[str, list[float]] = {name: [] for name in urls}
     phases: list[dict[str, float]] = []
-    connections = {name: loadgen.Connection(url) for name, url in urls.items()}
-    for connection in connections.values():
-        await connection.__aenter__()
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        connections = {name: await stack.enter_async_context(loadgen.Connection(url)) for name, url in urls.items()}
         requests = {name: c.request(body, PNG) for name, c in connections.items()}
         for _ in range(n):
             for name, connection in connections.items():
@@ -129,9 +128,6 @@ async def lean_latencies(
                     raise loadgen.LoadError(f"HTTP {status}: {answer[:200]!r}")
                 if "server-timing" in headers:
                     phases.append(server_timing(headers["server-timing"]))
-    finally:
-        for connection in connections.values():
-            await connection.__aexit__()
     return times, phases
 
 
