@@ -37,6 +37,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = ROOT / "examples" / "digit-3.png"
@@ -175,23 +176,20 @@ async def latencies(urls: dict[str, str], body: bytes, n: int) -> tuple[dict[str
     return times, phases
 
 
-def replica_batches(stats_url: str) -> Counter:
-    """The batch sizes every replica formed (each `stats` request reaches one replica: ask until
-    the same replicas keep answering)."""
+def replica_stats(stats_url: str) -> tuple[Counter, set[str]]:
+    """The batch sizes every replica formed, and what each gives a lone request (each `stats`
+    request reaches one replica: ask until the same replicas keep answering)."""
     import httpx
 
-    seen: dict[int, dict[str, int]] = {}
+    seen: dict[int, dict[str, Any]] = {}
     for _ in range(40):
         stats = httpx.get(stats_url, timeout=30).json()
-        seen[stats["rows_decoded"]] = stats["batch_sizes"]
-        SOLO[stats["rows_decoded"]] = f"{stats.get('solo_threads')} threads (timed, ms: {stats.get('solo_timing_ms')})"
+        seen[stats["rows_decoded"]] = stats
     total: Counter = Counter()
-    for sizes in seen.values():
-        total.update(sizes)
-    return total
-
-
-SOLO: dict[int, str] = {}  # what each replica gives a lone request
+    for stats in seen.values():
+        total.update(stats["batch_sizes"])
+    solo = {f"{s.get('solo_threads')} threads (timed, ms: {s.get('solo_timing_ms')})" for s in seen.values()}
+    return total, solo
 
 
 def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -284,7 +282,7 @@ def main() -> None:
             for name in urls:
                 times[name].extend(t[name])
             phases.extend(p)
-        batches = replica_batches(urls["served"].replace(":predict", "/stats"))
+        batches, solo = replica_stats(urls["served"].replace(":predict", "/stats"))
     finally:
         for proc in servers.values():
             stop(proc)
@@ -310,7 +308,7 @@ def main() -> None:
         f"  served batches (every replica, whole run): {sum(batches.values())} forwards of {rows} rows, "
         f"mean {rows / max(1, sum(batches.values())):.1f} rows; rows that ran alone: {ones}"
     )
-    print(f"  a lone request in each replica: {'; '.join(sorted(set(SOLO.values())))}")
+    print(f"  a lone request in each replica: {'; '.join(sorted(solo))}")
     if phases:
         keys = list(phases[0])
         medians = {k: statistics.median(p.get(k, 0.0) for p in phases) for k in keys}
