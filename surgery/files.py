@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from surgery.errors import SurgeryError
 
@@ -116,3 +118,17 @@ def temporary_until_renamed(tmp: str | Path, final: str | Path, needed: int = 0)
         if isinstance(exc, Exception) and is_disk_full(exc, Path(final).parent, needed):
             raise disk_full_error(final, needed or None) from None
         raise
+
+
+def write_json_atomic(path: str | Path, data: Any, *, sort_keys: bool = False) -> None:
+    """Write `data` as JSON to `path` so that a reader sees the old file or the new one, never a
+    torn one: a temporary sibling (named for this process), fsynced, renamed, the folder fsynced.
+    Values JSON cannot hold are written as their `str`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with temporary_until_renamed(tmp, path):
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys, default=str) + "\n", encoding="utf-8")
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    fsync_path(path.parent)
