@@ -246,7 +246,7 @@ app.add_typer(keys_app, name="keys")
 @recipes_app.command("list")
 def recipes_list(tag: Annotated[str | None, typer.Option(help="Only recipes with this tag.")] = None) -> None:
     """Every recipe of the shipped library and the configured sources."""
-    from surgery.library import list_recipes
+    from surgery.library_commands import list_recipes
 
     typer.echo(list_recipes(tag))
 
@@ -256,7 +256,7 @@ def recipes_show(
     reference: Annotated[str, typer.Argument(help="A name, name@version or path.", show_default=False)],
 ) -> None:
     """The recipe file as written, and where it comes from."""
-    from surgery.library import show_recipe
+    from surgery.library_commands import show_recipe
 
     typer.echo(show_recipe(reference), nl=False)
 
@@ -268,7 +268,7 @@ def recipes_new(
     folder: Annotated[Path | None, typer.Option("--dir", help="Folder to write it in (default: here).")] = None,
 ) -> None:
     """Write a starter recipe that extends BASE."""
-    from surgery.library import new_recipe
+    from surgery.library_commands import new_recipe
 
     typer.echo(f"wrote {new_recipe(name, base, folder)}")
 
@@ -281,7 +281,7 @@ def recipes_add_source(
     ] = False,
 ) -> None:
     """Add a library (a local folder, or a URL serving index.json) to search for recipe names."""
-    from surgery.library import add_source
+    from surgery.library_sources import add_source
 
     library = add_source(location, allow_unsigned=allow_unsigned)
     signed = f", signed by {library.signed_by}" if library.signed_by else ""
@@ -291,7 +291,7 @@ def recipes_add_source(
 @recipes_app.command("remove-source")
 def recipes_remove_source(location: Annotated[str, typer.Argument(show_default=False)]) -> None:
     """Stop searching a library."""
-    from surgery.library import remove_source
+    from surgery.library_sources import remove_source
 
     remove_source(location)
 
@@ -299,7 +299,7 @@ def recipes_remove_source(location: Annotated[str, typer.Argument(show_default=F
 @recipes_app.command("sources")
 def recipes_sources() -> None:
     """The libraries searched for recipe names, in order."""
-    from surgery.library import configured_sources
+    from surgery.library_sources import configured_sources
 
     typer.echo("shipped")
     for source in configured_sources():
@@ -312,7 +312,7 @@ def recipes_index(
     sign: Annotated[str | None, typer.Option(help="Sign the index with this key (name or file).")] = None,
 ) -> None:
     """Validate a folder of recipes and write its index.json (then serve the folder as static files)."""
-    from surgery.library import build_index
+    from surgery.library_commands import build_index
 
     typer.echo(f"wrote {build_index(folder, sign=sign)}")
 

@@ -284,7 +284,7 @@ def load_bundle(path: Path) -> LoadedBundle:
     strictly from `model.safetensors`, and the manifest cross-checked against what was built
     (heads, labels, output sizes, input spec). Eval mode. Errors never quote the bundle's files."""
     from surgery.model import build_model
-    from surgery.recipe import recipe_hash
+    from surgery.recipe_dump import recipe_hash
 
     path = Path(path).resolve()
     manifest = read_manifest(path)

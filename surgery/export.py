@@ -219,7 +219,7 @@ def export_bundle(
     with eager PyTorch on sample inputs. Formats that fail are left out and reported together
     in a `PartialExportError` raised after the bundle with the others is in place.
     """
-    from surgery.recipe import dump_recipe, recipe_hash
+    from surgery.recipe_dump import dump_recipe, recipe_hash
 
     out = Path(out).resolve()
     wanted = _formats(formats if formats is not None else recipe.export.formats)

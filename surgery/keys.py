@@ -3,10 +3,10 @@
 A signed document is a JSON object with a `signature` member: the Ed25519 signature of the
 canonical JSON of everything else (sorted keys, no spaces, UTF-8), the signer's public key and
 its id (the first 16 hex digits of the key's sha256). Library indexes and packed models are
-signed this way. A signature is accepted only if it verifies *and* its key is in the trust list
+signed this way, and both are read through `read_signed_document`. A signature is accepted only if it verifies *and* its key is in the trust list
 (`surgery keys trust`); your own keys are trusted when you make them.
 
-Files, under the config folder (`surgery.library.config_dir()`):
+Files, under the config folder (`surgery.places.config_dir()`):
   keys/<name>.key      the private key, PKCS#8 PEM, mode 0600
   keys/<name>.pub      one line: `surgery-ed25519 <base64 public key> <name>`
   trusted_keys         one such line per trusted key
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import SurgeryError
-from surgery.library import config_dir
+from surgery.places import config_dir
 
 KEY_TYPE = "surgery-ed25519"
 _KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -218,12 +218,48 @@ def verify_document(doc: dict[str, Any], where: str) -> str | None:
     return f"{ident} {trusted[1]}"
 
 
+def read_signed_document(
+    data: bytes,
+    where: str,
+    *,
+    doc_format: str,
+    doc_version: int,
+    kind: str,
+    remote: bool,
+    allow_unsigned: bool,
+    unsigned: str,
+    error: type[SurgeryError],
+) -> tuple[dict[str, Any], str | None]:
+    """A signed JSON document (a library index, a pack's manifest) and its signer, checked the one
+    way both are: a JSON object whose `format` is `doc_format` at `doc_version`, a signature that
+    verifies with a trusted key (`verify_document`) if it has one, and, from a remote place, a
+    signature unless `allow_unsigned` (else `unsigned` says why it was refused). A document that is
+    not what it should be is an `error` (the caller's kind, so its handlers see it); a bad
+    signature is a SignatureError."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise error(f"{where}: not a JSON {kind} ({err})") from None
+    if not isinstance(doc, dict) or doc.get("format") != doc_format:
+        raise error(f"{where}: not a surgery {kind} (its format is not {doc_format!r})")
+    if doc.get("format_version") != doc_version:
+        raise error(
+            f"{where}: unknown {kind} format_version {doc.get('format_version')!r} "
+            f"(this surgery reads {doc_version}); upgrade surgery"
+        )
+    signer = verify_document(doc, where)
+    if signer is None and remote and not allow_unsigned:
+        raise error(f"{where}: {unsigned}")
+    return doc, signer
+
+
 __all__ = [
     "SignatureError",
     "canonical",
     "list_keys",
     "load_private_key",
     "new_key",
+    "read_signed_document",
     "sign_document",
     "trust",
     "trusted_keys",

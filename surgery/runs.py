@@ -175,8 +175,8 @@ def _weight_hashes(recipe: Recipe) -> dict[str, str]:
 def write_lock(recipe: Recipe, run_dir: Path) -> Path:
     """`recipe.lock.yaml`: the resolved recipe, with package versions and weight hashes as a
     comment header (so the file loads back as the recipe itself)."""
-    from surgery.library import provenance_lines
-    from surgery.recipe import dump_recipe, recipe_hash
+    from surgery.provenance import provenance_lines
+    from surgery.recipe_dump import dump_recipe, recipe_hash
 
     lines = ["# surgery lock: the resolved recipe of this run; load it like any recipe (comments are ignored)"]
     lines.append(f"# recipe_sha256: {recipe_hash(recipe, portable=True)}")

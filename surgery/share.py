@@ -30,7 +30,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from surgery.errors import SurgeryError
-from surgery.library import fetch_to_file, is_url, sha256_bytes
+from surgery.keys import read_signed_document, sign_document
+from surgery.library_fetch import fetch_to_file, is_url, sha256_bytes
 
 PACK_FORMAT = "surgery-pack"
 PACK_FORMAT_VERSION = 1
@@ -98,8 +99,6 @@ def pack(target: Path, out: Path, *, sign: str | None = None) -> tuple[Path, lis
         "files": {name: _digest(name, data, shared["files"]) for name, data in sorted(members.items())},
     }
     if sign:
-        from surgery.keys import sign_document
-
         doc = sign_document(doc, sign)
     _write_tar(Path(out), {PACK_FILE: json.dumps(doc, indent=2).encode(), **members})
     return Path(out).resolve(), left_out
@@ -350,25 +349,20 @@ def check_pack(
     """pack.json read and checked against the extracted files: format version, signature (an
     unsigned archive from a URL needs `allow_unsigned`), every file's sha256, nothing extra, and
     the bundle's own manifest."""
-    from surgery.keys import verify_document
-
     pack_file = tree / PACK_FILE
     if not pack_file.is_file():
         raise ShareError(f"{source}: no {PACK_FILE}; not a surgery pack")
-    try:
-        doc = json.loads(pack_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ShareError(f"{source}: unreadable {PACK_FILE} ({err})") from None
-    if not isinstance(doc, dict) or doc.get("format") != PACK_FORMAT:
-        raise ShareError(f"{source}: {PACK_FILE} is not a surgery pack manifest")
-    if doc.get("format_version") != PACK_FORMAT_VERSION:
-        raise ShareError(
-            f"{source}: unknown pack format_version {doc.get('format_version')!r} "
-            f"(this surgery reads {PACK_FORMAT_VERSION}); upgrade surgery"
-        )
-    signer = verify_document(doc, f"{source}: {PACK_FILE}")
-    if signer is None and remote and not allow_unsigned:
-        raise ShareError(f"{source}: the archive is not signed; refusing it from a URL (--allow-unsigned accepts it)")
+    doc, signer = read_signed_document(
+        pack_file.read_bytes(),
+        f"{source}: {PACK_FILE}",
+        doc_format=PACK_FORMAT,
+        doc_version=PACK_FORMAT_VERSION,
+        kind="pack",
+        remote=remote,
+        allow_unsigned=allow_unsigned,
+        unsigned="the archive is not signed; refusing it from a URL (--allow-unsigned accepts it)",
+        error=ShareError,
+    )
     name = doc.get("name")
     files = doc.get("files")
     if not isinstance(name, str) or not name or "/" in name or name.startswith(".") or not isinstance(files, dict):

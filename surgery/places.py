@@ -1,0 +1,34 @@
+"""Where surgery keeps things on disk: the package's own data (shipped recipes, the recipe JSON
+Schema) and the user's config and cache folders. Kept apart so that everything that needs a
+place (the library, keys, sources) can ask for it without importing each other. No torch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+SHIPPED_DIR = (PACKAGE_DIR / "shipped").resolve()  # in a checkout, a symlink to the repository's recipes/
+SCHEMA_FILE = PACKAGE_DIR / "recipe.schema.json"
+
+
+def config_dir() -> Path:
+    """Where sources and keys are kept: $SURGERY_CONFIG_DIR, else $XDG_CONFIG_HOME/surgery."""
+    if os.environ.get("SURGERY_CONFIG_DIR"):
+        return Path(os.environ["SURGERY_CONFIG_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CONFIG_HOME") or "~/.config").expanduser() / "surgery"
+
+
+def cache_dir() -> Path:
+    """Where fetched recipes and indexes are cached: $SURGERY_CACHE_DIR, else $XDG_CACHE_HOME/surgery."""
+    if os.environ.get("SURGERY_CACHE_DIR"):
+        return Path(os.environ["SURGERY_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "surgery"
+
+
+def sources_file() -> Path:
+    """The libraries added with `surgery recipes add-source`, in order."""
+    return config_dir() / "sources.json"
+
+
+__all__ = ["PACKAGE_DIR", "SCHEMA_FILE", "SHIPPED_DIR", "cache_dir", "config_dir", "sources_file"]
