@@ -101,23 +101,19 @@ def _local_resources(replicas: int) -> dict[str, Any]:
 def _start_ray(detach: bool) -> None:
     import ray
 
-    # Without RAY_ADDRESS, use a Ray of our own on loopback: never attach to some other local
-    # instance (a test session, a notebook) whose Serve apps we would then shut down on exit.
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    from surgery.cluster import ray_address, start_ray
+
+    # surgery's one way of connecting to Ray; without RAY_ADDRESS, a Ray of our own on loopback:
+    # never some other local instance (a test session, a notebook) whose Serve apps we would then
+    # shut down on exit.
+    if ray_address():
+        start_ray(worker_logs=False)
         return
     # Ray's metrics agent would serve Prometheus, without auth, on every interface; the app has
     # its own /metrics behind the token. Read by the raylet this starts (and `ray start` below).
     os.environ.update(OWN_RAY_ENV)
     if not detach:
-        ray.init(
-            address="local",
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            logging_level="WARNING",
-            log_to_driver=False,
-        )
+        start_ray(worker_logs=False, node_ip="127.0.0.1")
         return
     # A detached server must outlive this process: start Ray the way `ray start` does, or reuse
     # the one an earlier `surgery serve --detach` started (redeploying replaces the app).

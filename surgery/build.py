@@ -24,12 +24,14 @@ def build_command(
 
     Training runs where `placement` says: in this process (one device, a pipeline, or one rank
     under `torchrun`), in `workers` local ddp processes, or on Ray Train; the run folder is made
-    once, by this process (rank 0 under `torchrun`), and only that process exports."""
+    once, by this process (rank 0 under `torchrun`), and only that process exports. The launcher is
+    handed `fit`: this command owns the training loop, the launchers below it import none."""
     from surgery.export import export_run
     from surgery.model import check_fits_in_memory
     from surgery.placement import launcher_for
     from surgery.recipe import load_recipe
     from surgery.runs import hold_run, link_latest, run_folder
+    from surgery.train import fit
 
     recipe = load_recipe(recipe_path, overrides)
     if recipe.data is None:
@@ -53,7 +55,7 @@ def build_command(
 
         try:
             run_dir, restarted = launcher.on_main(new_run)
-            launcher.fit(recipe, run_dir, resume=resume and not restarted, force=force)
+            launcher.launch(fit, recipe, run_dir, resume=resume and not restarted, force=force)
         finally:
             launcher.close()
         if launcher.is_main:

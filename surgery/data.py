@@ -25,8 +25,8 @@ from torchvision.transforms import v2
 
 from surgery.errors import DataError
 from surgery.inputs import InputSpec
-from surgery.placement import SingleDevice
 from surgery.preprocess import image_mode, image_to_uint8, normalise, texts_to_batch
+from surgery.ranks import Rank
 from surgery.registry import AUGMENTATIONS, DATA_SOURCES
 from surgery.schema import Augmentation, Recipe
 
@@ -660,7 +660,7 @@ def auto_num_workers(setting: str | int, device: torch.device) -> int:
     return max(0, min(4 * max(1, torch.cuda.device_count()), cpus - 1))
 
 
-def load_data(recipe: Recipe, model: Any, placement: SingleDevice) -> TrainingData:
+def load_data(recipe: Recipe, model: Any, placement: Rank) -> TrainingData:
     """Build train/val loaders for the recipe's data and the built model, for this process's
     `placement` (its device, and its rank's shard of each epoch); bad data is a DataError here."""
     data = recipe.data

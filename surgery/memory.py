@@ -1,4 +1,4 @@
-"""Training memory as measured, next to `surgery plan`'s estimate of it.
+"""Training memory as measured (`surgery.plan.planned_bytes` is the estimate `fit` logs beside it).
 
 Per epoch: on CUDA the allocator's peak (`max_memory_allocated`, reset at each epoch's start); on
 a CPU the process's peak resident memory (Linux `VmHWM`, reset through `/proc/self/clear_refs`)
@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+# Temporary: `surgery.train` still imports `planned_bytes` from here; it lives with `surgery.plan`.
+# Remove this line once train imports it from `surgery.plan` (then memory imports no plan).
+from surgery.plan import planned_bytes  # noqa: F401
 
 
 def _status_kib(field: str) -> int | None:
@@ -62,28 +66,6 @@ class PeakMemory:
         high = _status_kib("VmHWM")
         peak = high * 1024 if high is not None else process_rss()
         return max(0, peak - self.baseline)
-
-
-def planned_bytes(model: Any, recipe: Any, device: torch.device) -> int | None:
-    """`surgery plan`'s training-memory estimate for this model, recipe and device (one measured
-    forward of batch 1 on the unplaced model; RNG and buffers left as they were)."""
-    from surgery.plan import measure, memory_estimate
-
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    training = model.training
-    try:
-        with torch.random.fork_rng(devices=[]):
-            measured = measure(model)
-        where = dict.fromkeys((n for n, _ in model.named_parameters()), str(device))
-        estimate = memory_estimate(model, recipe, measured, where)
-    except Exception:  # a model plan can't measure: no estimate to compare with
-        return None
-    finally:
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                b.copy_(buffers[n])
-        model.train(training)
-    return int(sum(entry["total"] for entry in estimate["per_device"].values()))
 
 
 class GpuStats:

@@ -261,6 +261,27 @@ def memory_estimate(
     }
 
 
+def planned_bytes(model: nn.Module, recipe: Recipe, device: torch.device) -> int | None:
+    """`surgery plan`'s training-memory estimate for this model, recipe and device, which `fit`
+    logs next to the memory it measures (one measured forward of batch 1 on the unplaced model;
+    RNG and buffers left as they were)."""
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]):
+            measured = measure(model)
+        where = dict.fromkeys((n for n, _ in model.named_parameters()), str(device))
+        estimate = memory_estimate(model, recipe, measured, where)
+    except Exception:  # a model plan can't measure: no estimate to compare with
+        return None
+    finally:
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(buffers[n])
+        model.train(training)
+    return int(sum(entry["total"] for entry in estimate["per_device"].values()))
+
+
 # --------------------------------------------------------------------------- rendering
 
 

@@ -32,6 +32,7 @@ from surgery.memory import GpuStats, PeakMemory, planned_bytes
 from surgery.monitor import Progress, RunMonitor, memory_scalars
 from surgery.optim import build_optimizer, build_scheduler
 from surgery.placement import SingleDevice, placement_for
+from surgery.report import NoReport, Reporter
 from surgery.runs import write_lock
 from surgery.schema import Recipe
 
@@ -497,6 +498,7 @@ def fit(
     resume: bool = False,
     force: bool = False,
     placement: SingleDevice | None = None,
+    reporter: Reporter | None = None,
 ) -> FitResult:
     """Train `recipe` into `run_dir` (checkpoints/, tb/, metrics.jsonl, recipe.lock.yaml).
 
@@ -667,7 +669,7 @@ def fit(
             )
             saved = True
         if evaluated:
-            placement.report(epoch, dict(state.metrics), epoch_checkpoint)
+            (reporter or NoReport()).report(epoch, dict(state.metrics), epoch_checkpoint)
 
     # 6. finish
     elapsed = time.perf_counter() - started

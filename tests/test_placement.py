@@ -161,6 +161,34 @@ def test_torchrun_world_must_match_the_recipe(tmp_path: Path, monkeypatch: pytes
     assert not (tmp_path / "runs").exists()
 
 
+# --------------------------------------------------------------------------- launchers
+
+
+def test_a_launcher_runs_the_function_it_is_given() -> None:
+    from surgery.launchers import InProcess
+    from surgery.strategies import SingleDevice
+
+    calls: list[tuple[tuple, dict]] = []
+    placement = SingleDevice(torch.device("cpu"))
+    recipe, run = vit(), Path("runs/vit/r")
+    InProcess(placement).launch(lambda *a, **k: calls.append((a, k)), recipe, run, resume=True, force=False)
+    assert calls == [((recipe, run), {"resume": True, "force": False, "placement": placement})]
+
+
+TRAINING = ("surgery.train", "surgery.data", "surgery.optim", "surgery.tune", "surgery.build", "surgery.monitor")
+
+
+def test_strategies_and_launchers_import_no_training_code() -> None:
+    """Launchers receive `fit` from the command; importing it back would make a circle."""
+    import ast
+
+    for name in ("cluster", "devices", "ranks", "strategies", "pipeline", "launchers", "ray_train", "placement"):
+        tree = ast.parse((ROOT / "surgery" / f"{name}.py").read_text())
+        imported = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not [m for m in imported for t in TRAINING if m == t or m.startswith(t + ".") or m.startswith(t + "_")]
+
+
 # --------------------------------------------------------------------------- pipeline
 
 
@@ -329,15 +357,16 @@ def _ray_workers(state: str | None = None) -> list[dict]:
 @pytest.mark.slow
 def test_ray_train_worker_killed_restarts_from_the_last_checkpoint(ray_session, tmp_path: Path) -> None:
     from surgery.checkpoint import find_last
-    from surgery.placement import train_on_ray
+    from surgery.ray_train import train_on_ray
     from surgery.recipe import load_recipe
     from surgery.runs import run_folder
+    from surgery.train import fit
 
     path = _quickstart(tmp_path, "{strategy: ddp, workers: 2, engine: ray, max_failures: 1}", epochs=3)
     recipe = load_recipe(path, ["train.checkpoint.every_steps=2"])
     run = run_folder(tmp_path / "runs", recipe.name, "r", resume=False)
     outcome: dict[str, object] = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=train_on_ray(recipe, run)), daemon=True)
+    thread = threading.Thread(target=lambda: outcome.update(result=train_on_ray(fit, recipe, run)), daemon=True)
     thread.start()
     first = run / "checkpoints" / "step-00000002"
     while not first.is_dir() and thread.is_alive():
