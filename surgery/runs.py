@@ -15,6 +15,7 @@ import fcntl
 import os
 import secrets
 import shutil
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -63,12 +64,15 @@ def link_latest(run_dir: Path) -> None:
 
 def has_checkpoint(run_dir: Path) -> bool:
     """Whether a run has a checkpoint to resume from: a complete one whose files match their
-    hashes, the one `checkpoint.find_last` would load (partial or corrupt ones don't count, and
-    are warned about as find_last does). The one answer for the command, launchers and tuning."""
-    try:
-        ckpt.find_last(run_dir)
-    except CheckpointError:
-        return False
+    hashes, the one `checkpoint.find_last` would load (partial or corrupt ones don't count). The
+    one answer for the command, launchers and tuning. It only asks: what it skips is warned about
+    by the resume that loads one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ckpt.CheckpointWarning)
+        try:
+            ckpt.find_last(run_dir)
+        except CheckpointError:
+            return False
     return True
 
 
