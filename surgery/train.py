@@ -197,14 +197,8 @@ def fit(
         monitor.hparams(state.metrics)
         monitor.close()
         best = checkpointer.best()
-        rows = {
-            "time (s)": round(elapsed, 1),
-            f"peak memory, last epoch (MiB, {peak_memory.kind})": round(epoch_scalars["system/peak_mib"], 1),
-        }
-        if planned is not None:
-            rows["surgery plan's estimate (MiB)"] = round(planned / 2**20, 1)
-        rows["feature cache"] = "used" if cache is not None else "not used"
-        progress.summary(f"{recipe.name}: run summary", _summary_rows(recipe, state, data, best, rows))
+        measured = _measured(elapsed, epoch_scalars, peak_memory.kind, planned, cached=cache is not None)
+        progress.summary(f"{recipe.name}: run summary", _summary_rows(recipe, state, data, best, measured))
     return FitResult(best, last, dict(state.metrics), state.stopped_early)
 
 
@@ -429,6 +423,21 @@ def _end_epoch(
 
 
 # --------------------------------------------------------------------------- summary
+
+
+def _measured(
+    elapsed: float, epoch_scalars: dict[str, float], memory_kind: str, planned: int | None, *, cached: bool
+) -> dict[str, Any]:
+    """The summary's measured rows: time, the last epoch's peak memory against the plan's estimate,
+    and whether the feature cache was used."""
+    rows: dict[str, Any] = {
+        "time (s)": round(elapsed, 1),
+        f"peak memory, last epoch (MiB, {memory_kind})": round(epoch_scalars["system/peak_mib"], 1),
+    }
+    if planned is not None:
+        rows["surgery plan's estimate (MiB)"] = round(planned / 2**20, 1)
+    rows["feature cache"] = "used" if cached else "not used"
+    return rows
 
 
 def _summary_rows(
