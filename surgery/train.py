@@ -30,10 +30,11 @@ from surgery import checkpoint as ckpt
 from surgery import features
 from surgery.data import TrainingData, load_data
 from surgery.features import FeatureCache
-from surgery.memory import GpuStats, PeakMemory, planned_bytes
+from surgery.memory import GpuStats, PeakMemory
 from surgery.monitor import Progress, RunMonitor, memory_scalars
 from surgery.optim import build_optimizer, build_scheduler
 from surgery.placement import SingleDevice, placement_for
+from surgery.plan import planned_bytes
 from surgery.report import NoReport, Reporter
 from surgery.runs import write_lock
 from surgery.schema import Recipe
