@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from surgery.errors import CheckpointError
-from surgery.files import check_free_space, fsync_path, sha256_file, temporary_until_renamed
+from surgery.files import check_free_space, fsync_path, sha256_file, temporary_until_renamed, write_json_atomic
 
 CHECKPOINTS = "checkpoints"
 INDEX = "index.json"
@@ -56,15 +56,6 @@ class CheckpointWarning(UserWarning):
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
-    with temporary_until_renamed(tmp, path):
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-        fsync_path(tmp)
-        os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 def _nbytes(value: Any) -> int:
@@ -193,13 +184,23 @@ def _update_index(folder: Path, name: str, value: float | None, mode: str, keep_
         best.sort(key=lambda e: e[1] if mode == "min" else -e[1])
         best = best[:keep_best]
     index = {"last": name, "best": best}
-    _write_json_atomic(folder / INDEX, index)
+    write_json_atomic(folder / INDEX, index, sort_keys=True)
     keep = {name, *(e[0] for e in best)}
     for path in folder.iterdir():
         if path.is_dir() and path.name.startswith("step-") and path.name not in keep:
             shutil.rmtree(path, ignore_errors=True)
-        elif path.name.startswith(_TMP_PREFIX) and not path.name.endswith(f".{os.getpid()}"):
+        elif _leftover(path.name):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _leftover(name: str) -> bool:
+    """Whether a name under checkpoints/ is a temporary another (dead) process left: a checkpoint
+    folder it was writing, or its index.json (`files.write_json_atomic` names those `.index.json.<pid>.tmp`)."""
+    pid = str(os.getpid())
+    if name.startswith(_TMP_PREFIX):
+        return not name.endswith(f".{pid}")
+    prefix = f".{INDEX}."
+    return name.startswith(prefix) and name.endswith(".tmp") and name[len(prefix) : -len(".tmp")] != pid
 
 
 def read_index(run_dir: Path) -> dict[str, Any]:

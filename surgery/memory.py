@@ -16,10 +16,6 @@ from typing import Any
 
 import torch
 
-# Temporary: `surgery.train` still imports `planned_bytes` from here; it lives with `surgery.plan`.
-# Remove this line once train imports it from `surgery.plan` (then memory imports no plan).
-from surgery.plan import planned_bytes  # noqa: F401
-
 
 def _status_kib(field: str) -> int | None:
     try:

@@ -15,6 +15,7 @@ import fcntl
 import os
 import secrets
 import shutil
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -62,9 +63,17 @@ def link_latest(run_dir: Path) -> None:
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    """Whether a run saved anything to resume from (a finished `step-*` folder)."""
-    folder = Path(run_dir) / ckpt.CHECKPOINTS
-    return folder.is_dir() and any(p.name.startswith("step-") for p in folder.iterdir())
+    """Whether a run has a checkpoint to resume from: a complete one whose files match their
+    hashes, the one `checkpoint.find_last` would load (partial or corrupt ones don't count). The
+    one answer for the command, launchers and tuning. It only asks: what it skips is warned about
+    by the resume that loads one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ckpt.CheckpointWarning)
+        try:
+            ckpt.find_last(run_dir)
+        except CheckpointError:
+            return False
+    return True
 
 
 def run_folder(runs_root: Path, name: str, run_id: str | None, *, resume: bool) -> Path:

@@ -164,6 +164,25 @@ def test_partial_and_corrupt_checkpoints_are_skipped_with_a_warning(tmp_path: Pa
         ckpt.load_checkpoint(corrupt, torch.nn.Linear(1, 1))
 
 
+def test_a_save_clears_what_killed_saves_left(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / ".tmp-step-00000007.4242").mkdir()  # a checkpoint folder a killed process was writing
+    (folder / ".index.json.4242.tmp").write_text('{"last": nu')  # and its index, cut mid-write
+    saved = ckpt.save_checkpoint(
+        tmp_path,
+        model=torch.nn.Linear(2, 1),
+        trainer_state={},
+        meta={"step": 3, "epoch": 1, "metrics": {"val/loss": 0.5}},
+        recipe_text="name: t\n",
+        monitor="val/loss",
+        mode="min",
+        keep_best=1,
+    )
+    assert sorted(p.name for p in folder.iterdir()) == ["index.json", saved.name]
+    assert ckpt.read_index(tmp_path) == {"last": "step-00000003", "best": [["step-00000003", 0.5]]}
+
+
 def test_resume_refuses_unsafe_recipe_change_and_accepts_safe_ones(tmp_path: Path) -> None:
     from surgery.train import fit
 

@@ -123,6 +123,33 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_again(tmp_
     assert (run / "bundle" / "manifest.json").is_file()
 
 
+@pytest.mark.filterwarnings("error")  # it only asks: what it skips is for the resume to warn about
+def test_has_checkpoint_means_one_that_resume_would_load(tmp_path: Path) -> None:
+    import torch
+
+    from surgery import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    assert not has_checkpoint(run)
+    saved = ckpt.save_checkpoint(
+        run,
+        model=torch.nn.Linear(2, 1),
+        trainer_state={},
+        meta={"step": 2, "epoch": 1, "metrics": {}},
+        recipe_text="name: t\n",
+        monitor="val/loss",
+        mode="min",
+        keep_best=1,
+    )
+    assert has_checkpoint(run)
+    (run / "checkpoints" / ".tmp-step-00000003.4242").mkdir()  # a save that was killed
+    (run / "checkpoints" / "step-00000004").mkdir()  # a newer step folder with no meta: not complete
+    (run / "checkpoints" / "step-00000004" / ckpt.MODEL_FILE).write_bytes(b"partial")
+    assert has_checkpoint(run)  # the complete one still counts
+    (saved / ckpt.MODEL_FILE).write_bytes(b"truncated")
+    assert not has_checkpoint(run)  # step folders, but none resume could load
+
+
 def test_resume_with_no_run_at_all_is_still_an_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no run to resume"):
         run_folder(tmp_path, "r", None, resume=True)

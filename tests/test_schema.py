@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
+import pkgutil
 from pathlib import Path
 
 import jsonschema
@@ -12,15 +14,18 @@ import yaml
 from pydantic import BaseModel
 
 from surgery import schema as recipe_schema
+from surgery import sections
 from surgery.errors import RecipeError
 from surgery.recipe import RECIPES_DIR, load_recipe, load_recipe_text, recipe_to_dict
 from surgery.registry import ALL_REGISTRIES
 
 ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = [importlib.import_module(f"{sections.__name__}.{m.name}") for m in pkgutil.iter_modules(sections.__path__)]
 MODELS = [
     cls
-    for _, cls in inspect.getmembers(recipe_schema, inspect.isclass)
-    if issubclass(cls, BaseModel) and cls.__module__ == recipe_schema.__name__
+    for module in SECTIONS
+    for _, cls in inspect.getmembers(module, inspect.isclass)
+    if issubclass(cls, BaseModel) and cls.__module__ == module.__name__
 ]
 SCHEMA = recipe_schema.json_schema()
 

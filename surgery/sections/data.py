@@ -1,0 +1,110 @@
+"""`data:`: where training and validation data come from, how they are batched and augmented."""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field
+
+from surgery.registry import AUGMENTATIONS, DATA_SOURCES, Registry
+from surgery.sections.base import Count, DataSourceName, OneOf, PositiveInt, Probability, Seed, Strict, Width
+
+
+class FlipParams(Strict):
+    p: Probability = Field(0.5, description="Probability of flipping.")
+
+
+class ResizedCropParams(Strict):
+    scale: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=2, max_length=2)] = Field(
+        default_factory=lambda: [0.08, 1.0], description="Range of the crop's area fraction."
+    )
+    ratio: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=2, max_length=2)] = Field(
+        default_factory=lambda: [0.75, 1.3333333333333333], description="Range of the crop's aspect ratio."
+    )
+
+
+class RandomCropParams(Strict):
+    padding: Count = Field(4, description="Zero padding added on each side before cropping back to size.")
+
+
+class RotateParams(Strict):
+    degrees: float = Field(15.0, ge=0, le=180, description="Maximum rotation in degrees, either way.")
+
+
+class ColorJitterParams(Strict):
+    brightness: float = Field(0.2, ge=0, description="Brightness jitter factor.")
+    contrast: float = Field(0.2, ge=0, description="Contrast jitter factor.")
+    saturation: float = Field(0.2, ge=0, description="Saturation jitter factor.")
+
+
+class NoiseParams(Strict):
+    std: float = Field(0.05, gt=0, description="Standard deviation of the noise.")
+
+
+class Augmentation(OneOf):
+    """One training-time augmentation: `{hflip: {p: 0.5}}`."""
+
+    registry: ClassVar[Registry | None] = AUGMENTATIONS
+
+    hflip: FlipParams | None = Field(None, description=AUGMENTATIONS.docs["hflip"])
+    vflip: FlipParams | None = Field(None, description=AUGMENTATIONS.docs["vflip"])
+    random_resized_crop: ResizedCropParams | None = Field(None, description=AUGMENTATIONS.docs["random_resized_crop"])
+    random_crop: RandomCropParams | None = Field(None, description=AUGMENTATIONS.docs["random_crop"])
+    rotate: RotateParams | None = Field(None, description=AUGMENTATIONS.docs["rotate"])
+    color_jitter: ColorJitterParams | None = Field(None, description=AUGMENTATIONS.docs["color_jitter"])
+    gaussian_noise: NoiseParams | None = Field(None, description=AUGMENTATIONS.docs["gaussian_noise"])
+
+
+assert set(Augmentation.model_fields) == set(AUGMENTATIONS.names), "Augmentation and AUGMENTATIONS disagree"
+
+
+class Synthetic(Strict):
+    num_samples: Annotated[int, Field(gt=0, le=1_000_000)] = Field(
+        256, description="Training samples (validation gets a quarter as many); held in memory, at most a million."
+    )
+    num_classes: Width = Field(10, description="Classes of the random labels (for classification heads).")
+
+
+class Data(Strict):
+    """Where training and validation data come from, and how they are batched."""
+
+    source: DataSourceName = Field(description="Data source: " + DATA_SOURCES.describe())
+    train: str | None = Field(
+        None,
+        description="Training data: a folder (`image_folder`) or file (`csv`, `jsonl`), relative to the recipe file.",
+    )
+    val: str | None = Field(
+        None, description="Validation data; when absent, `val_split` of the training data is held out."
+    )
+    val_split: float = Field(0.2, gt=0, lt=1, description="Fraction held out for validation when `val` is absent.")
+    split_seed: Seed = Field(0, description="Seed of the train/validation split (independent of the training seed).")
+    text_column: str | None = Field(
+        None, description="Text column (`csv`/`jsonl`), tokenised with the backbone's tokenizer."
+    )
+    feature_columns: list[str] | None = Field(
+        None, description="Numeric feature columns (`csv`/`jsonl`) used as a float vector input."
+    )
+    label_column: str = Field("label", description="Default label column for heads without a `target`.")
+    on_bad_file: Literal["error", "skip"] = Field(
+        "error",
+        description="`image_folder`: an image that cannot be read stops the build before training (`error`), or is left out (`skip`): counted and listed in the run summary and metrics.jsonl.",
+    )
+    batch_size: PositiveInt = Field(32, description="Training batch size (per process).")
+    eval_batch_size: PositiveInt | None = Field(None, description="Validation batch size; default: `batch_size`.")
+    num_workers: Literal["auto"] | Count = Field(
+        "auto",
+        description="DataLoader worker processes; `auto` is 4 per GPU, capped by the CPU count (0 on CPU-only machines with ≤ 2 cores).",
+    )
+    pin_memory: Literal["auto"] | bool = Field(
+        "auto", description="Pin host memory for faster copies; `auto` is on when CUDA is used."
+    )
+    shuffle: bool = Field(True, description="Shuffle the training data each epoch (seeded).")
+    drop_last: bool = Field(False, description="Drop the last incomplete training batch.")
+    augment: list[Augmentation] = Field(
+        default_factory=list, description="Training-time augmentations, applied in order."
+    )
+    synthetic: Synthetic = Field(default_factory=Synthetic, description="Settings of the `synthetic` source.")
+    limit_train: PositiveInt | None = Field(
+        None, description="Use at most this many training samples (quick experiments)."
+    )
+    limit_val: PositiveInt | None = Field(None, description="Use at most this many validation samples.")
