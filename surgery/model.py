@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from surgery.backbones import BuiltBackbone, Taps, build_backbone, pool_tokens
+from surgery.backbone_contract import BuiltBackbone, Taps, build_backbone
+from surgery.backbone_transformers import pool_tokens
 from surgery.errors import BuildError
 from surgery.freeze import apply_freeze_rules, check_unfreeze_schedule, set_frozen_batchnorm_eval
 from surgery.heads import HeadInfo, build_head, head_info, output_shape

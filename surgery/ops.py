@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from surgery.backbones import BuiltBackbone, set_submodule
+from surgery.backbone_contract import BuiltBackbone, set_submodule
 from surgery.errors import BuildError
 from surgery.freeze import match_params
 from surgery.heads import build_layer

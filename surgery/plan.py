@@ -61,7 +61,7 @@ def plan_command(recipe_path: str | Path, overrides: Sequence[str], *, depth: in
 
 def make_plan(recipe: Recipe, *, depth: int = 3) -> dict[str, Any]:
     """The plan as plain data (what `--json` prints)."""
-    from surgery.backbones import weights_origin
+    from surgery.backbone_weights import weights_origin
     from surgery.model import build_model, check_fits_in_memory
 
     check_fits_in_memory(recipe)  # before allocating anything

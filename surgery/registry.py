@@ -170,7 +170,7 @@ DATA_SOURCES = Registry(
 
 AUGMENTATIONS = Registry(
     "augmentation",
-    "surgery.data",
+    "surgery.data_augment",
     {
         "hflip": "random horizontal flip with probability `p`",
         "vflip": "random vertical flip with probability `p`",

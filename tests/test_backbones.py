@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from surgery import backbones
+from surgery import backbone_hub
 from surgery.errors import BuildError
 from surgery.files import sha256_file
 from surgery.model import build_model, select_tap
@@ -354,7 +354,7 @@ def test_unreachable_hub_fails_fast_without_offline_flag(empty_caches: None, mon
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
-    monkeypatch.setattr(backbones, "_REACHABLE", {})
+    monkeypatch.setattr(backbone_hub, "_REACHABLE", {})
     start = time.monotonic()
     with pytest.raises(BuildError, match=r"hub\.invalid unreachable.*weights:"):
         build_model(recipe(TIMM | {"pretrained": True}))

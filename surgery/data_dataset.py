@@ -1,0 +1,104 @@
+"""Examples -> model tensors with serving's preprocessing, augmentations seeded per sample; batching."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from surgery.data_augment import Stage
+from surgery.data_examples import Examples
+from surgery.errors import DataError
+from surgery.inputs import InputSpec
+from surgery.preprocess import image_mode, image_to_uint8, normalise, texts_to_batch
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A per-sample seed: augmentations depend on (seed, epoch, index) only."""
+    return (seed * 1_000_003 + epoch * 10_007 + index * 7_919 + 12_345) % (2**63 - 1)
+
+
+class ExampleDataset(Dataset):
+    """Examples -> (inputs, targets). A key is an index, or (epoch, index) to seed augmentations."""
+
+    def __init__(self, examples: Examples, spec: InputSpec, augmentations: Sequence[Stage] = (), seed: int = 0) -> None:
+        self.examples = examples
+        self.spec = spec
+        self.augmentations = list(augmentations)
+        self.seed = seed
+        self._pixels: list[torch.Tensor] | None = None
+        if examples.kind == "image":
+            image_mode(spec)
+            if examples.inputs and all(isinstance(x, Image.Image) for x in examples.inputs):
+                # In-memory images (digits): convert and resize once, not every epoch.
+                self._pixels = [image_to_uint8(x, spec) for x in examples.inputs]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, dict[str, torch.Tensor]]:
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        targets = {name: t[index] for name, t in self.examples.targets.items()}
+        if self.examples.kind == "text":
+            return self.examples.inputs[index], targets
+        if epoch is None or not self.augmentations:
+            return self._inputs(index), targets
+        # Seed the CPU generator per sample and restore it after (cheaper than fork_rng).
+        generator = torch.default_generator
+        saved = generator.get_state()
+        generator.manual_seed(sample_seed(self.seed, epoch, index))
+        try:
+            return self._inputs(index), targets
+        finally:
+            generator.set_state(saved)
+
+    def _inputs(self, index: int) -> tuple[torch.Tensor, ...]:
+        if self.examples.kind == "tensor":
+            inputs = [t[index] for t in self.examples.inputs]
+            if inputs[0].is_floating_point():
+                for _stage, transform in self.augmentations:
+                    inputs[0] = transform(inputs[0])
+            return tuple(inputs)
+        pixels = self._pixels[index] if self._pixels is not None else image_to_uint8(self._image(index), self.spec)
+        for stage, transform in self.augmentations:
+            if stage == "uint8":
+                pixels = transform(pixels)
+        tensor = normalise(pixels, self.spec)
+        for stage, transform in self.augmentations:
+            if stage == "float":
+                tensor = transform(tensor)
+        return (tensor,)
+
+    def _image(self, index: int) -> Image.Image:
+        item = self.examples.inputs[index]
+        if isinstance(item, Image.Image):
+            return item
+        try:
+            with Image.open(item) as image:
+                image.load()
+                return image
+        except Exception as err:
+            raise DataError(f"unreadable image {item}: {err}") from None
+
+
+class Collate:
+    """Stacks samples into (inputs tuple, targets dict); tokenises text batches."""
+
+    def __init__(self, tokenizer: Any = None, spec: InputSpec | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.spec = spec
+
+    def __call__(
+        self, batch: list[tuple[Any, dict[str, torch.Tensor]]]
+    ) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+        first = batch[0][0]
+        if isinstance(first, str):
+            assert self.spec is not None
+            inputs: tuple[torch.Tensor, ...] = texts_to_batch([b[0] for b in batch], self.tokenizer, self.spec)
+        else:
+            inputs = tuple(torch.stack(parts) for parts in zip(*(b[0] for b in batch), strict=True))
+        targets = {name: torch.stack([b[1][name] for b in batch]) for name in batch[0][1]}
+        return inputs, targets
