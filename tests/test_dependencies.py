@@ -157,7 +157,7 @@ def test_the_circle_finder_finds_a_circle_through_a_package() -> None:
 # A name stands for the module and the modules split from it (`recipe` covers `recipe_yaml`).
 LANGUAGE = ("schema", "sections", "registry", "recipe", "library_fetch", "library_index", "library_sources",
             "library_resolve", "keys", "provenance")  # fmt: skip
-COMPILER = ("model", "backbones", "heads", "ops", "freeze")
+COMPILER = ("model", "backbone", "backbones", "heads", "ops", "freeze")
 
 
 def _in(module: str, tier: tuple[str, ...]) -> bool:
