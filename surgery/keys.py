@@ -238,8 +238,14 @@ def read_signed_document(
     signature is a SignatureError."""
     try:
         doc = json.loads(data.decode("utf-8"))
+        if isinstance(doc, dict):
+            canonical(doc)  # what a signature covers must be writable: no lone surrogates, no depth past the limit
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise error(f"{where}: not a JSON {kind} ({err})") from None
+    except UnicodeEncodeError:
+        raise error(f"{where}: holds text that is not valid Unicode (a lone surrogate); refusing the {kind}") from None
+    except RecursionError:
+        raise error(f"{where}: nested too deeply to be a surgery {kind}; refusing it") from None
     if not isinstance(doc, dict) or doc.get("format") != doc_format:
         raise error(f"{where}: not a surgery {kind} (its format is not {doc_format!r})")
     if doc.get("format_version") != doc_version:
