@@ -216,6 +216,18 @@ def test_recipes_list_escapes_terminal_sequences(tmp_path: Path) -> None:
     table = list_recipes()
     assert "\x1b" not in table and "\x07" not in table and "\u202e" not in table
     assert "\\x1b[2J\\x1b]0;pwned\\x07 ok\\u202e" in table and "\\x1b[31m" in table
+    with (lib / "x.yaml").open("a") as f:
+        f.write("# \x1b[2J raw in a comment\n")
+    shown = show_recipe("x")
+    assert "\x1b" not in shown and "# \\x1b[2J raw in a comment\n" in shown
+
+
+def test_a_lone_surrogate_in_a_recipe_is_a_one_line_refusal_to_sign(tmp_path: Path) -> None:
+    lib = team_library(tmp_path / "lib")
+    (lib / "odd.yaml").write_text('name: odd\nextends: team-base\ndescription: "\\ud800"\n')
+    new_key("team")
+    with pytest.raises(SurgeryError, match=r"^cannot sign it: it holds text that is not valid Unicode"):
+        build_index(lib, sign="team")
 
 
 def test_lock_provenance_names_every_recipe_of_the_chain(tmp_path: Path) -> None:
