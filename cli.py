@@ -310,11 +310,15 @@ def recipes_sources() -> None:
 def recipes_index(
     folder: Annotated[Path, typer.Argument(help="Folder of recipes to publish.", show_default=False)],
     sign: Annotated[str | None, typer.Option(help="Sign the index with this key (name or file).")] = None,
+    expires_days: Annotated[
+        float | None,
+        typer.Option(help="Days the index stays valid (default 90); clients refuse it after that: publish it again."),
+    ] = None,
 ) -> None:
     """Validate a folder of recipes and write its index.json (then serve the folder as static files)."""
     from surgery.library_commands import build_index
 
-    typer.echo(f"wrote {build_index(folder, sign=sign)}")
+    typer.echo(f"wrote {build_index(folder, sign=sign, expires_days=expires_days)}")
 
 
 @keys_app.command("new")
@@ -369,11 +373,20 @@ def pull(
     allow_unsigned: Annotated[
         bool, typer.Option("--allow-unsigned", help="Accept an unsigned archive from a URL.")
     ] = False,
+    max_size: Annotated[
+        str | None,
+        typer.Option(
+            help="Most bytes to download and to unpack, e.g. 64G (the default, or $SURGERY_PULL_MAX_SIZE), 500M."
+        ),
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Seconds the whole download may take (default 4 hours).", min=1)
+    ] = None,
 ) -> None:
     """Fetch and verify a packed model; `surgery serve` accepts the folder."""
     from surgery.share import pull_command
 
-    typer.echo(pull_command(source, out, allow_unsigned=allow_unsigned))
+    typer.echo(pull_command(source, out, allow_unsigned=allow_unsigned, max_size=max_size, timeout_s=timeout))
 
 
 @app.command()

@@ -1,6 +1,7 @@
-"""What sharing costs: `pack` and `pull` of a resnet50 bundle (94 MB) against plain `tarfile`
-writing and extracting the same files (no hashes, no checks), and resolving a recipe from an HTTP
-library (cold, then cached) against reading a local file.
+"""What sharing costs: `pack` and `pull` of a resnet50 run folder (its lock beside a 94 MB bundle,
+as `surgery build` leaves it) and of the bare bundle, against plain `tarfile` writing and
+extracting the same files (no hashes, no checks), and resolving a recipe from an HTTP library
+(cold, then cached) against reading a local file.
 
     python benchmarks/pack_pull.py [--model resnet50] [--repeat 3]
 """
@@ -44,9 +45,11 @@ def main() -> None:
 
 
 def run(tmp: Path, args: argparse.Namespace) -> None:
+    from surgery.bundle import load_bundle
     from surgery.export import export_bundle
     from surgery.model import build_model
     from surgery.recipe import load_recipe, load_recipe_text
+    from surgery.runs import write_lock
     from surgery.share import pack, pull
 
     text = f"""
@@ -56,12 +59,16 @@ def run(tmp: Path, args: argparse.Namespace) -> None:
     export: {{formats: [safetensors]}}
     """
     recipe = load_recipe_text(textwrap.dedent(text), base_dir=tmp)
-    bundle = export_bundle(build_model(recipe, load_weights=False).eval(), recipe, tmp / "bundle")
+    run_dir = tmp / "runs" / "bench" / "run"  # a run folder as `surgery build` leaves it: lock + bundle
+    run_dir.mkdir(parents=True)
+    write_lock(recipe, run_dir)
+    bundle = export_bundle(build_model(recipe, load_weights=False).eval(), recipe, run_dir / "bundle")
     size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
     print(f"bundle: timm {args.model}, {size / 2**20:.0f} MiB; best of {args.repeat}")
 
     def plain_pack() -> None:
         with tarfile.open(tmp / "plain.tar", "w") as tar:
+            tar.add(run_dir / "recipe.lock.yaml", arcname="recipe.yaml")
             tar.add(bundle, arcname="bundle")
 
     def plain_pull() -> None:
@@ -69,13 +76,19 @@ def run(tmp: Path, args: argparse.Namespace) -> None:
         with tarfile.open(tmp / "plain.tar") as tar:
             tar.extractall(tmp / "plain-out", filter="data")
 
-    def our_pull() -> None:
+    def our_pull(archive: Path) -> None:
         shutil.rmtree(tmp / "out", ignore_errors=True)
-        pull(str(tmp / "m.tar"), tmp / "out")
+        pull(str(archive), tmp / "out")
+
+    pack(run_dir, tmp / "run.tar")  # once, untimed: what a pulled run folder gives back loads
+    our_pull(tmp / "run.tar")
+    load_bundle(tmp / "out" / "bundle")
 
     rows = [
-        ("pack", best(lambda: pack(bundle, tmp / "m.tar"), args.repeat), best(plain_pack, args.repeat)),
-        ("pull", best(our_pull, args.repeat), best(plain_pull, args.repeat)),
+        ("pack (run folder)", best(lambda: pack(run_dir, tmp / "run.tar"), args.repeat), best(plain_pack, args.repeat)),
+        ("pull (run folder)", best(lambda: our_pull(tmp / "run.tar"), args.repeat), best(plain_pull, args.repeat)),
+        ("pack (bare bundle)", best(lambda: pack(bundle, tmp / "m.tar"), args.repeat), best(plain_pack, args.repeat)),
+        ("pull (bare bundle)", best(lambda: our_pull(tmp / "m.tar"), args.repeat), best(plain_pull, args.repeat)),
     ]
 
     library = tmp / "www"

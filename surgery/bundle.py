@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from surgery.content import read_safetensors_header
 from surgery.errors import BundleError, RecipeError
 from surgery.files import sha256_file
 from surgery.inputs import InputSpec
@@ -289,6 +290,12 @@ def load_bundle(path: Path) -> LoadedBundle:
     path = Path(path).resolve()
     manifest = read_manifest(path)
     verify_files(path, manifest)
+    try:  # its header only, bounded: a header claiming 10^12 elements costs nothing (nor does building the model)
+        read_safetensors_header(path / WEIGHTS)
+    except ValueError as err:
+        raise BundleError(
+            f"{path / WEIGHTS}: not a safetensors file ({err}); the bundle is damaged, export it again"
+        ) from None
     recipe = _bundled_recipe(path)
     if manifest.get("recipe_sha256") not in (None, recipe_hash(recipe)):
         raise BundleError(

@@ -165,14 +165,20 @@ def list_keys() -> str:
 def canonical(doc: dict[str, Any]) -> bytes:
     """The bytes a signature covers: the document without `signature`, as canonical JSON."""
     body = {k: v for k, v in doc.items() if k != "signature"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    try:
+        return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (JSON's "\ud800" escape, or YAML's) has no UTF-8 form
+        raise SignatureError("holds text that is not valid Unicode (a lone surrogate)") from None
 
 
 def sign_document(doc: dict[str, Any], key_name_or_path: str) -> dict[str, Any]:
     """`doc` with a `signature` member made with the given private key."""
     private = load_private_key(key_name_or_path)
     raw = _public_raw(private)
-    signature = private.sign(canonical(doc))
+    try:
+        signature = private.sign(canonical(doc))
+    except SignatureError as err:
+        raise SignatureError(f"cannot sign it: it {err}") from None
     return {
         **{k: v for k, v in doc.items() if k != "signature"},
         "signature": {
@@ -238,8 +244,14 @@ def read_signed_document(
     signature is a SignatureError."""
     try:
         doc = json.loads(data.decode("utf-8"))
+        if isinstance(doc, dict):
+            canonical(doc)  # what a signature covers must be writable: no lone surrogates, no depth past the limit
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise error(f"{where}: not a JSON {kind} ({err})") from None
+    except SignatureError as err:
+        raise error(f"{where}: {err}; refusing the {kind}") from None
+    except RecursionError:
+        raise error(f"{where}: nested too deeply to be a surgery {kind}; refusing it") from None
     if not isinstance(doc, dict) or doc.get("format") != doc_format:
         raise error(f"{where}: not a surgery {kind} (its format is not {doc_format!r})")
     if doc.get("format_version") != doc_version:

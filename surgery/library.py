@@ -8,8 +8,9 @@ remote folder that is only static files on a web server, read through a (signed)
 This module is the library's public face; its parts are imported one way, each below the next:
 
 - `surgery.places`: the config and cache folders, the shipped recipes;
-- `surgery.library_fetch`: http(s) GETs with limits, `LibraryError`;
+- `surgery.library_fetch`: http(s) GETs with limits (bytes, deadline, speed), `LibraryError`;
 - `surgery.library_index`: entries and libraries (shipped, folder, remote), indexes, the cache;
+- `surgery.library_remote`: remote indexes fetched and judged fresh (expiry, rollback, offline);
 - `surgery.library_sources`: configured sources, and the order libraries are searched in;
 - `surgery.library_resolve`: references → files (never loads a recipe);
 - `surgery.library_commands`: `surgery recipes index/list/show/new`, which load recipes;
@@ -22,18 +23,19 @@ imports from the part that defines a name. Nothing here imports torch.
 from __future__ import annotations
 
 from surgery.library_commands import build_index, list_recipes, new_recipe, show_recipe
-from surgery.library_fetch import LibraryError, fetch, fetch_to_file, is_url, sha256_bytes
+from surgery.library_fetch import FetchError, LibraryError, fetch, fetch_to_file, is_url, sha256_bytes
 from surgery.library_index import (
     INDEX,
     Entry,
+    Index,
     Library,
     folder_library,
     parse_index,
-    remote_library,
     safe_relative,
     shipped_library,
     version_key,
 )
+from surgery.library_remote import remote_library
 from surgery.library_resolve import REFERENCE, Resolved, resolve
 from surgery.library_sources import add_source, configured_sources, libraries, open_source, remove_source
 from surgery.places import SCHEMA_FILE, SHIPPED_DIR, cache_dir, config_dir
@@ -45,6 +47,8 @@ __all__ = [
     "SCHEMA_FILE",
     "SHIPPED_DIR",
     "Entry",
+    "FetchError",
+    "Index",
     "Library",
     "LibraryError",
     "Provenance",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,12 @@ from surgery.keys import sign_document
 from surgery.library_fetch import LibraryError
 from surgery.library_index import (
     INDEX,
+    INDEX_EXPIRES_DAYS,
     INDEX_FORMAT,
     INDEX_FORMAT_VERSION,
     NAME,
     Entry,
+    format_date,
     scan_folder,
     version_key,
 )
@@ -30,13 +34,18 @@ from surgery.places import SCHEMA_FILE
 from surgery.recipe import load_recipe, load_resolved
 
 
-def build_index(folder: Path, *, sign: str | None = None) -> Path:
+def build_index(folder: Path, *, sign: str | None = None, expires_days: float | None = None) -> Path:
     """`surgery recipes index FOLDER`: validate every recipe in FOLDER (their `extends` resolved
-    inside FOLDER only) and write FOLDER/index.json, signed with `sign` if given. Publishing the
-    folder as static files makes it a remote library."""
+    inside FOLDER only) and write FOLDER/index.json, signed with `sign` if given, published now and
+    valid for `expires_days` (clients refuse it after that, and refuse one published before the
+    newest they have seen). Publishing the folder as static files makes it a remote library."""
     root = Path(folder).expanduser().resolve()
     if not root.is_dir():
         raise LibraryError(f"{root}: no such folder")
+    expires_days = INDEX_EXPIRES_DAYS if expires_days is None else expires_days
+    if not 0 < expires_days <= 3650:
+        raise LibraryError(f"--expires-days {expires_days:g}: give a number of days between 1 and 3650")
+    now = datetime.now(UTC)
     scanned = scan_folder(root, "folder", str(root))
     entries: list[Entry] = []
     problems: list[str] = []
@@ -64,6 +73,8 @@ def build_index(folder: Path, *, sign: str | None = None) -> Path:
     doc: dict[str, Any] = {
         "format": INDEX_FORMAT,
         "format_version": INDEX_FORMAT_VERSION,
+        "published": format_date(now),
+        "expires": format_date(now + timedelta(days=expires_days)),
         "recipes": [
             {
                 "name": e.name,
@@ -105,21 +116,31 @@ def _files_under(root: Path, paths: list[Path]) -> dict[str, str]:
 def list_recipes(tag: str | None = None) -> str:
     """`surgery recipes list`: every recipe of every library, as a table."""
     rows = [("NAME", "VERSION", "LIBRARY", "TAGS", "DESCRIPTION")]
-    notes = []
+    notes: list[str] = []
     for library in libraries(notes):
         for e in sorted(library.entries, key=lambda e: (e.name, version_key(e.version))):
             if tag is None or tag in e.tags:
-                rows.append((e.name, e.version, library.label, ",".join(e.tags), e.description))
+                row = (e.name, e.version, library.label, ",".join(e.tags), e.description)
+                rows.append(tuple(printable(c) for c in row))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4] for r in rows]
-    return "\n".join(line.rstrip() for line in [*lines, *notes])
+    return "\n".join(line.rstrip() for line in [*lines, *(printable(n) for n in notes)])
+
+
+def printable(text: str, keep: str = "") -> str:
+    """`text` safe to print on a terminal: control and format characters (escape sequences, bidi
+    overrides, newlines unless kept) shown as `\\x1b`-style escapes instead of acting."""
+    return "".join(
+        c if c in keep or unicodedata.category(c) not in ("Cc", "Cf", "Cs") else ascii(c)[1:-1] for c in text
+    )
 
 
 def show_recipe(reference: str) -> str:
-    """`surgery recipes show REF`: the recipe file as written, under a line saying where it is from."""
+    """`surgery recipes show REF`: the recipe file as written (control characters escaped), under
+    a line saying where it is from."""
     found = resolve(reference, Path.cwd())
-    text = found.path.read_text(encoding="utf-8")
-    return f"# {found.line()}\n# file: {found.path}\n{text}"
+    text = printable(found.path.read_text(encoding="utf-8", errors="replace"), keep="\n\t")
+    return f"# {printable(found.line())}\n# file: {printable(str(found.path))}\n{text}"
 
 
 STARTER = """\
@@ -165,4 +186,4 @@ def new_recipe(name: str, base: str, folder: Path | None = None) -> Path:
     return path
 
 
-__all__ = ["STARTER", "build_index", "list_recipes", "new_recipe", "show_recipe"]
+__all__ = ["STARTER", "build_index", "list_recipes", "new_recipe", "printable", "show_recipe"]

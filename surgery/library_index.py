@@ -4,9 +4,10 @@ holds, and a verified local copy of one of them.
 A folder with an `index.json` (written by `surgery recipes index`) is read through it: each entry
 lists the recipe's name, version, sha256 and the files it needs, and the whole index may carry an
 Ed25519 signature (`surgery.keys`). A local folder without an index is scanned for `*.yaml`,
-reading only the fields each file writes itself (never loading a recipe). A remote library's
+reading only the fields each file writes itself (never loading a recipe); every file of a folder
+library is read only where it stays inside the folder with symlinks resolved. A remote library's
 files are fetched into the cache by content hash and checked against its index before anything
-reads them. No torch.
+reads them (its index is fetched and judged by `surgery.library_remote`). No torch.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import functools
 import os
 import re
 import shutil
-import sys
 import tempfile
 import urllib.parse
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -33,6 +34,8 @@ from surgery.recipe_yaml import read_fields
 INDEX = "index.json"
 INDEX_FORMAT = "surgery-library"
 INDEX_FORMAT_VERSION = 1
+INDEX_EXPIRES_DAYS = 90  # how long `surgery recipes index` makes an index valid, unless told
+DATE_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 MAX_INDEX_BYTES = 4 << 20
 MAX_RECIPE_BYTES = 1 << 20
 MAX_FILE_BYTES = 64 << 20  # a data file shipped with a recipe (the library holds no weights)
@@ -52,6 +55,15 @@ def safe_relative(rel: str, what: str) -> PurePosixPath:
         raise LibraryError(
             f"{what}: {rel!r} is not a plain relative path inside the library (no absolute paths, no ..)"
         )
+    return path
+
+
+def inside_library(root: Path, rel: str, what: str) -> Path:
+    """`root/rel`, refused unless it stays inside `root` with every symlink on the way resolved
+    (a folder of the library may be a link to anywhere)."""
+    path = root.joinpath(*safe_relative(rel, what).parts)
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise LibraryError(f"{what}: {rel!r} leads outside the library (through a symlink); refusing it")
     return path
 
 
@@ -99,10 +111,10 @@ class Library:
         if self.kind == "remote":
             return _cached_copy(self, entry)
         assert self.root is not None
-        path = self.root.joinpath(*safe_relative(entry.path, f"{self.label}: recipe path").parts)
+        path = inside_library(self.root, entry.path, f"{self.label}: recipe path")
         if self.indexed:
             for rel, expected in entry.files.items():
-                local = self.root.joinpath(*safe_relative(rel, f"{self.label}: file").parts)
+                local = inside_library(self.root, rel, f"{self.label}: file")
                 _check_file(local, expected, f"{self.label}: {entry.name}@{entry.version}")
         if not path.is_file():
             raise LibraryError(f"{self.label}: {entry.path} is listed but missing")
@@ -171,8 +183,9 @@ def _cached_copy(library: Library, entry: Entry) -> Path:
 def scan_folder(root: Path, kind: str, location: str) -> Library:
     """A folder's recipe files as a library, each described by the fields it writes itself."""
     entries = []
+    real_root = root.resolve()
     for path in sorted(root.rglob("*.yaml")):
-        if path.is_symlink() or not path.is_file():
+        if path.is_symlink() or not path.is_file() or not path.resolve().is_relative_to(real_root):
             continue
         rel = path.relative_to(root).as_posix()
         try:
@@ -200,10 +213,21 @@ def shipped_library() -> Library:
     return scan_folder(SHIPPED_DIR, "shipped", "shipped") if SHIPPED_DIR.is_dir() else Library("shipped", "shipped", [])
 
 
-def parse_index(data: bytes, where: str, *, allow_unsigned: bool, remote: bool) -> tuple[list[Entry], str | None]:
-    """Entries of an index.json, its signature checked (`surgery.keys`): a signature that fails,
-    or one by a key not in the trust list, is refused; so is an unsigned remote index unless
-    `allow_unsigned`."""
+@dataclass(frozen=True)
+class Index:
+    """A verified index.json: its entries, who signed it, and when it was published and stops
+    being valid (both None in an index written before indexes carried them)."""
+
+    entries: list[Entry]
+    signer: str | None
+    published: datetime | None
+    expires: datetime | None
+
+
+def parse_index(data: bytes, where: str, *, allow_unsigned: bool, remote: bool) -> Index:
+    """An index.json, its signature checked (`surgery.keys`): a signature that fails, or one by a
+    key not in the trust list, is refused; so is an unsigned remote index unless `allow_unsigned`.
+    Its dates are read here and judged by whoever fetched it (`surgery.library_remote`)."""
     doc, signer = read_signed_document(
         data,
         where,
@@ -216,7 +240,25 @@ def parse_index(data: bytes, where: str, *, allow_unsigned: bool, remote: bool) 
         "(add the source with --allow-unsigned if you trust it anyway)",
         error=LibraryError,
     )
-    return [_entry(item, where) for item in _list(doc.get("recipes"), where)], signer
+    entries = [_entry(item, where) for item in _list(doc.get("recipes"), where)]
+    published, expires = (_date(doc.get(key), key, where) for key in ("published", "expires"))
+    if published and expires and expires <= published:
+        raise LibraryError(f"{where}: expires ({format_date(expires)}) before it was published; refusing it")
+    return Index(entries, signer, published, expires)
+
+
+def format_date(when: datetime) -> str:
+    """How an index writes a date: UTC, to the second (`2025-01-31T12:00:00Z`)."""
+    return when.astimezone(UTC).strftime(DATE_FORMAT)
+
+
+def _date(value: Any, key: str, where: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return datetime.strptime(value, DATE_FORMAT).replace(tzinfo=UTC)
+    except (TypeError, ValueError):
+        raise LibraryError(f"{where}: `{key}` is not a date like 2025-01-31T12:00:00Z; refusing the index") from None
 
 
 def _list(value: Any, where: str) -> list[Any]:
@@ -264,11 +306,11 @@ def folder_library(root: Path) -> Library:
     index = root / INDEX
     if not index.is_file():
         return scan_folder(root, "folder", str(root))
-    entries, signer = parse_index(_read_limited(index, MAX_INDEX_BYTES), str(index), allow_unsigned=True, remote=False)
-    return Library(str(root), "folder", entries, root=root, indexed=True, signed_by=signer)
+    parsed = parse_index(read_limited(index, MAX_INDEX_BYTES), str(index), allow_unsigned=True, remote=False)
+    return Library(str(root), "folder", parsed.entries, root=root, indexed=True, signed_by=parsed.signer)
 
 
-def _read_limited(path: Path, limit: int) -> bytes:
+def read_limited(path: Path, limit: int) -> bytes:
     with path.open("rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
@@ -276,38 +318,22 @@ def _read_limited(path: Path, limit: int) -> bytes:
     return data
 
 
-def remote_library(url: str, *, allow_unsigned: bool = False) -> Library:
-    """A library served as static files. Its index is cached so a fetched recipe stays usable offline."""
-    base = url if url.endswith("/") else url + "/"
-    if base.endswith(INDEX + "/"):
-        base = base[: -len(INDEX) - 1]
-    cached = cache_dir() / "indexes" / (sha256_bytes(base.encode()) + ".json")
-    try:
-        data = fetch(base + INDEX, MAX_INDEX_BYTES)
-    except LibraryError as err:
-        if not cached.is_file():
-            raise
-        print(f"note: {err}; using the index cached on a previous fetch", file=sys.stderr)
-        data = cached.read_bytes()
-    entries, signer = parse_index(data, base + INDEX, allow_unsigned=allow_unsigned, remote=True)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(cached.name + f".{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, cached)
-    return Library(base, "remote", entries, indexed=True, signed_by=signer)
-
-
 __all__ = [
+    "DATE_FORMAT",
     "INDEX",
+    "INDEX_EXPIRES_DAYS",
     "INDEX_FORMAT",
     "INDEX_FORMAT_VERSION",
     "NAME",
     "VERSION",
     "Entry",
+    "Index",
     "Library",
     "folder_library",
+    "format_date",
+    "inside_library",
     "parse_index",
-    "remote_library",
+    "read_limited",
     "safe_relative",
     "scan_folder",
     "shipped_library",

@@ -2,12 +2,15 @@
 `extends:` — to a local file to read, and where it came from:
 
 - a path (`my.yaml`, `../base.yaml`), relative to the file that names it (or the current folder);
-- a name (`quickstart`): the shipped library first, then the configured sources in the order they
-  were added; the newest version wins;
+- a name (`quickstart`): looked up in every library, the shipped one and then the configured
+  sources in the order they were added; the newest version wins, across libraries (on a tie, the
+  library searched first);
 - `name@version`: exactly that version, from the first library that has it.
 
 A recipe from a library may only extend recipes of that same library (by name, or by a relative
-path without `..`). Resolving reads no recipe: the recipe loader sits above this. No torch.
+path without `..`) and, by name, the shipped recipes; the paths it names (data, weights) must stay
+inside its library (`confine_paths`). Resolving reads no recipe: the recipe loader sits above this.
+No torch.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path, PurePosixPath
 
 from surgery.files import sha256_file
 from surgery.library_fetch import LibraryError
-from surgery.library_index import NAME, VERSION, Entry, Library, safe_relative, shipped_library
+from surgery.library_index import NAME, VERSION, Entry, Library, safe_relative, shipped_library, version_key
 from surgery.library_sources import libraries
 from surgery.registry import did_you_mean
 
@@ -38,6 +41,13 @@ class Resolved:
     version: str | None = None
     library: Library | None = field(default=None, compare=False)
     entry_path: str | None = None  # the recipe's path inside its library
+
+    @property
+    def root(self) -> Path | None:
+        """The library folder the file lies in (for a remote library, its verified cached copy)."""
+        if self.library is None or self.entry_path is None:
+            return None
+        return self.path.parents[len(PurePosixPath(self.entry_path).parts) - 1]
 
     def line(self) -> str:
         """One provenance line, as `recipe.lock.yaml` records it."""
@@ -80,11 +90,16 @@ def resolve(reference: str, base_dir: Path, within: Resolved | None = None) -> R
     assert match is not None
     name, version = match["name"], match["version"]
     searched = []
+    newest: tuple[Library, Entry] | None = None
     for library in libraries():
-        entry = library.find(name, version)
-        if entry is not None:
-            return from_library(library, entry, reference)
         searched.append(library.label)
+        entry = library.find(name, version)
+        if entry is not None and version is not None:
+            return from_library(library, entry, reference)
+        if entry is not None and (newest is None or version_key(entry.version) > version_key(newest[1].version)):
+            newest = (library, entry)
+    if newest is not None:
+        return from_library(*newest, reference)
     wanted = f"{name}@{version}" if version else name
     no_file = f"no such recipe file {reference!r}, and " if reference.endswith(".yaml") else ""
     raise LibraryError(f"{no_file}no recipe {wanted!r} in the libraries (searched: {', '.join(searched)}){_hint(name)}")
@@ -114,11 +129,15 @@ def _resolve_within(reference: str, within: Resolved) -> Resolved:
     entry = library.find(match["name"], match["version"]) or library.at_path(
         PurePosixPath(within.entry_path).parent / reference
     )
-    if entry is None:
-        raise LibraryError(
-            f"{reference!r}: no such recipe in library {library.label} (its recipes may only extend its own)"
-        )
-    return from_library(library, entry, reference)
+    if entry is not None:
+        return from_library(library, entry, reference)
+    shipped = shipped_library().find(match["name"], match["version"])
+    if shipped is not None:
+        return from_library(shipped_library(), shipped, reference)
+    raise LibraryError(
+        f"{reference!r}: no such recipe in library {library.label} or the shipped ones "
+        "(a library's recipes may only extend its own and the shipped recipes)"
+    )
 
 
 __all__ = ["REFERENCE", "Resolved", "from_library", "resolve"]

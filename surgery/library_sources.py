@@ -13,7 +13,8 @@ from typing import Any
 from surgery.errors import SurgeryError
 from surgery.files import write_json_atomic
 from surgery.library_fetch import LibraryError, is_url
-from surgery.library_index import Library, folder_library, remote_library, shipped_library
+from surgery.library_index import Library, folder_library, shipped_library
+from surgery.library_remote import forget, remote_library
 from surgery.places import sources_file
 
 
@@ -59,6 +60,8 @@ def remove_source(location: str) -> None:
     if len(kept) == len(sources):
         raise LibraryError(f"{location}: not a configured source (`surgery recipes sources` lists them)")
     write_json_atomic(sources_file(), {"sources": kept})
+    if is_url(location):
+        forget(location)  # added again, it starts from whatever index it serves then
 
 
 def libraries(notes: list[str] | None = None) -> Iterator[Library]:

@@ -31,4 +31,10 @@ def sources_file() -> Path:
     return config_dir() / "sources.json"
 
 
-__all__ = ["PACKAGE_DIR", "SCHEMA_FILE", "SHIPPED_DIR", "cache_dir", "config_dir", "sources_file"]
+def seen_indexes_file() -> Path:
+    """The newest index verified from each remote library: what an older one is refused against.
+    Kept with the configuration, not the cache, so that clearing the cache does not forget it."""
+    return config_dir() / "seen_indexes.json"
+
+
+__all__ = ["PACKAGE_DIR", "SCHEMA_FILE", "SHIPPED_DIR", "cache_dir", "config_dir", "seen_indexes_file", "sources_file"]

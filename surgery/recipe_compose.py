@@ -14,11 +14,13 @@ from typing import Any
 from surgery.library_fetch import LibraryError
 from surgery.library_resolve import Resolved, resolve
 from surgery.recipe_yaml import (
+    PATH_FIELDS,
     Location,
     Pos,
     absolutize,
     display_path,
     dotted,
+    locate,
     parse_yaml,
     problem,
     read_recipe_file,
@@ -56,6 +58,8 @@ def load_document(
             f"not a recipe: none of its {len(data)} top-level key(s) is a recipe field (name, backbone, heads, ...)",
         )
     absolutize(data, base_dir)
+    if origin is not None and origin.root is not None:
+        _confine(data, pos, origin.root, origin.source)
     if "extends" not in data:
         return data, pos
     extends = data.pop("extends")
@@ -82,6 +86,21 @@ def load_document(
         base_pos.children.pop("version", None)
         merged, merged_pos = _merge(merged, merged_pos, base, base_pos)
     return _merge(merged, merged_pos, data, pos)
+
+
+def _confine(data: dict[str, Any], pos: Pos, root: Path, library: str) -> None:
+    """The files a library's recipe names (data, weights) must lie inside its library, symlinks
+    resolved: a recipe fetched from elsewhere may not point training at the rest of the disk."""
+    real_root = root.resolve()
+    for section, key in PATH_FIELDS:
+        part = data.get(section)
+        value = part.get(key) if isinstance(part, dict) else None
+        if isinstance(value, str) and value and not Path(value).resolve().is_relative_to(real_root):
+            raise problem(
+                locate(pos, (section, key)),
+                f"{section}.{key}: {value!r} is outside library {library}; "
+                "a library's recipe may only name files inside it",
+            )
 
 
 def _extends_targets(value: Any, pos: Pos) -> list[tuple[str, Location]]:

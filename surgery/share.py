@@ -9,27 +9,33 @@ An archive (tar, optionally gzip) holds:
 
 Formats whose files hold pickles (TorchScript `model.ts`, `torch.export` `model.pt2`) are left out
 of the packed bundle, and its manifest copy drops them, since a shared model must never be
-unpickled. `pull` extracts into a new folder only, checks every member before it is written
-(regular files and folders only; no absolute paths, `..`, links or devices; no pickle files; size
-and count limits), then checks pack.json (format version, signature, every hash) and the bundle's
-own manifest. On any failure the folder is removed and nothing else was touched.
+unpickled. `pull` downloads within limits (`surgery.library_fetch`), extracts into a new folder
+only, checking every member before and while it is written (`surgery.archive`), then checks
+pack.json (format version, signature, every hash) and the bundle's own manifest against its own
+members. On any failure or interruption the folder is removed and nothing else was touched.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import fcntl
 import io
 import json
 import os
 import shutil
+import signal
+import sys
 import tarfile
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import Any
 
-from surgery.errors import SurgeryError
+from surgery.archive import ShareError, extract, size_text
+from surgery.files import remove_path
 from surgery.keys import read_signed_document, sign_document
 from surgery.library_fetch import fetch_to_file, is_url, sha256_bytes
 
@@ -39,16 +45,13 @@ PACK_FILE = "pack.json"
 CARD = "README.md"
 RECIPE = "recipe.yaml"
 BUNDLE = "bundle"
+TOP_LEVEL = frozenset({PACK_FILE, CARD, RECIPE, BUNDLE})  # all an archive may hold
+INCOMING = ".incoming"  # where a pull stages what it unpacks, inside the target folder
 PICKLE_FORMATS = {"torchscript": "model.ts", "pt2": "model.pt2"}
-PICKLE_SUFFIXES = {".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".bin", ".joblib", ".ts", ".pt2", ".npz"}
-MAX_MEMBERS = 10_000
-MAX_MEMBER_BYTES = 16 << 30
-MAX_TOTAL_BYTES = 64 << 30
-_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
-
-
-class ShareError(SurgeryError):
-    """An archive that cannot be packed, or that is refused when pulled."""
+MAX_TOTAL_BYTES = 64 << 30  # what one pull may download, and write, unless told otherwise
+MAX_SIZE_ENV = "SURGERY_PULL_MAX_SIZE"
+MAX_PACK_FILE_BYTES = 16 << 20
+PULL_DEADLINE_S = 4 * 3600.0  # a whole download; a stalled one is cut off much sooner (library_fetch)
 
 
 # --------------------------------------------------------------------------- pack
@@ -209,43 +212,118 @@ def model_card(recipe: Any, manifest: dict[str, Any], recipe_text: str, run: Pat
 # --------------------------------------------------------------------------- pull
 
 
-def pull_command(source: str, out: Path | None, *, allow_unsigned: bool = False) -> str:
+def pull_command(
+    source: str,
+    out: Path | None,
+    *,
+    allow_unsigned: bool = False,
+    max_size: str | None = None,
+    timeout_s: float | None = None,
+) -> str:
     """`surgery pull`: returns what to tell the user."""
-    folder, signer = pull(source, out, allow_unsigned=allow_unsigned)
+    max_bytes = parse_size(max_size or os.environ.get(MAX_SIZE_ENV) or "", MAX_TOTAL_BYTES)
+    folder, signer = pull(source, out, allow_unsigned=allow_unsigned, max_bytes=max_bytes, timeout_s=timeout_s)
     signed = f"signed by {signer}" if signer else "unsigned"
     return f"pulled {folder} ({signed}); serve it with `surgery serve {folder}`"
 
 
-def pull(source: str, out: Path | None = None, *, allow_unsigned: bool = False) -> tuple[Path, str | None]:
+def parse_size(text: str, default: int) -> int:
+    """`64G`, `500M`, `1.5T` or a number of bytes (binary units); `default` for an empty string."""
+    text = text.strip()
+    if not text:
+        return default
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = text.rstrip("KMGTkmgtiBb"), text[len(text.rstrip("KMGTkmgtiBb")) :].upper().rstrip("IB")
+    try:
+        value = int(float(number) * units[unit])
+    except (KeyError, ValueError, OverflowError):
+        value = 0
+    if value <= 0:
+        raise ShareError(f"{text!r}: not a size (say 64G, 500M, or a number of bytes)")
+    return value
+
+
+def pull(
+    source: str,
+    out: Path | None = None,
+    *,
+    allow_unsigned: bool = False,
+    max_bytes: int = MAX_TOTAL_BYTES,
+    timeout_s: float | None = None,
+) -> tuple[Path, str | None]:
     """Fetch (path or URL), check and unpack an archive into `out` (default: the archive's name
     without .tar/.tar.gz, in the current folder). Returns the folder and the signer, if signed.
-    Everything is written inside that folder, and a refused archive leaves nothing behind."""
+    Everything is written inside that folder, at most `max_bytes` (the download, and what is
+    unpacked); a refused or interrupted pull (SIGINT, SIGTERM) leaves nothing behind, and what
+    a killed one left in `.incoming` is cleared by the next pull into that folder."""
     remote = is_url(source)
     if not remote and not Path(source).is_file():
         raise ShareError(f"{source}: no such archive")
     folder = Path(out or _default_folder(source)).resolve()
-    if (folder.is_dir() and any(folder.iterdir())) or (folder.exists() and not folder.is_dir()):
+    if folder.exists() and not folder.is_dir():
         raise ShareError(f"{folder} exists already; pull into a new folder with --out")
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    staging = folder / ".incoming"
+    with _sigterm_as_interrupt(), _only_puller(folder) as staging:
+        try:
+            staging.mkdir()
+            archive = Path(source)
+            if remote:
+                archive = staging / "archive"
+                fetch_to_file(source, archive, max_bytes, deadline_s=timeout_s or PULL_DEADLINE_S)
+            tree = staging / "tree"
+            tree.mkdir()
+            hashes = extract(archive, tree, max_bytes=max_bytes, top_level=TOP_LEVEL)
+            _, signer = check_pack(tree, hashes, source, remote=remote, allow_unsigned=allow_unsigned)
+            for item in tree.iterdir():
+                os.replace(item, folder / item.name)
+            shutil.rmtree(staging)
+            return folder, signer
+        except BaseException as err:
+            shutil.rmtree(folder if created else staging, ignore_errors=True)
+            if isinstance(err, KeyboardInterrupt):  # Ctrl-C or SIGTERM; the CLI exits 130 without a word
+                print(f"pull interrupted; nothing was kept in {folder}", file=sys.stderr)
+            raise
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt while pulling (in the main thread), so that the clean-up
+    that follows a refusal or Ctrl-C also follows a `kill`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        staging.mkdir()
-        archive = Path(source)
-        if remote:
-            archive = staging / "archive"
-            fetch_to_file(source, archive, MAX_TOTAL_BYTES)
-        tree = staging / "tree"
-        tree.mkdir()
-        hashes = extract(archive, tree)
-        _, signer = check_pack(tree, hashes, source, remote=remote, allow_unsigned=allow_unsigned)
-        for item in tree.iterdir():
-            os.replace(item, folder / item.name)
-        shutil.rmtree(staging)
-        return folder, signer
-    except BaseException:
-        shutil.rmtree(folder if created else staging, ignore_errors=True)
-        raise
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+@contextlib.contextmanager
+def _only_puller(folder: Path) -> Iterator[Path]:
+    """Hold `folder` (an flock on it, dropped by the kernel however this process ends) while
+    pulling into it; yields its `.incoming` staging folder. A second pull into it is refused; a
+    `.incoming` left by a killed pull is removed; anything else in the folder refuses the pull."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ShareError(f"{folder}: another pull is unpacking into it; wait for it, or pull elsewhere") from None
+        staging = folder / INCOMING
+        if any(p.name != INCOMING for p in folder.iterdir()):
+            raise ShareError(f"{folder} exists already; pull into a new folder with --out")
+        if staging.exists() or staging.is_symlink():
+            print(f"note: removing {staging}, left by an interrupted pull", file=sys.stderr)
+            remove_path(staging)
+        yield staging
+    finally:
+        os.close(fd)
 
 
 def _default_folder(source: str) -> str:
@@ -253,94 +331,6 @@ def _default_folder(source: str) -> str:
     for suffix in (".tar.gz", ".tgz", ".tar"):
         name = name.removesuffix(suffix)
     return name or "pulled-model"
-
-
-def _refuse(source: str, member: str, why: str) -> ShareError:
-    return ShareError(f"{source}: member {member!r} {why}; refusing the archive")
-
-
-def extract(archive: Path, into: Path) -> dict[str, str]:
-    """Extract a tar archive member by member, refusing anything that is not a plain file or folder
-    at a plain relative path, pickles, and members or archives over the limits. Returns the sha256
-    of every file, computed while it was written."""
-    where = str(archive)
-    try:
-        tar = tarfile.open(archive, "r:*")  # noqa: SIM115 (closed by the `with tar:` below)
-    except (tarfile.TarError, OSError) as err:
-        raise ShareError(f"{where}: not a tar archive ({err})") from None
-    seen: set[str] = set()
-    hashes: dict[str, str] = {}
-    total = 0
-    with tar:
-        try:
-            for count, member in enumerate(tar, 1):
-                if count > MAX_MEMBERS:
-                    raise ShareError(f"{where}: more than {MAX_MEMBERS} members; refusing the archive")
-                rel = _member_path(member, where)
-                if rel.as_posix() in seen:
-                    raise _refuse(where, member.name, "appears twice")
-                seen.add(rel.as_posix())
-                target = into.joinpath(*rel.parts)
-                if member.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                total += member.size
-                if total > MAX_TOTAL_BYTES:
-                    raise ShareError(f"{where}: more than {_size(MAX_TOTAL_BYTES)} in all; refusing the archive")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                stream = tar.extractfile(member)
-                if stream is None:
-                    raise _refuse(where, member.name, "has no content")
-                hashes[rel.as_posix()] = _copy_member(stream, target, member, where)
-        except tarfile.TarError as err:
-            raise ShareError(f"{where}: damaged archive ({err})") from None
-        except OSError as err:  # e.g. a member that is a file and also a folder of other members
-            raise ShareError(f"{where}: cannot unpack it ({err.strerror or err}); refusing the archive") from None
-    return hashes
-
-
-def _size(n: int) -> str:
-    return f"{n >> 30} GiB" if n >= 1 << 30 else f"{n >> 20} MiB"
-
-
-def _member_path(member: tarfile.TarInfo, where: str) -> PurePosixPath:
-    name = member.name
-    if member.issym() or member.islnk():
-        raise _refuse(where, name, "is a link")
-    if member.ischr() or member.isblk() or member.isfifo() or member.isdev():
-        raise _refuse(where, name, "is a device or fifo")
-    if not (member.isfile() or member.isdir()):
-        raise _refuse(where, name, "is not a regular file or folder")
-    path = PurePosixPath(name)
-    if not name or "\\" in name or path.is_absolute() or ".." in path.parts or name.startswith("~"):
-        raise _refuse(where, name, "has an absolute path or `..`")
-    if member.isfile() and path.suffix.lower() in PICKLE_SUFFIXES:
-        raise _refuse(where, name, "is a pickle-based file (only safetensors, ONNX, JSON and text are accepted)")
-    if member.size > MAX_MEMBER_BYTES:
-        raise _refuse(where, name, f"is over the {_size(MAX_MEMBER_BYTES)} limit")
-    parts = [p for p in path.parts if p != "."]
-    if not parts:
-        raise _refuse(where, name, "has an empty path")
-    return PurePosixPath(*parts)
-
-
-def _copy_member(stream: BinaryIO, target: Path, member: tarfile.TarInfo, where: str) -> str:
-    digest = hashlib.sha256()
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with os.fdopen(fd, "wb") as f:
-        first = stream.read(1 << 20)
-        if first.startswith(_PICKLE_MAGIC):
-            raise _refuse(where, member.name, "is a pickle")
-        written = 0
-        chunk = first
-        while chunk:
-            written += len(chunk)
-            if written > member.size:
-                raise _refuse(where, member.name, "is longer than its header says")
-            f.write(chunk)
-            digest.update(chunk)
-            chunk = stream.read(1 << 20)
-    return digest.hexdigest()
 
 
 def check_pack(
@@ -352,6 +342,8 @@ def check_pack(
     pack_file = tree / PACK_FILE
     if not pack_file.is_file():
         raise ShareError(f"{source}: no {PACK_FILE}; not a surgery pack")
+    if pack_file.stat().st_size > MAX_PACK_FILE_BYTES:
+        raise ShareError(f"{source}: {PACK_FILE} is over {size_text(MAX_PACK_FILE_BYTES)}; not a pack surgery wrote")
     doc, signer = read_signed_document(
         pack_file.read_bytes(),
         f"{source}: {PACK_FILE}",
@@ -375,7 +367,9 @@ def check_pack(
         expected = info.get("sha256") if isinstance(info, dict) else None
         if hashes[rel] != expected:
             raise ShareError(f"{source}: {rel} does not match its sha256 in {PACK_FILE}; refusing the archive")
-    _check_bundle(tree / BUNDLE, {k.removeprefix(f"{BUNDLE}/"): v for k, v in hashes.items()}, source)
+    # only bundle/ members speak for the bundle: the root's recipe.yaml (a run's lock) is another file
+    inside = {k.removeprefix(f"{BUNDLE}/"): v for k, v in hashes.items() if k.startswith(f"{BUNDLE}/")}
+    _check_bundle(tree / BUNDLE, inside, source)
     return doc, signer
 
 
@@ -394,4 +388,14 @@ def _check_bundle(bundle: Path, hashes: dict[str, str], source: str) -> None:
             )
 
 
-__all__ = ["ShareError", "check_pack", "extract", "model_card", "pack", "pack_command", "pull", "pull_command"]
+__all__ = [
+    "ShareError",
+    "check_pack",
+    "extract",
+    "model_card",
+    "pack",
+    "pack_command",
+    "parse_size",
+    "pull",
+    "pull_command",
+]

@@ -101,7 +101,8 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def http_folder():
     """Serve folders as static files on 127.0.0.1 (a remote library or archive host, in-process):
-    call it with a folder, get back its base URL ending in '/'."""
+    call it with a folder, get back its base URL ending in '/'; `.stop(url)` takes that server
+    down (the host goes offline)."""
     import functools
     import http.server
     import threading
@@ -119,6 +120,13 @@ def http_folder():
         servers.append(server)
         return f"http://127.0.0.1:{server.server_address[1]}/"
 
+    def stop(url: str) -> None:
+        for server in [s for s in servers if url.startswith(f"http://127.0.0.1:{s.server_address[1]}/")]:
+            server.shutdown()
+            server.server_close()
+            servers.remove(server)
+
+    serve.stop = stop
     yield serve
     for server in servers:
         server.shutdown()

@@ -155,7 +155,7 @@ def test_the_circle_finder_finds_a_circle_through_a_package() -> None:
 
 # DESIGN.md's tiers, bottom up: a module imports its own tier and the tiers below it, never above.
 # A name stands for the module and the modules split from it (`recipe` covers `recipe_yaml`).
-LANGUAGE = ("schema", "sections", "registry", "recipe", "library_fetch", "library_index", "library_sources",
+LANGUAGE = ("schema", "sections", "registry", "recipe", "library_fetch", "library_index", "library_remote", "library_sources",
             "library_resolve", "keys", "provenance")  # fmt: skip
 COMPILER = ("model", "backbone", "backbones", "heads", "ops", "freeze")
 

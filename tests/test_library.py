@@ -144,16 +144,90 @@ def load_recipe_text_via_file(folder: Path, text: str):
     return load_recipe("c.yaml")
 
 
-def test_a_library_recipe_may_only_extend_its_own_library(tmp_path: Path) -> None:
+def test_a_library_recipe_may_only_extend_its_own_library_and_the_shipped_one(tmp_path: Path) -> None:
     lib = team_library(tmp_path / "lib")
     (tmp_path / "outside.yaml").write_text("name: outside\n")
     (lib / "escape.yaml").write_text("name: escape\nextends: ../outside.yaml\n")
     (lib / "absolute.yaml").write_text(f"name: absolute\nextends: {tmp_path / 'outside.yaml'}\n")
-    (lib / "shipped.yaml").write_text("name: shipped\nextends: quickstart\n")
+    (lib / "nowhere.yaml").write_text("name: nowhere\nextends: no-such-recipe\n")
+    (lib / "shipped.yaml").write_text("name: shipped\nextends: quickstart\ntrain: {epochs: 1}\n")
     add_source(str(lib))
-    for name, match in (("escape", r"\.\."), ("absolute", "absolute"), ("shipped", "no such recipe in library")):
+    for name, match in (("escape", r"\.\."), ("absolute", "absolute"), ("nowhere", "no such recipe in library")):
         with pytest.raises(SurgeryError, match=match):
             load_recipe(name)
+    extended = load_recipe("shipped")
+    assert extended.train.epochs == 1 and extended.backbone == load_recipe("quickstart").backbone
+    assert provenance_lines(extended)[1].startswith("# extends: quickstart@")
+
+
+def test_an_indexed_library_entry_under_a_symlinked_folder_is_refused(tmp_path: Path) -> None:
+    lib = team_library(tmp_path / "lib")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "evil.yaml").write_text("name: evil\nextends: team-base\n")
+    (lib / "linked").symlink_to(elsewhere)
+    index = json.loads(build_index(lib).read_text())
+    assert all(not e["path"].startswith("linked/") for e in index["recipes"])  # a scan never follows it
+    digest = hashlib.sha256((elsewhere / "evil.yaml").read_bytes()).hexdigest()
+    index["recipes"].append({"name": "evil", "version": "1", "path": "linked/evil.yaml", "sha256": digest})
+    (lib / "index.json").write_text(json.dumps(index))
+    add_source(str(lib))
+    with pytest.raises(SurgeryError, match="leads outside the library"):
+        load_recipe("evil")
+
+
+def test_a_library_recipe_may_not_name_files_outside_its_library(tmp_path: Path, http_folder) -> None:
+    lib = team_library(tmp_path / "www")
+    index = json.loads(build_index(lib).read_text())
+    (lib / "escape.yaml").write_text("name: escape\nextends: team-base\ndata: {source: jsonl, train: ../../..}\n")
+    (lib / "absolute.yaml").write_text("name: absolute\nextends: team-base\nbackbone: {weights: /etc/passwd}\n")
+    with pytest.raises(SurgeryError, match="outside library"):
+        build_index(lib)  # its publisher is told first
+    for name in ("escape", "absolute"):
+        digest = hashlib.sha256((lib / f"{name}.yaml").read_bytes()).hexdigest()
+        index["recipes"].append({"name": name, "version": "1", "path": f"{name}.yaml", "sha256": digest})
+    (lib / "index.json").write_text(json.dumps(index))
+    add_source(http_folder(lib), "--allow-unsigned")
+    with pytest.raises(SurgeryError, match=r"escape.yaml:3:\d+: data.train: .* is outside library http://127.0.0.1:"):
+        load_recipe("escape")
+    with pytest.raises(SurgeryError, match=r"backbone.weights: '/etc/passwd' is outside library"):
+        load_recipe("absolute")
+    (tmp_path / "mine.yaml").write_text(f"extends: team-base\nname: mine\ndata: {{source: jsonl, train: {tmp_path}}}\n")
+    assert load_recipe("mine.yaml").data.train == str(tmp_path)  # your own file names what it likes
+
+
+def test_the_newest_version_wins_across_libraries(tmp_path: Path, http_folder) -> None:
+    local = team_library(tmp_path / "local", "1.0.0", lr="0.01")
+    remote = team_library(tmp_path / "www", "2.0.0", lr="0.02")
+    build_index(remote)
+    add_source(str(local))
+    add_source(http_folder(remote), "--allow-unsigned")
+    assert load_recipe("team-base").version == "2.0.0"  # the remote's newer one, though searched later
+    assert load_recipe("team-base@1.0.0").train.optimizer.lr == 0.01
+    team_library(local, "2.0.0", lr="0.03")  # a tie: the library searched first wins
+    assert load_recipe("team-base").train.optimizer.lr == 0.03
+
+
+def test_recipes_list_escapes_terminal_sequences(tmp_path: Path) -> None:
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "x.yaml").write_text('name: x\ndescription: "\\e[2J\\e]0;pwned\\a ok\\u202e"\ntags: ["\\e[31m"]\n')
+    add_source(str(lib))
+    table = list_recipes()
+    assert "\x1b" not in table and "\x07" not in table and "\u202e" not in table
+    assert "\\x1b[2J\\x1b]0;pwned\\x07 ok\\u202e" in table and "\\x1b[31m" in table
+    with (lib / "x.yaml").open("a") as f:
+        f.write("# \x1b[2J raw in a comment\n")
+    shown = show_recipe("x")
+    assert "\x1b" not in shown and "# \\x1b[2J raw in a comment\n" in shown
+
+
+def test_a_lone_surrogate_in_a_recipe_is_a_one_line_refusal_to_sign(tmp_path: Path) -> None:
+    lib = team_library(tmp_path / "lib")
+    (lib / "odd.yaml").write_text('name: odd\nextends: team-base\ndescription: "\\ud800"\n')
+    new_key("team")
+    with pytest.raises(SurgeryError, match=r"^cannot sign it: it holds text that is not valid Unicode"):
+        build_index(lib, sign="team")
 
 
 def test_lock_provenance_names_every_recipe_of_the_chain(tmp_path: Path) -> None:
@@ -182,6 +256,7 @@ def test_http_library_signed_index_fetch_cache_and_offline(tmp_path: Path, http_
     cached = list((tmp_path / "cache" / "library").iterdir())
     assert len(cached) == 2  # both files of the chain, by content hash
     # the server goes away: the cached index and recipes still resolve
+    http_folder.stop(url)
     shutil.rmtree(lib)
     assert load_recipe("mine.yaml").train.epochs == 2
 

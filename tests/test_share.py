@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgery import share
+from surgery import archive as archive_module
 from surgery.bundle import load_bundle
 from surgery.errors import SurgeryError
 from surgery.export import export_bundle
@@ -81,6 +81,80 @@ def test_pack_pull_round_trip_loads_the_same_model(exported, archive: Path, tmp_
     from serve.launch import resolve_bundle
 
     assert resolve_bundle(folder) == folder / "bundle"  # `surgery serve FOLDER` takes it as it is
+
+
+@pytest.fixture(scope="module")
+def run_folder(exported, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder as `surgery build` leaves it: its lock (the resolved recipe under provenance
+    comments, so not the bundle's recipe.yaml byte for byte) beside bundle/."""
+    run = tmp_path_factory.mktemp("runs") / "shared-tiny" / "20250101-000000"
+    run.mkdir(parents=True)
+    shutil.copytree(exported[1], run / "bundle")
+    lock = "# surgery lock: the resolved recipe of this run\n# recipe: shared.yaml\n"
+    (run / "recipe.lock.yaml").write_text(lock + (run / "bundle" / "recipe.yaml").read_text())
+    return run
+
+
+def test_pack_pull_of_a_run_folder_loads(exported, run_folder: Path, tmp_path: Path) -> None:
+    packed, _ = pack(run_folder, tmp_path / "run.tar")
+    folder, _ = pull(str(packed), tmp_path / "pulled")
+    assert (folder / "recipe.yaml").read_text() == (run_folder / "recipe.lock.yaml").read_text()
+    assert "recipe: shared.yaml" in (folder / "README.md").read_text()  # provenance from the lock
+    loaded = load_bundle(folder / "bundle")
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(loaded.model(x)["digit"], exported[0](x)["digit"])
+
+
+@pytest.mark.slow
+def test_a_built_run_packs_pulls_and_loads_as_the_readme_says(tmp_path: Path) -> None:
+    """The user's way (issue 21): `surgery build`, `surgery pack runs/<recipe>/latest`, `surgery
+    pull`, then the pulled bundle loads."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
+
+    def surgery(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env, timeout=600
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    surgery("build", "quickstart", "--set", "train.epochs=1", "--runs", "runs")
+    surgery("pack", "runs/quickstart/latest", "--out", "q.tar")
+    assert "pulled" in surgery("pull", "q.tar")
+    assert (tmp_path / "q" / "recipe.yaml").read_text() == (
+        tmp_path / "runs/quickstart/latest/recipe.lock.yaml"
+    ).read_text()
+    loaded = load_bundle(tmp_path / "q" / "bundle")
+    assert loaded.manifest["name"] == "quickstart" and loaded.labels["digit"] == [str(i) for i in range(10)]
+
+
+def test_a_root_file_cannot_stand_in_for_a_bundle_file(run_folder: Path, tmp_path: Path) -> None:
+    members = _members(pack(run_folder, tmp_path / "run.tar")[0])
+    members["recipe.yaml"] = members.pop("bundle/recipe.yaml")  # the bundle's own recipe moved to the root
+    doc = json.loads(members["pack.json"])
+    doc["files"]["recipe.yaml"] = doc["files"].pop("bundle/recipe.yaml")
+    members["pack.json"] = json.dumps(doc).encode()
+    _refused(_write(tmp_path / "x.tar", members), tmp_path, "bundle/recipe.yaml is missing")
+
+
+def test_load_bundle_refuses_a_lying_safetensors_header_before_building(
+    exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+
+    bundle = Path(shutil.copytree(exported[1], tmp_path / "b"))
+    raw = json.dumps({"w": {"dtype": "F32", "shape": [10**12], "data_offsets": [0, 4 * 10**12]}}).encode()
+    (bundle / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 64)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"]["model.safetensors"] = hashlib.sha256((bundle / "model.safetensors").read_bytes()).hexdigest()
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr("surgery.model.build_model", lambda *a, **k: pytest.fail("built a model first"))
+    with pytest.raises(SurgeryError, match=r"model.safetensors: not a safetensors file \(its tensors cover"):
+        load_bundle(bundle)
 
 
 def test_signed_round_trip_and_a_tampered_one(exported, tmp_path: Path) -> None:
@@ -181,12 +255,12 @@ def test_pickles_are_refused(archive: Path, tmp_path: Path, name: str) -> None:
 def test_members_over_the_size_limit_are_refused(
     archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(share, "MAX_MEMBER_BYTES", 1 << 20)  # model.onnx and the weights are bigger
+    monkeypatch.setattr(archive_module, "MAX_MEMBER_BYTES", 1 << 20)  # model.onnx and the weights are bigger
     _refused(archive, tmp_path, "is over the 1 MiB limit")
 
 
 def test_too_many_members_are_refused(archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(share, "MAX_MEMBERS", 3)
+    monkeypatch.setattr(archive_module, "MAX_MEMBERS", 3)
     _refused(archive, tmp_path, "more than 3 members")
 
 
