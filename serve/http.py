@@ -165,7 +165,7 @@ async def read_body(request: Request, limit_mb: float) -> bytes:
     limit = int(limit_mb * 1024 * 1024)
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit() and len(declared) <= 20):
             raise InputError("invalid Content-Length header")
         if int(declared) > limit:
             raise InputError(f"request body of {int(declared)} bytes exceeds the {limit_mb:g} MB limit", 413)
@@ -207,15 +207,6 @@ async def while_connected(request: Request, work: Any) -> Any:
         return task.result()
     task.cancel()
     return None
-
-
-def _header_length(request: Request) -> int | None:
-    value = request.headers.get(v2.HEADER_LENGTH.lower())
-    if value is None:
-        return None
-    if not value.strip().isdigit():
-        raise InputError(f"invalid {v2.HEADER_LENGTH} header")
-    return int(value)
 
 
 @serve.deployment(name=INGRESS_NAME)
@@ -268,7 +259,11 @@ class SurgeryAPI:
         try:
             # a body trickling in slower than the model's time limit is cut off, not waited for
             body = await asyncio.wait_for(read_body(request, self.limits[name]), self.timeouts[name])
-            call_args = (body, _header_length(request)) if method == "infer_v2" else (*args, body)
+            call_args = (
+                (body, v2.header_length(request.headers.get(v2.HEADER_LENGTH)))
+                if method == "infer_v2"
+                else (*args, body)
+            )
         except InputError as exc:
             return error(exc.status, str(exc))
         except TimeoutError:

@@ -46,6 +46,7 @@ DTYPES: dict[str, np.dtype | None] = {
     "FP64": np.dtype("<f8"),
     "BYTES": None,
 }
+MAX_DIMS = 32  # numpy's own limit is 64; no model here takes more than 4
 NUMERIC = tuple(name for name, dtype in DTYPES.items() if dtype is not None and name != "BOOL")
 
 
@@ -136,13 +137,26 @@ def _bad(message: str) -> InputError:
 def _shape(value: Any, where: str) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
         raise _bad(f"{where}.shape: expected a list of integers")
+    if len(value) > MAX_DIMS:
+        raise _bad(f"{where}.shape: {len(value)} dimensions; at most {MAX_DIMS}")
     if any(d < 0 for d in value):
         raise _bad(f"{where}.shape: dimensions must not be negative, got {value}")
     return value
 
 
-def _count(shape: list[int]) -> int:
-    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+def element_count(shape: list[int], limit: int, where: str) -> int:
+    """The elements a shape holds, refused once it passes `limit` (the request's size in bytes:
+    every element takes at least one byte of JSON or of binary data). Python integers, checked
+    after each dimension, so a shape like [10**30] or [2**62, 4, 1, 16, 16] is refused before
+    anything is allocated for it, never wrapped around by a fixed-width product."""
+    count = 1
+    for axis, dim in enumerate(shape):
+        if dim > limit:
+            raise _bad(f"{where}.shape: dimension {axis} is larger than a request of {limit} bytes can hold")
+        count *= dim
+        if count > limit:
+            raise _bad(f"{where}.shape: more elements than a request of {limit} bytes can hold")
+    return count
 
 
 def _bytes_elements(raw: bytes, count: int, where: str) -> list[bytes]:
@@ -170,7 +184,7 @@ def _flat(value: Any) -> list[Any]:
     return value
 
 
-def _tensor(raw: Any, index: int, binary: memoryview, offset: int) -> tuple[Tensor, int]:
+def _tensor(raw: Any, index: int, binary: memoryview, offset: int, limit: int) -> tuple[Tensor, int]:
     where = f"inputs[{index}]"
     if not isinstance(raw, dict):
         raise _bad(f"{where}: expected an object with name, datatype, shape and data")
@@ -181,13 +195,13 @@ def _tensor(raw: Any, index: int, binary: memoryview, offset: int) -> tuple[Tens
     if datatype not in DTYPES:
         raise _bad(f"{where}: unsupported datatype {datatype!r}; one of {', '.join(DTYPES)}")
     shape = _shape(raw.get("shape"), where)
-    count = _count(shape)
+    count = element_count(shape, limit, where)
     parameters = raw.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise _bad(f"{where}.parameters: expected an object")
     size = parameters.get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
             raise _bad(f"{where}: binary_data_size {size!r} does not fit the binary data after the JSON header")
         chunk = bytes(binary[offset : offset + size])
         offset += size
@@ -235,6 +249,17 @@ def _requested(raw: Any) -> list[Requested] | None:
     return wanted
 
 
+def header_length(value: str | None) -> int | None:
+    """The `Inference-Header-Content-Length` header as a byte count: ASCII digits only ('²' and
+    '٣' are digits to `str.isdigit` but not to `int`), and short enough to convert."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not (value.isascii() and value.isdigit() and len(value) <= 20):
+        raise _bad(f"invalid {HEADER_LENGTH} header; expected a byte count")
+    return int(value)
+
+
 def parse_request(body: bytes, header_length: int | None) -> InferRequest:
     """An infer request: JSON, or a JSON header of `header_length` bytes followed by binary
     tensor data (the binary tensor data extension)."""
@@ -250,7 +275,7 @@ def parse_request(body: bytes, header_length: int | None) -> InferRequest:
         raise _bad("inputs: expected a non-empty list of tensors")
     inputs, offset = [], 0
     for i, raw in enumerate(raw_inputs):
-        tensor, offset = _tensor(raw, i, binary, offset)
+        tensor, offset = _tensor(raw, i, binary, offset, len(body))
         inputs.append(tensor)
     if offset != len(binary):
         raise _bad(f"{len(binary) - offset} bytes of binary data no input claims")
