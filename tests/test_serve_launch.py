@@ -112,6 +112,20 @@ def test_predict_says_a_missing_file_is_missing(tmp_path, monkeypatch):
     assert _parse_input("x.png") == ("file", Path("x.png"))
 
 
+@pytest.mark.parametrize("length", [256, 300, 1000, 4095, 5000])
+def test_predict_takes_long_inline_arrays_and_text_as_data(tmp_path, monkeypatch, length):
+    """Longer than a file name may be (255 bytes a part): data, never "File name too long"."""
+    monkeypatch.chdir(tmp_path)
+    values = [round(i / 7, 3) for i in range(length)]
+    array = json.dumps(values)[:length]
+    array = array[: array.rindex(",")] + "]"
+    assert _parse_input(array) == ("json", json.loads(array))
+    assert _parse_input(array.replace(" ", "")) == ("json", json.loads(array))
+    text = ("word " * length)[:length]
+    assert _parse_input(text) == ("text", text)
+    assert _parse_input("x" * length) == ("text", "x" * length)
+
+
 def test_predict_command_fails_on_a_missing_file_before_sending(tmp_path):
     done = _surgery("predict", "http://127.0.0.1:9/v1/models/m", "missing-file.png", cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.strip() == "error: missing-file.png: no such file", done.stderr
