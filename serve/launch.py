@@ -19,11 +19,13 @@ import yaml
 
 from serve.config import (
     INGRESS_NAME,
+    RAY_TIMEOUT_MARGIN_S,
     AppArgs,
+    Machine,
     deployment_options,
     model_deployment_name,
     model_settings,
-    read_serve_section,
+    serve_section,
 )
 from serve.ingress import REPLICA_ENV, check_ingress, ingress_environment, state_folder
 from serve.tokens import TOKEN_ENV, read_token
@@ -46,13 +48,17 @@ def resolve_bundle(target: Path) -> Path:
     raise BundleError(f"{target}: neither a bundle nor a run folder with bundle/ (run `surgery export {target}` first)")
 
 
-def verify_bundles(bundles: list[str]) -> None:
+def verify_bundles(bundles: list[str], formats: bool) -> None:
     """Load every bundle here, as a replica would (schema, hashes, paths, model, weights), so a
-    bad one fails the command in seconds with its reason instead of failing replicas on Ray."""
+    bad one fails the command in seconds with its reason instead of failing replicas on Ray; with
+    `formats`, check every format its manifest lists too (`build_app` does, where it runs)."""
     from surgery.bundle import load_bundle
+    from surgery.formats import verify_formats
 
     for bundle in bundles:
-        load_bundle(Path(bundle))
+        loaded = load_bundle(Path(bundle))
+        if formats:
+            verify_formats(loaded.path, loaded.manifest)
 
 
 def _is_loopback(host: str) -> bool:
@@ -64,12 +70,13 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def serve_config(args: dict[str, Any], host: str, port: int) -> dict[str, Any]:
-    """A Ray Serve config (the schema `serve run`/`serve deploy` read) deploying `args`."""
+def serve_config(args: dict[str, Any], host: str, port: int, machine: Machine) -> dict[str, Any]:
+    """A Ray Serve config (the schema `serve run`/`serve deploy` read) deploying `args`, the
+    recipes' settings capped for `machine`."""
     parsed = AppArgs.model_validate(args)
     deployments = []
     timeouts = []
-    sections = [(read_manifest(b)["name"], read_serve_section(b)) for b in parsed.bundles]
+    sections = [(read_manifest(b)["name"], serve_section(b, machine)) for b in parsed.bundles]
     for name, section in sections:
         settings = model_settings(parsed, section)
         timeouts.append(settings["request_timeout_s"])
@@ -78,7 +85,7 @@ def serve_config(args: dict[str, Any], host: str, port: int) -> dict[str, Any]:
         deployments.append(options)
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": host, "port": port, "request_timeout_s": max(timeouts)},
+        "http_options": {"host": host, "port": port, "request_timeout_s": max(timeouts) + RAY_TIMEOUT_MARGIN_S},
         "applications": [
             {
                 "name": APP_NAME,
@@ -215,7 +222,7 @@ def serve_command(
         raise SurgeryError("give at least one bundle or run folder to serve")
     check_ingress(ingress)
     bundles = [str(resolve_bundle(t)) for t in targets]
-    verify_bundles(bundles)
+    verify_bundles(bundles, formats=config_out is not None)
     args: dict[str, Any] = {"bundles": bundles}
     for key, value in (("replicas", replicas), ("max_batch_size", max_batch_size), ("batch_wait_ms", batch_wait_ms)):
         if value is not None:
@@ -230,7 +237,7 @@ def serve_command(
     if config_out is not None:
         if token_file is not None:  # the path, never the secret, goes into a config file
             args["token_file"] = str(Path(token_file).resolve())
-        config = serve_config(args, host, port)
+        config = serve_config(args, host, port, Machine(None, None))  # it runs where it is deployed
         Path(config_out).write_text(
             f"# Ray Serve config written by `surgery serve`: `serve run {config_out}` or `serve deploy {config_out}`.\n"
             f"# Without token_file, replicas require the bearer token in ${TOKEN_ENV} when it is set in their environment.\n"
@@ -241,7 +248,7 @@ def serve_command(
 
     if token is not None:
         args["token_sha256"] = hashlib.sha256(token.encode()).hexdigest()
-    config = serve_config(args, host, port)
+    config = serve_config(args, host, port, Machine.here())
     if not os.environ.get("RAY_ADDRESS"):
         total = sum(
             d.get("num_replicas") or d.get("autoscaling_config", {}).get("max_replicas", 1)

@@ -212,3 +212,30 @@ def test_whole_machine_claims_take_turns(tmp_path):
             assert not also  # gave up waiting: carries on without it
     with second.whole_machine(wait_s=0.05) as held:
         assert held
+
+
+# --------------------------------------------------------------------------- a recipe's serve settings, capped
+
+
+def test_a_recipes_serve_settings_are_capped_by_the_machine():
+    from serve.config import MAX_BODY_MB, MAX_REQUEST_TIMEOUT_S, Machine, capped_section
+    from surgery.schema import Serve
+
+    greedy = Serve(replicas=64, max_body_mb=100000, request_timeout_s=1e8, batch_wait_ms=1e9, max_batch_size=10**9)
+    section, notes = capped_section(greedy, Machine(cpus=2, memory_bytes=64 * 2**30), weights_bytes=2**20)
+    assert (section.replicas, section.max_body_mb, section.request_timeout_s) == (2, MAX_BODY_MB, MAX_REQUEST_TIMEOUT_S)
+    assert section.batch_wait_ms == 1000 and section.max_batch_size == 1024
+    assert len(notes) == 5 and all("\n" not in note for note in notes)
+    assert "serve.replicas 64 capped to 2 (2 CPUs here)" in notes
+
+    heavy, notes = capped_section(Serve(replicas=8), Machine(cpus=64, memory_bytes=5 * 2**30), weights_bytes=2**30)
+    assert heavy.replicas == 2 and "serve.replicas 8 capped to 2 (5.0 GiB free, ~2.5 GiB each)" in notes
+
+    scaling = Serve(autoscaling={"min_replicas": 10, "max_replicas": 64})
+    section, notes = capped_section(scaling, Machine(cpus=4, memory_bytes=None), weights_bytes=0)
+    assert (section.autoscaling.min_replicas, section.autoscaling.max_replicas) == (4, 4) and len(notes) == 2
+
+    modest = Serve(replicas=2, max_body_mb=8, request_timeout_s=60)
+    assert capped_section(modest, Machine(cpus=2, memory_bytes=2**34), 2**20) == (modest, [])
+    cluster, notes = capped_section(Serve(replicas=64), Machine(None, None), 2**30)  # the cluster places replicas
+    assert cluster.replicas == 64 and notes == []
