@@ -239,3 +239,38 @@ def test_a_recipes_serve_settings_are_capped_by_the_machine():
     assert capped_section(modest, Machine(cpus=2, memory_bytes=2**34), 2**20) == (modest, [])
     cluster, notes = capped_section(Serve(replicas=64), Machine(None, None), 2**30)  # the cluster places replicas
     assert cluster.replicas == 64 and notes == []
+
+
+# --------------------------------------------------------------------------- the OpenAPI document
+
+
+def test_openapi_documents_the_statuses_each_route_answers_and_never_422():
+    import json
+
+    from serve.http import openapi_document
+
+    document = openapi_document()
+    assert '"422"' not in json.dumps(document) and "ValidationError" not in json.dumps(document)
+    operations = {(m.upper(), p): op for p, ops in document["paths"].items() for m, op in ops.items()}
+    statuses = {key: set(op["responses"]) for key, op in operations.items()}
+    assert statuses[("POST", "/v1/models/{name}:predict")] == {
+        "200",
+        "400",
+        "401",
+        "404",
+        "408",
+        "413",
+        "415",
+        "500",
+        "504",
+    }
+    assert statuses[("POST", "/v2/models/{name}/infer")] == {"200", "400", "401", "404", "408", "413", "500", "504"}
+    for (method, path), codes in statuses.items():
+        if path in ("/healthz", "/v2/health/live", "/v2/health/ready"):
+            assert codes == {"200"}, path  # probes: no token, nothing to find
+            continue
+        assert "401" in codes, path
+        assert ("{name}" in path) == ("404" in codes), path
+    error = operations[("POST", "/v1/models/{name}:predict")]["responses"]["413"]["content"]["application/json"]
+    assert document["components"]["schemas"][error["schema"]["$ref"].rsplit("/", 1)[1]]["required"] == ["error"]
+    assert list(operations[("GET", "/metrics")]["responses"]["200"]["content"]) == ["text/plain"]
