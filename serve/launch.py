@@ -33,7 +33,16 @@ from surgery.bundle import read_manifest
 from surgery.errors import BundleError, SurgeryError
 
 APP_NAME = "surgery"
-OWN_RAY_ENV = {"RAY_enable_metrics_collection": "0", **REPLICA_ENV}
+# The Ray `surgery serve` starts for itself is a one-machine Ray, and listens on loopback only.
+# Ray turns a node address of 127.0.0.1 into the machine's address so that other nodes can join
+# (unless clusters are off, as on Windows and macOS): every gRPC server, the dashboard agent and
+# the runtime-env agent then listened on that address, and the autoscaler monitor and the
+# dashboard served Prometheus text, without auth, on every interface. With clusters off the node
+# address stays 127.0.0.1 and every one of them binds it. Ray reads this when `ray` is imported.
+LOOPBACK_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# Ray's metrics agent would serve Prometheus, without auth; the app has its own /metrics behind
+# the token. Read by the raylet this starts (and `ray start`).
+OWN_RAY_ENV = {"RAY_enable_metrics_collection": "0", **LOOPBACK_RAY_ENV, **REPLICA_ENV}
 IMPORT_PATH = "serve.app:build_app"
 
 
@@ -114,9 +123,7 @@ def _start_ray(detach: bool) -> None:
     if address:
         ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
         return
-    # Ray's metrics agent would serve Prometheus, without auth, on every interface; the app has
-    # its own /metrics behind the token. Read by the raylet this starts (and `ray start` below).
-    os.environ.update(OWN_RAY_ENV)
+    own_ray_environment()
     if not detach:
         ray.init(
             address="local",
@@ -144,6 +151,15 @@ def _start_ray(detach: bool) -> None:
     if done.returncode != 0 and "already running" not in done.stderr + done.stdout:
         raise SurgeryError(f"`ray start --head` failed: {done.stderr.strip().splitlines()[-1:]}")
     ray.init(address="auto", include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+
+
+def own_ray_environment() -> None:
+    """Set the environment of a Ray started from here (OWN_RAY_ENV), before `ray` reads it. Where
+    `ray` is imported already (a process that imported Serve before), its constant is set too."""
+    os.environ.update(OWN_RAY_ENV)
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 def _deploy(app: Any, host: str, port: int, timeout_s: float) -> None:
@@ -246,6 +262,8 @@ def serve_command(
         print(f"wrote {config_out}")
         return
 
+    if not os.environ.get("RAY_ADDRESS"):
+        own_ray_environment()  # before `serve.app` imports Ray
     if token is not None:
         args["token_sha256"] = hashlib.sha256(token.encode()).hexdigest()
     config = serve_config(args, host, port, Machine.here())
