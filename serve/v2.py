@@ -144,18 +144,18 @@ def _shape(value: Any, where: str) -> list[int]:
     return value
 
 
-def element_count(shape: list[int], limit: int, where: str) -> int:
-    """The elements a shape holds, refused once it passes `limit` (the request's size in bytes:
-    every element takes at least one byte of JSON or of binary data). Python integers, checked
-    after each dimension, so a shape like [10**30] or [2**62, 4, 1, 16, 16] is refused before
-    anything is allocated for it, never wrapped around by a fixed-width product."""
+def element_count(shape: list[int], limit: int) -> int | None:
+    """The elements a shape holds, or None once that passes `limit` (the values or bytes the
+    request sends for it). Python integers, checked after each dimension, so a shape like [10**30]
+    or [2**62, 4, 1, 16, 16] is refused before anything is allocated for it, never wrapped around
+    by a fixed-width product."""
     count = 1
-    for axis, dim in enumerate(shape):
+    for dim in shape:
         if dim > limit:
-            raise _bad(f"{where}.shape: dimension {axis} is larger than a request of {limit} bytes can hold")
+            return None
         count *= dim
         if count > limit:
-            raise _bad(f"{where}.shape: more elements than a request of {limit} bytes can hold")
+            return None
     return count
 
 
@@ -184,7 +184,7 @@ def _flat(value: Any) -> list[Any]:
     return value
 
 
-def _tensor(raw: Any, index: int, binary: memoryview, offset: int, limit: int) -> tuple[Tensor, int]:
+def _tensor(raw: Any, index: int, binary: memoryview, offset: int) -> tuple[Tensor, int]:
     where = f"inputs[{index}]"
     if not isinstance(raw, dict):
         raise _bad(f"{where}: expected an object with name, datatype, shape and data")
@@ -195,7 +195,6 @@ def _tensor(raw: Any, index: int, binary: memoryview, offset: int, limit: int) -
     if datatype not in DTYPES:
         raise _bad(f"{where}: unsupported datatype {datatype!r}; one of {', '.join(DTYPES)}")
     shape = _shape(raw.get("shape"), where)
-    count = element_count(shape, limit, where)
     parameters = raw.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise _bad(f"{where}.parameters: expected an object")
@@ -203,6 +202,9 @@ def _tensor(raw: Any, index: int, binary: memoryview, offset: int, limit: int) -
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
             raise _bad(f"{where}: binary_data_size {size!r} does not fit the binary data after the JSON header")
+        count = element_count(shape, size)  # every element takes at least one byte
+        if count is None:
+            raise _bad(f"{where}: {size} bytes of binary data for shape {shape}")
         chunk = bytes(binary[offset : offset + size])
         offset += size
         if datatype == "BYTES":
@@ -214,7 +216,7 @@ def _tensor(raw: Any, index: int, binary: memoryview, offset: int, limit: int) -
     if "data" not in raw:
         raise _bad(f"{where}: no data (give `data`, or `parameters.binary_data_size` with binary data)")
     data = _flat(raw["data"])
-    if not isinstance(data, list) or len(data) != count:
+    if not isinstance(data, list) or element_count(shape, len(data)) != len(data):
         got = len(data) if isinstance(data, list) else type(data).__name__
         raise _bad(f"{where}: {got} values for shape {shape}")
     if datatype == "BYTES":
@@ -275,7 +277,7 @@ def parse_request(body: bytes, header_length: int | None) -> InferRequest:
         raise _bad("inputs: expected a non-empty list of tensors")
     inputs, offset = [], 0
     for i, raw in enumerate(raw_inputs):
-        tensor, offset = _tensor(raw, i, binary, offset, len(body))
+        tensor, offset = _tensor(raw, i, binary, offset)
         inputs.append(tensor)
     if offset != len(binary):
         raise _bad(f"{len(binary) - offset} bytes of binary data no input claims")

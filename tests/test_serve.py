@@ -384,7 +384,7 @@ HOSTILE_HTTP = {
             "/v2/models/tiny/infer",
             _infer(shape, binary),
             400,
-            "can hold",
+            "for shape",
         )
         for shape in ([10**30], [2**32, 2**32], [2**62, 4, 1, 16, 16])
         for binary in (False, True)
@@ -884,6 +884,23 @@ def _listening(pids: set[int]) -> list[tuple[str, str, str]]:
     return found
 
 
+def _answers_without_token(port: int) -> bool:
+    """Whether a listener answers a plain HTTP request with a 200, or a gRPC call (to Serve's
+    inter-deployment service) without Ray's token with anything but UNAUTHENTICATED."""
+    import grpc
+
+    with contextlib.suppress(httpx.HTTPError):
+        if httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).status_code == 200:
+            return True
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary("/ray.serve.ASGIService/HandleRequest")
+        try:
+            call(b"", timeout=10)
+        except grpc.RpcError as err:
+            return err.code() != grpc.StatusCode.UNAUTHENTICATED
+    return True
+
+
 def _loopback(address: str) -> bool:
     import ipaddress
 
@@ -949,11 +966,13 @@ def test_surgery_serve_command_serves_then_shuts_down_cleanly(bundles, tmp_path,
                 names.add(psutil.Process(pid).name())
         assert "haproxy" in names, "`surgery serve` should front its replicas with HAProxy (--ingress auto)"
         # every socket the command's process tree listens on (Ray's gRPC servers, agents, monitor,
-        # dashboard, HAProxy, replicas) is on loopback: nothing answers from another machine
+        # dashboard, HAProxy, replicas) is on loopback, or (each replica's inter-deployment gRPC
+        # server, which Ray binds to [::] in its code) answers nothing without Ray's token
         listening = _listening({proc.pid, *seen})
         assert len(listening) >= 5 and ("127.0.0.1", str(port)) in {(ip, number) for ip, number, _ in listening}
         exposed = [entry for entry in listening if not _loopback(entry[0])]
-        assert not exposed, f"listening beyond loopback: {exposed}"
+        assert all(name.startswith("ray::ServeReplica") for _, _, name in exposed), exposed
+        assert not [entry for entry in exposed if _answers_without_token(int(entry[1]))], exposed
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
         response = httpx.post(
             f"http://127.0.0.1:{port}/v1/models/tiny:predict",
