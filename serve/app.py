@@ -30,12 +30,13 @@ from serve.config import (
     deployment_options,
     model_deployment_name,
     model_settings,
-    read_serve_section,
+    serve_section,
 )
 from serve.http import SurgeryAPI
 from serve.runtime import Answer, ModelServer
 from surgery.bundle import read_manifest
 from surgery.errors import BundleError
+from surgery.formats import verify_formats
 
 
 @serve.deployment(name="model")
@@ -74,11 +75,13 @@ def build_app(args: dict[str, Any]) -> Application:
     limits: dict[str, float] = {}
     timeouts: dict[str, float] = {}
     for bundle in bundles:
-        name = read_manifest(bundle)["name"]
+        manifest = read_manifest(bundle)
+        verify_formats(Path(bundle), manifest)  # before deploy: what /v1/models lists is there
+        name = manifest["name"]
         if name in names:
             raise BundleError(f"two bundles are named {name!r} ({names[name]} and {bundle}); serve them separately")
         names[name] = bundle
-        section = read_serve_section(bundle)
+        section = serve_section(bundle)
         settings = model_settings(parsed, section)
         models[name] = {"bundle": bundle, "settings": {k: v for k, v in settings.items() if k not in BATCH_KEYS}}
         options[name] = {

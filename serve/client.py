@@ -42,15 +42,26 @@ def _checked(response: httpx.Response) -> dict[str, Any]:
 FILE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".json", ".npy", ".txt"}
 
 
+def _kind_of_path(text: str) -> str | None:
+    """ "file" or "folder" for an existing one, else None. Text no file system takes as a name (a
+    part over 255 bytes, a NUL) is data, not a path: asking the OS would raise `OSError`."""
+    try:
+        path = Path(text)
+        return "folder" if path.is_dir() else "file" if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
 def _parse_input(text: str) -> tuple[str, Any]:
     """("file", Path) for an existing file, ("json", value) for a JSON array, else ("text", str);
     a missing file (named like one) is an error."""
     path = Path(text)
-    if len(text) < 4096 and path.is_dir():
+    kind = _kind_of_path(text)
+    if kind == "folder":
         raise SurgeryError(f"{text}: is a folder; give image files, text strings or JSON arrays")
-    if len(text) < 4096 and not path.is_file() and _looks_like_a_file(text):
+    if kind is None and _looks_like_a_file(text):
         raise SurgeryError(f"{text}: no such file")
-    if len(text) < 4096 and path.is_file():
+    if kind == "file":
         if path.suffix.lower() == ".json":
             try:
                 return "json", json.loads(path.read_text())

@@ -88,11 +88,17 @@ async def multipart_items(content_type: str, body: bytes) -> list[Any]:
         yield body
 
     parser = MultiPartParser(
-        Headers({"content-type": content_type}), stream(), max_files=MAX_INPUTS_PER_REQUEST, max_part_size=len(body) + 1
+        Headers({"content-type": content_type}),
+        stream(),
+        max_files=MAX_INPUTS_PER_REQUEST,
+        max_fields=MAX_INPUTS_PER_REQUEST,
+        max_part_size=len(body) + 1,
     )
     try:
         form = await parser.parse()
     except MultiPartException as exc:
+        if exc.message.startswith("Too many"):  # files or fields: each part is an input
+            raise _too_many(f"more than {MAX_INPUTS_PER_REQUEST}") from None
         raise InputError(f"malformed multipart body: {exc.message}") from None
     items: list[Any] = []
     for _, value in form.multi_items():
@@ -103,11 +109,15 @@ async def multipart_items(content_type: str, body: bytes) -> list[Any]:
     return items
 
 
+def _too_many(count: str) -> InputError:
+    return InputError(f"{count} inputs in one request; at most {MAX_INPUTS_PER_REQUEST}", 413)
+
+
 def check_count(items: list[Any]) -> None:
     if not items:
         raise InputError("no inputs given")
     if len(items) > MAX_INPUTS_PER_REQUEST:
-        raise InputError(f"{len(items)} inputs in one request; at most {MAX_INPUTS_PER_REQUEST}", 413)
+        raise _too_many(str(len(items)))
 
 
 def b64_bytes(text: str, index: int) -> bytes:
@@ -144,8 +154,10 @@ def decode_image(data: bytes, index: int, mode: str | None = None) -> Any:
     except Exception:
         raise InputError(f"inputs[{index}]: not a decodable image (send PNG/JPEG bytes, base64 in JSON)") from None
     if mode is not None and image.mode != mode:
+        from surgery.preprocess import in_mode  # 16-bit greyscale scaled, as in training
+
         try:
-            image = image.convert(mode)
+            image = in_mode(image, mode)
         except (ValueError, OSError):
             raise InputError(
                 f"inputs[{index}]: image mode {image.mode} cannot be converted to {mode}; send an RGB or greyscale image"

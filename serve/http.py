@@ -15,12 +15,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve import metrics, v2
+from serve import metrics, openapi, v2
 from serve.config import INGRESS_NAME
 from serve.decode import InputError
 from serve.responses import server_timing
@@ -33,10 +33,14 @@ CLIENT_GONE = 499  # nginx's name for it; logged and counted, never seen by the 
 
 api = FastAPI(
     title="surgery",
-    description="Predictions from exported surgery bundles: `/v1` and the Open Inference Protocol (`/v2`).",
+    description="Predictions from exported surgery bundles: `/v1` and the Open Inference Protocol (`/v2`). "
+    'Every error is `{"error": "..."}` with its status.',
     docs_url=None,
     redoc_url=None,
     openapi_url=None,
+    # Starlette would answer `/v1/models/x/` with a 307 to a URL built from the Host header: a
+    # route that does not match is a 404, never a redirect
+    redirect_slashes=False,
 )
 # Ray ships the app to replicas by value: state the routes and the middleware share lives on it
 api.state.metrics = metrics.AppMetrics()
@@ -92,57 +96,9 @@ async def _any_error(request: Request, exc: Exception) -> JSONResponse:
     return error(500, "internal error (see the server log)")
 
 
-_PREDICT_DOC = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["inputs"],
-                    "properties": {
-                        "inputs": {
-                            "type": "array",
-                            "description": "One entry per example: base64 image (image models), "
-                            "text (text models), or nested lists of numbers (pixel values [C,H,W] or a feature vector).",
-                            "items": {},
-                        }
-                    },
-                }
-            },
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}},
-                }
-            },
-        },
-    }
-}
-_INFER_DOC = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["inputs"],
-                    "properties": {
-                        "id": {"type": "string"},
-                        "parameters": {"type": "object"},
-                        "inputs": {"type": "array", "items": {"type": "object"}},
-                        "outputs": {"type": "array", "items": {"type": "object"}},
-                    },
-                }
-            },
-            "application/octet-stream": {
-                "schema": {"type": "string", "format": "binary"},
-                "description": "Binary tensor data extension: a JSON header of Inference-Header-Content-Length "
-                "bytes, then the inputs' binary data.",
-            },
-        },
-    }
-}
+def openapi_document() -> dict[str, Any]:
+    """What `/openapi.json` serves: the routes with the statuses they answer (no 422)."""
+    return openapi.without_validation_errors(api.openapi())
 
 
 def token_digest(settings: dict[str, Any]) -> bytes | None:
@@ -165,7 +121,7 @@ async def read_body(request: Request, limit_mb: float) -> bytes:
     limit = int(limit_mb * 1024 * 1024)
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit() and len(declared) <= 20):
             raise InputError("invalid Content-Length header")
         if int(declared) > limit:
             raise InputError(f"request body of {int(declared)} bytes exceeds the {limit_mb:g} MB limit", 413)
@@ -207,15 +163,6 @@ async def while_connected(request: Request, work: Any) -> Any:
         return task.result()
     task.cancel()
     return None
-
-
-def _header_length(request: Request) -> int | None:
-    value = request.headers.get(v2.HEADER_LENGTH.lower())
-    if value is None:
-        return None
-    if not value.strip().isdigit():
-        raise InputError(f"invalid {v2.HEADER_LENGTH} header")
-    return int(value)
 
 
 @serve.deployment(name=INGRESS_NAME)
@@ -265,21 +212,26 @@ class SurgeryAPI:
     async def _answer(self, name: str, request: Request, method: str, *args: Any) -> Response:
         """Read the body within its limit, hand it to the model, and answer with timings."""
         start = time.perf_counter()
+        timeout = self.timeouts[name]  # the whole request's: its body, then its prediction
         try:
             # a body trickling in slower than the model's time limit is cut off, not waited for
-            body = await asyncio.wait_for(read_body(request, self.limits[name]), self.timeouts[name])
-            call_args = (body, _header_length(request)) if method == "infer_v2" else (*args, body)
+            body = await asyncio.wait_for(read_body(request, self.limits[name]), timeout)
+            call_args = (
+                (body, v2.header_length(request.headers.get(v2.HEADER_LENGTH)))
+                if method == "infer_v2"
+                else (*args, body)
+            )
         except InputError as exc:
             return error(exc.status, str(exc))
         except TimeoutError:
-            return error(408, f"request body not received within {self.timeouts[name]:g} s")
+            return error(408, f"request body not received within {timeout:g} s")
         read = time.perf_counter()
         try:
             answer: Answer | None = await asyncio.wait_for(
-                while_connected(request, self._call(name, method, *call_args)), self.timeouts[name] + 5
+                while_connected(request, self._call(name, method, *call_args)), max(0.0, timeout - (read - start))
             )
         except TimeoutError:
-            return error(504, f"prediction took longer than {self.timeouts[name]:g} s")
+            return error(504, f"prediction took longer than {timeout:g} s")
         if answer is None:  # the client is gone: nobody reads this
             return Response(status_code=CLIENT_GONE)
         timings = {"read": (read - start) * 1000, **answer.timings, "total": (time.perf_counter() - start) * 1000}
@@ -293,28 +245,28 @@ class SurgeryAPI:
         """Liveness: answers without a token."""
         return {"status": "ok"}
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", responses=openapi.GUARDED)
     async def list_models(self, request: Request) -> Any:
         """Every served model with its heads, labels and input spec."""
         if denied := self._denied(request):
             return denied
         return {"models": [await self._call(name, "info") for name in self._names()]}
 
-    @api.get("/v1/models/{name}")
+    @api.get("/v1/models/{name}", responses=openapi.MODEL)
     async def model_info(self, name: str, request: Request) -> Any:
         """One model's manifest summary: heads, labels, input spec, batching."""
         if denied := self._denied(request) or self._unknown(name):
             return denied
         return await self._call(name, "info")
 
-    @api.get("/v1/models/{name}/stats")
+    @api.get("/v1/models/{name}/stats", responses=openapi.MODEL)
     async def model_stats(self, name: str, request: Request) -> Any:
         """Batch sizes this replica has run (for checking that batching forms batches)."""
         if denied := self._denied(request) or self._unknown(name):
             return denied
         return await self._call(name, "stats")
 
-    @api.post("/v1/models/{name}:predict", openapi_extra=_PREDICT_DOC)
+    @api.post("/v1/models/{name}:predict", openapi_extra=openapi.PREDICT_BODY, responses=openapi.PREDICT)
     async def predict(self, name: str, request: Request) -> Any:
         """Predict: JSON {"inputs": [...]} or multipart image files; per-head outputs and top-k labels."""
         if denied := self._denied(request) or self._unknown(name):
@@ -323,7 +275,7 @@ class SurgeryAPI:
 
     # ------------------------------------------------------------------ the Open Inference Protocol
 
-    @api.get("/v2")
+    @api.get("/v2", responses=openapi.GUARDED)
     async def v2_server(self, request: Request) -> Any:
         """Server metadata: name, version, protocol extensions."""
         if denied := self._denied(request):
@@ -340,24 +292,24 @@ class SurgeryAPI:
         """Readiness: every model of this app is loaded (no token needed)."""
         return {"ready": True}
 
-    @api.get("/v2/models/{name}")
-    @api.get("/v2/models/{name}/versions/{version}")
+    @api.get("/v2/models/{name}", responses=openapi.MODEL)
+    @api.get("/v2/models/{name}/versions/{version}", responses=openapi.MODEL)
     async def v2_model(self, name: str, request: Request, version: str = "1") -> Any:
         """Model metadata: inputs and outputs with datatypes and shapes (-1: any size)."""
         if denied := self._denied(request) or self._unknown(name) or _unknown_version(version):
             return denied
         return await self._call(name, "metadata_v2")
 
-    @api.get("/v2/models/{name}/ready")
-    @api.get("/v2/models/{name}/versions/{version}/ready")
+    @api.get("/v2/models/{name}/ready", responses=openapi.MODEL)
+    @api.get("/v2/models/{name}/versions/{version}/ready", responses=openapi.MODEL)
     async def v2_model_ready(self, name: str, request: Request, version: str = "1") -> Any:
         """Model readiness (needs the token when one is set: it says which models exist)."""
         if denied := self._denied(request) or self._unknown(name) or _unknown_version(version):
             return denied
         return {"name": name, "ready": True}
 
-    @api.post("/v2/models/{name}/infer", openapi_extra=_INFER_DOC)
-    @api.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=_INFER_DOC)
+    @api.post("/v2/models/{name}/infer", openapi_extra=openapi.INFER_BODY, responses=openapi.INFER)
+    @api.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=openapi.INFER_BODY, responses=openapi.INFER)
     async def v2_infer(self, name: str, request: Request, version: str = "1") -> Any:
         """Inference with typed tensors, JSON or with the binary tensor data extension."""
         if denied := self._denied(request) or self._unknown(name) or _unknown_version(version):
@@ -366,7 +318,7 @@ class SurgeryAPI:
 
     # ------------------------------------------------------------------ metrics and docs
 
-    @api.get("/metrics")
+    @api.get("/metrics", response_class=PlainTextResponse, responses=openapi.GUARDED)
     async def metrics(self, request: Request) -> Any:
         """Prometheus metrics of this replica (needs the token when one is set)."""
         if denied := self._denied(request):
@@ -378,7 +330,7 @@ class SurgeryAPI:
     async def openapi(self, request: Request) -> Any:
         if denied := self._denied(request):
             return denied
-        return api.openapi()
+        return openapi_document()
 
     @api.get("/docs", include_in_schema=False)
     async def docs(self, request: Request) -> Any:

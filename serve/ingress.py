@@ -13,6 +13,8 @@ is started through a small wrapper that moves those two listeners to 127.0.0.1 (
 listener stays on the host the user asked for) and sets the timeouts a slow client must meet:
 Ray's own configuration waits an hour for a client and forever for a request's headers, so a few
 thousand connections sending nothing would hold every slot (`maxconn`) and starve real clients.
+The same rewrite (`serve.haproxy_config`) gives every error HAProxy passes on or makes itself the
+app's JSON error body.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from serve import haproxy_config
 from surgery.errors import SurgeryError
 
 INGRESSES = ("auto", "haproxy", "proxy")
@@ -51,38 +54,23 @@ CLIENT_TIMEOUT_S = 60  # a client silent while it should be sending or reading
 PER_CLIENT_ENV = "SURGERY_SERVE_MAX_CONNECTIONS_PER_CLIENT"
 MAX_CONNECTIONS_PER_CLIENT = 1024
 
-# Runs HAProxy with the configuration file given by `-f` rewritten so that listeners bound to
-# every interface (`bind *:PORT`, `bind :PORT`) bind to 127.0.0.1 instead, the client-side
-# timeouts above replace Ray's, and the request listener refuses a client address's connections
-# beyond the per-client limit (counted in a stick table by source address). The file is rewritten
-# in place, under the lock Ray writes it with, and the rewrite is idempotent: HAProxy's command
-# line keeps naming Ray's file, which is how Ray recognises its HAProxy processes (to signal
-# draining ones and count them).
+# Runs HAProxy on the configuration file given by `-f` as `serve.haproxy_config.rewrite` rewrites
+# it: listeners bound to every interface (`bind *:PORT`, `bind :PORT`) bind to 127.0.0.1 instead
+# (the request listener keeps the host the user asked for), the client-side timeouts above replace
+# Ray's, the request listener refuses a client address's connections beyond the per-client limit
+# (counted in a stick table by source address), and every error is a JSON body. The file is
+# rewritten in place, under the lock Ray writes it with, and the rewrite is idempotent: HAProxy's
+# command line keeps naming Ray's file, which is how Ray recognises its HAProxy processes (to
+# signal draining ones and count them). The interpreter is isolated (`-I`): the rewrite is loaded
+# by its path, nothing from the environment Ray passes on is imported.
 _WRAPPER = """#!{python} -I
-{mark}: HAProxy with its wildcard listeners moved to loopback, client timeouts and a per-client connection limit set.
-import fcntl, os, re, sys
-TIMEOUTS = {timeouts!r}
-PER_CLIENT = {per_client!r}
-LIMIT = (
-    "    stick-table type ip size 100k expire 60s store conn_cur\\n"
-    "    tcp-request connection track-sc0 src\\n"
-    f"    tcp-request connection reject if {{{{ sc0_conn_cur gt {{PER_CLIENT}} }}}}\\n"
-)
+{mark}: HAProxy with loopback listeners, client timeouts, a per-client connection limit and JSON errors.
+import fcntl, importlib.util, os, sys
 
-
-def rewrite(text):
-    text = re.sub(r"(?m)^(\\s*bind\\s+)\\*?:", r"\\g<1>127.0.0.1:", text)
-    text = re.sub(r"(?m)^\\s*(timeout (client|http-request|http-keep-alive) .*|option http-buffer-request)\\n", "", text)
-    ours = "".join(f"    timeout {{name}} {{value}}s\\n" for name, value in TIMEOUTS.items())
-    text = re.sub(r"(?m)^defaults\\n", lambda m: m.group(0) + ours + "    option http-buffer-request\\n", text, count=1)
-    text = re.sub(r"(?m)^    (stick-table type ip size 100k expire 60s store conn_cur|tcp-request connection (track-sc0 src|reject if {{ sc0_conn_cur gt \\d+ }}))\\n", "", text)
-    if PER_CLIENT:
-        text, found = re.subn(r"(?m)^frontend http_frontend\\n\\s*bind [^\\n]*\\n", lambda m: m.group(0) + LIMIT, text, count=1)
-        if not found:
-            print("surgery: no `frontend http_frontend` in Ray's HAProxy configuration: the per-client connection limit is not applied", file=sys.stderr)
-    return text
-
-
+SETTINGS = {settings!r}
+spec = importlib.util.spec_from_file_location("surgery_haproxy_config", {module!r})
+config = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(config)
 args = sys.argv[1:]
 for i, arg in enumerate(args[:-1]):
     if arg == "-f":
@@ -92,7 +80,7 @@ for i, arg in enumerate(args[:-1]):
             with open(path) as f:
                 text = f.read()
             with open(path + ".surgery", "w") as f:
-                f.write(rewrite(text))
+                f.write(config.rewrite(text, SETTINGS))
             os.replace(path + ".surgery", path)
 os.execv({binary!r}, [{binary!r}, *args])
 """
@@ -188,9 +176,18 @@ def haproxy_environment(
         "http-keep-alive": KEEP_ALIVE_TIMEOUT_S,
     }
     per_client = per_client_limit() if max_connections_per_client is None else max_connections_per_client
+    settings = {
+        "timeouts": timeouts,
+        "per_client": per_client,
+        "errors": haproxy_config.error_bodies(state / "errors", http_request_timeout_s),
+    }
     wrapper.write_text(
         _WRAPPER.format(
-            mark=_WRAPPER_MARK, python=sys.executable, binary=binary, timeouts=timeouts, per_client=per_client
+            mark=_WRAPPER_MARK,
+            python=sys.executable,
+            binary=binary,
+            settings=settings,
+            module=str(Path(haproxy_config.__file__).resolve()),
         )
     )
     wrapper.chmod(0o700)

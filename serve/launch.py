@@ -19,11 +19,13 @@ import yaml
 
 from serve.config import (
     INGRESS_NAME,
+    RAY_TIMEOUT_MARGIN_S,
     AppArgs,
+    Machine,
     deployment_options,
     model_deployment_name,
     model_settings,
-    read_serve_section,
+    serve_section,
 )
 from serve.ingress import REPLICA_ENV, check_ingress, ingress_environment, state_folder
 from serve.tokens import TOKEN_ENV, read_token
@@ -31,7 +33,16 @@ from surgery.bundle import read_manifest
 from surgery.errors import BundleError, SurgeryError
 
 APP_NAME = "surgery"
-OWN_RAY_ENV = {"RAY_enable_metrics_collection": "0", **REPLICA_ENV}
+# The Ray `surgery serve` starts for itself is a one-machine Ray, and listens on loopback only.
+# Ray turns a node address of 127.0.0.1 into the machine's address so that other nodes can join
+# (unless clusters are off, as on Windows and macOS): every gRPC server, the dashboard agent and
+# the runtime-env agent then listened on that address, and the autoscaler monitor and the
+# dashboard served Prometheus text, without auth, on every interface. With clusters off the node
+# address stays 127.0.0.1 and every one of them binds it. Ray reads this when `ray` is imported.
+LOOPBACK_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# Ray's metrics agent would serve Prometheus, without auth; the app has its own /metrics behind
+# the token. Read by the raylet this starts (and `ray start`).
+OWN_RAY_ENV = {"RAY_enable_metrics_collection": "0", **LOOPBACK_RAY_ENV, **REPLICA_ENV}
 IMPORT_PATH = "serve.app:build_app"
 
 
@@ -46,13 +57,17 @@ def resolve_bundle(target: Path) -> Path:
     raise BundleError(f"{target}: neither a bundle nor a run folder with bundle/ (run `surgery export {target}` first)")
 
 
-def verify_bundles(bundles: list[str]) -> None:
+def verify_bundles(bundles: list[str], formats: bool) -> None:
     """Load every bundle here, as a replica would (schema, hashes, paths, model, weights), so a
-    bad one fails the command in seconds with its reason instead of failing replicas on Ray."""
+    bad one fails the command in seconds with its reason instead of failing replicas on Ray; with
+    `formats`, check every format its manifest lists too (`build_app` does, where it runs)."""
     from surgery.bundle import load_bundle
+    from surgery.formats import verify_formats
 
     for bundle in bundles:
-        load_bundle(Path(bundle))
+        loaded = load_bundle(Path(bundle))
+        if formats:
+            verify_formats(loaded.path, loaded.manifest)
 
 
 def _is_loopback(host: str) -> bool:
@@ -64,12 +79,13 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def serve_config(args: dict[str, Any], host: str, port: int) -> dict[str, Any]:
-    """A Ray Serve config (the schema `serve run`/`serve deploy` read) deploying `args`."""
+def serve_config(args: dict[str, Any], host: str, port: int, machine: Machine) -> dict[str, Any]:
+    """A Ray Serve config (the schema `serve run`/`serve deploy` read) deploying `args`, the
+    recipes' settings capped for `machine`."""
     parsed = AppArgs.model_validate(args)
     deployments = []
     timeouts = []
-    sections = [(read_manifest(b)["name"], read_serve_section(b)) for b in parsed.bundles]
+    sections = [(read_manifest(b)["name"], serve_section(b, machine)) for b in parsed.bundles]
     for name, section in sections:
         settings = model_settings(parsed, section)
         timeouts.append(settings["request_timeout_s"])
@@ -78,7 +94,7 @@ def serve_config(args: dict[str, Any], host: str, port: int) -> dict[str, Any]:
         deployments.append(options)
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": host, "port": port, "request_timeout_s": max(timeouts)},
+        "http_options": {"host": host, "port": port, "request_timeout_s": max(timeouts) + RAY_TIMEOUT_MARGIN_S},
         "applications": [
             {
                 "name": APP_NAME,
@@ -109,9 +125,7 @@ def _start_ray(detach: bool) -> None:
     if ray_address():
         start_ray(worker_logs=False)
         return
-    # Ray's metrics agent would serve Prometheus, without auth, on every interface; the app has
-    # its own /metrics behind the token. Read by the raylet this starts (and `ray start` below).
-    os.environ.update(OWN_RAY_ENV)
+    own_ray_environment()
     if not detach:
         start_ray(worker_logs=False, node_ip="127.0.0.1")
         return
@@ -133,6 +147,15 @@ def _start_ray(detach: bool) -> None:
     if done.returncode != 0 and "already running" not in done.stderr + done.stdout:
         raise SurgeryError(f"`ray start --head` failed: {done.stderr.strip().splitlines()[-1:]}")
     ray.init(address="auto", include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+
+
+def own_ray_environment() -> None:
+    """Set the environment of a Ray started from here (OWN_RAY_ENV), before `ray` reads it. Where
+    `ray` is imported already (a process that imported Serve before), its constant is set too."""
+    os.environ.update(OWN_RAY_ENV)
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 def _deploy(app: Any, host: str, port: int, timeout_s: float) -> None:
@@ -211,7 +234,7 @@ def serve_command(
         raise SurgeryError("give at least one bundle or run folder to serve")
     check_ingress(ingress)
     bundles = [str(resolve_bundle(t)) for t in targets]
-    verify_bundles(bundles)
+    verify_bundles(bundles, formats=config_out is not None)
     args: dict[str, Any] = {"bundles": bundles}
     for key, value in (("replicas", replicas), ("max_batch_size", max_batch_size), ("batch_wait_ms", batch_wait_ms)):
         if value is not None:
@@ -226,7 +249,7 @@ def serve_command(
     if config_out is not None:
         if token_file is not None:  # the path, never the secret, goes into a config file
             args["token_file"] = str(Path(token_file).resolve())
-        config = serve_config(args, host, port)
+        config = serve_config(args, host, port, Machine(None, None))  # it runs where it is deployed
         Path(config_out).write_text(
             f"# Ray Serve config written by `surgery serve`: `serve run {config_out}` or `serve deploy {config_out}`.\n"
             f"# Without token_file, replicas require the bearer token in ${TOKEN_ENV} when it is set in their environment.\n"
@@ -235,9 +258,11 @@ def serve_command(
         print(f"wrote {config_out}")
         return
 
+    if not os.environ.get("RAY_ADDRESS"):
+        own_ray_environment()  # before `serve.app` imports Ray
     if token is not None:
         args["token_sha256"] = hashlib.sha256(token.encode()).hexdigest()
-    config = serve_config(args, host, port)
+    config = serve_config(args, host, port, Machine.here())
     if not os.environ.get("RAY_ADDRESS"):
         total = sum(
             d.get("num_replicas") or d.get("autoscaling_config", {}).get("max_replicas", 1)

@@ -46,6 +46,7 @@ DTYPES: dict[str, np.dtype | None] = {
     "FP64": np.dtype("<f8"),
     "BYTES": None,
 }
+MAX_DIMS = 32  # numpy's own limit is 64; no model here takes more than 4
 NUMERIC = tuple(name for name, dtype in DTYPES.items() if dtype is not None and name != "BOOL")
 
 
@@ -136,13 +137,26 @@ def _bad(message: str) -> InputError:
 def _shape(value: Any, where: str) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
         raise _bad(f"{where}.shape: expected a list of integers")
+    if len(value) > MAX_DIMS:
+        raise _bad(f"{where}.shape: {len(value)} dimensions; at most {MAX_DIMS}")
     if any(d < 0 for d in value):
         raise _bad(f"{where}.shape: dimensions must not be negative, got {value}")
     return value
 
 
-def _count(shape: list[int]) -> int:
-    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+def element_count(shape: list[int], limit: int) -> int | None:
+    """The elements a shape holds, or None once that passes `limit` (the values or bytes the
+    request sends for it). Python integers, checked after each dimension, so a shape like [10**30]
+    or [2**62, 4, 1, 16, 16] is refused before anything is allocated for it, never wrapped around
+    by a fixed-width product."""
+    count = 1
+    for dim in shape:
+        if dim > limit:
+            return None
+        count *= dim
+        if count > limit:
+            return None
+    return count
 
 
 def _bytes_elements(raw: bytes, count: int, where: str) -> list[bytes]:
@@ -181,14 +195,16 @@ def _tensor(raw: Any, index: int, binary: memoryview, offset: int) -> tuple[Tens
     if datatype not in DTYPES:
         raise _bad(f"{where}: unsupported datatype {datatype!r}; one of {', '.join(DTYPES)}")
     shape = _shape(raw.get("shape"), where)
-    count = _count(shape)
     parameters = raw.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise _bad(f"{where}.parameters: expected an object")
     size = parameters.get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
             raise _bad(f"{where}: binary_data_size {size!r} does not fit the binary data after the JSON header")
+        count = element_count(shape, size)  # every element takes at least one byte
+        if count is None:
+            raise _bad(f"{where}: {size} bytes of binary data for shape {shape}")
         chunk = bytes(binary[offset : offset + size])
         offset += size
         if datatype == "BYTES":
@@ -200,7 +216,7 @@ def _tensor(raw: Any, index: int, binary: memoryview, offset: int) -> tuple[Tens
     if "data" not in raw:
         raise _bad(f"{where}: no data (give `data`, or `parameters.binary_data_size` with binary data)")
     data = _flat(raw["data"])
-    if not isinstance(data, list) or len(data) != count:
+    if not isinstance(data, list) or element_count(shape, len(data)) != len(data):
         got = len(data) if isinstance(data, list) else type(data).__name__
         raise _bad(f"{where}: {got} values for shape {shape}")
     if datatype == "BYTES":
@@ -233,6 +249,17 @@ def _requested(raw: Any) -> list[Requested] | None:
             raise _bad(f"outputs[{i}].parameters.classification: expected a count, got {k!r}")
         wanted.append(Requested(item["name"], bool(parameters.get("binary_data", False)), k))
     return wanted
+
+
+def header_length(value: str | None) -> int | None:
+    """The `Inference-Header-Content-Length` header as a byte count: ASCII digits only ('²' and
+    '٣' are digits to `str.isdigit` but not to `int`), and short enough to convert."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not (value.isascii() and value.isdigit() and len(value) <= 20):
+        raise _bad(f"invalid {HEADER_LENGTH} header; expected a byte count")
+    return int(value)
 
 
 def parse_request(body: bytes, header_length: int | None) -> InferRequest:

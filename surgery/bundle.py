@@ -30,6 +30,8 @@ WEIGHTS = "model.safetensors"
 RECIPE = "recipe.yaml"
 TOKENIZER_DIR = "tokenizer"  # tokenizer files, and a transformers backbone's config.json (no weights)
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+# The file each exported format is written to (a manifest naming another file for one is refused).
+FORMAT_FILES = {"safetensors": WEIGHTS, "onnx": "model.onnx", "torchscript": "model.ts", "pt2": "model.pt2"}
 _SHA256 = r"^[0-9a-f]{64}$"
 _IDENT = r"^[A-Za-z_][A-Za-z0-9_]*$"  # head names, as recipes allow them
 _SLUG = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # model names, as recipes allow them: never a path
@@ -121,6 +123,27 @@ class Manifest(_Closed):
             raise ValueError("head names repeat")
         return heads
 
+    @model_validator(mode="after")
+    def _paths_confined(self) -> Manifest:
+        for rel in self.files:
+            _confined(rel, "files")
+        for name, fmt in self.formats.items():
+            if name not in FORMAT_FILES:  # never quoted: a manifest may hold anything
+                raise ValueError(f"formats: an unknown format (known: {', '.join(FORMAT_FILES)})")
+            _confined(fmt.file, f"formats.{name}.file")
+            if fmt.file != FORMAT_FILES[name]:
+                raise ValueError(f"formats.{name}.file: must be {FORMAT_FILES[name]}")
+            if fmt.file not in self.files:
+                raise ValueError(f"formats.{name}.file: not among the hashed files")
+        return self
+
+
+def _confined(rel: str, where: str) -> None:
+    """A manifest path stays inside its bundle: relative, no `..`, no empty or `.` parts."""
+    parts = rel.split("/")
+    if rel.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"{where}: a path that leads outside the bundle")
+
 
 def _schema_problems(err: ValidationError) -> str:
     """Where and what, never the offending value (a manifest may hold anything)."""
@@ -157,11 +180,20 @@ def read_manifest(path: Path) -> dict[str, Any]:
         )
     try:
         manifest = json.loads(manifest_path.read_bytes().decode("utf-8"), parse_constant=_no_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        reason = f"line {err.lineno} column {err.colno}" if isinstance(err, json.JSONDecodeError) else "not UTF-8 JSON"
-        raise BundleError(
-            f"{manifest_path}: unreadable manifest ({reason}); the bundle is damaged, export it again"
-        ) from None
+    except UnicodeDecodeError:
+        reason = "not UTF-8"
+    except RecursionError:
+        reason = "nested too deeply for a manifest"
+    except _NotJSON as err:
+        reason = str(err)
+    except json.JSONDecodeError as err:
+        reason = f"not JSON: {err.msg} at line {err.lineno} column {err.colno}"
+    except ValueError:  # a number too long to convert
+        reason = "not JSON a manifest could hold"
+    else:
+        reason = None
+    if reason is not None:
+        raise BundleError(f"{manifest_path}: unreadable manifest ({reason}); the bundle is damaged, export it again")
     if not isinstance(manifest, dict):
         raise BundleError(f"{manifest_path}: manifest is not a JSON object; the bundle is damaged, export it again")
     version = manifest.get("format_version")
@@ -178,8 +210,12 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+class _NotJSON(ValueError):
+    pass
+
+
 def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
+    raise _NotJSON(f"{name} is not a JSON number")
 
 
 def inside(root: Path, rel: str) -> Path:

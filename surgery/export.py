@@ -35,6 +35,7 @@ from torch import nn
 
 from surgery.bundle import (
     BUNDLE_FORMAT_VERSION,
+    FORMAT_FILES,
     MANIFEST,
     RECIPE,
     TOKENIZER_DIR,
@@ -46,7 +47,6 @@ from surgery.files import disk_full_error, fsync_path, fsync_tree, is_disk_full
 from surgery.registry import EXPORT_FORMATS
 from surgery.versions import package_versions
 
-FORMAT_FILES = {"safetensors": WEIGHTS, "onnx": "model.onnx", "torchscript": "model.ts", "pt2": "model.pt2"}
 VERIFY_BATCH_SIZES = (1, 3)  # besides the batch size the graph was captured with (2)
 CAPTURE_BATCH_SIZE = 2  # torch.export specialises sizes 0 and 1, so capture with 2
 CAPTURE_SEQUENCE_LENGTH = 16

@@ -35,11 +35,25 @@ def image_mode(spec: InputSpec) -> str:
         raise DataError(f"images cannot be converted to {spec.channels} channels (supported: 1, 3, 4)") from None
 
 
+# Greyscale modes wider than 8 bits: a 16-bit PNG opens as I;16 (older Pillow: I)
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def in_mode(image: Image.Image, mode: str) -> Image.Image:
+    """`image` converted to `mode`. Greyscale wider than 8 bits is scaled to 8 bits first
+    (0..65535 → 0..255; a 32-bit `I` image is read as 16-bit): Pillow's own conversion clips,
+    so every value above 255 would turn white."""
+    if image.mode in _WIDE_GREY:
+        import numpy as np
+
+        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        image = Image.fromarray(((values + 128) // 257).astype(np.uint8))  # 2-D uint8: mode L
+    return image if image.mode == mode else image.convert(mode)
+
+
 def image_to_uint8(image: Image.Image, spec: InputSpec) -> torch.Tensor:
     """Convert mode, resize (crop_pct as timm does: resize larger, centre-crop) -> uint8 C×H×W."""
-    mode = image_mode(spec)
-    if image.mode != mode:
-        image = image.convert(mode)
+    image = in_mode(image, image_mode(spec))
     tensor = F.pil_to_tensor(image)
     height, width = spec.size
     interpolation = _INTERPOLATION.get(spec.interpolation, InterpolationMode.BILINEAR)

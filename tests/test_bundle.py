@@ -330,3 +330,142 @@ def test_a_symlinked_manifest_leading_outside_is_refused(bundle: Path, tmp_path:
 
 def test_an_untouched_bundle_passes_every_check(bundle: Path) -> None:
     assert load_bundle(bundle).manifest["name"] == "tiny-bundle"
+
+
+# --------------------------------------------------------------------------- manifest paths and formats
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_set("formats.safetensors.file", "../../etc/passwd"), "formats.safetensors.file: a path that leads outside"),
+        (_set("formats.onnx.file", "/etc/passwd"), "formats.onnx.file: String should match"),
+        (_set("formats.onnx.file", "sub/../model.onnx"), "formats.onnx.file: a path that leads outside"),
+        (_set("formats.onnx.file", "model.safetensors"), "formats.onnx.file: must be model.onnx"),
+        (_set("formats.evil", {"file": "model.onnx", "max_abs_diff": 0.0}), "an unknown format"),
+        (_set("formats.onnx.file", "model.ts"), "must be model.onnx"),
+    ],
+)
+def test_every_path_in_a_manifest_stays_inside_the_bundle(bundle: Path, edit, message: str) -> None:
+    manifest = manifest_of(bundle)
+    edit(manifest)
+    write_manifest(bundle, manifest)
+    with pytest.raises(BundleError, match=message) as info:
+        read_manifest(bundle)
+    assert "\n" not in str(info.value) and "etc/passwd" not in str(info.value)
+
+
+def test_a_format_file_the_manifest_does_not_hash_is_refused(bundle: Path) -> None:
+    manifest = manifest_of(bundle)
+    manifest["formats"]["torchscript"] = {"file": "model.ts", "max_abs_diff": 0.0}
+    write_manifest(bundle, manifest)
+    with pytest.raises(BundleError, match=r"formats\.torchscript\.file: not among the hashed files"):
+        read_manifest(bundle)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"a": ' * 100_000 + "1" + "}" * 100_000, "nested too deeply"),
+        ('{"format_version": 1, "metrics": {"loss": NaN}}', "NaN is not a JSON number"),
+        ('{"format_version": -Infinity}', "-Infinity is not a JSON number"),
+        ('{"format_version": 1,}', "not JSON: Expecting property name"),
+        ('{"format_version": ' + "9" * 5000 + "}", "not JSON a manifest could hold"),
+    ],
+)
+def test_an_unreadable_manifest_says_what_is_wrong_with_it(bundle: Path, text: str, message: str) -> None:
+    (bundle / "manifest.json").write_text(text)
+    with pytest.raises(BundleError, match=message) as info:
+        read_manifest(bundle)
+    assert "not UTF-8" not in str(info.value)
+    (bundle / "manifest.json").write_bytes(b'{"name": "\xff"}')
+    with pytest.raises(BundleError, match=r"\(not UTF-8\)"):
+        read_manifest(bundle)
+
+
+def _listed(bundle: Path, name: str, file: str, data: bytes) -> dict:
+    """`data` written as the bundle's `name` format and listed, hashes redone (a careful forger)."""
+    (bundle / file).write_bytes(data)
+    manifest = manifest_of(bundle)
+    manifest["formats"][name] = {"file": file, "max_abs_diff": 0.0}
+    _rehash(bundle, manifest)
+    return manifest_of(bundle)
+
+
+def _onnx_bytes(location: str | None = None, output: str = "label") -> bytes:
+    from onnx import TensorProto, helper
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0])
+    if location is not None:
+        weight.ClearField("float_data")
+        weight.data_location = TensorProto.EXTERNAL
+        weight.external_data.add(key="location", value=location)
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["pixel_values", "w"], [output])],
+        "g",
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [None, 3, 32, 32])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, [None, 3, 32, 32])],
+        [weight],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def _torch_archive(kind: str) -> bytes:
+    import io
+
+    module, example = torch.nn.Linear(2, 2), (torch.zeros(2, 2),)
+    buffer = io.BytesIO()
+    if kind == "torchscript":
+        torch.jit.save(torch.jit.trace(module, example), buffer)
+    else:
+        torch.export.save(torch.export.export(module, example), buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "file", "data", "message"),
+    [
+        ("onnx", "model.onnx", b"\x08\x07garbage" * 100, "is not an ONNX model"),
+        ("onnx", "model.onnx", lambda: _onnx_bytes()[:-9], "is not an ONNX model"),
+        ("onnx", "model.onnx", lambda: _onnx_bytes("../../etc/passwd"), "a file the manifest does not list"),
+        ("onnx", "model.onnx", lambda: _onnx_bytes(output="other"), "not the manifest's input names"),
+        ("torchscript", "model.ts", b"PK\x03\x04 garbage", "is not a TorchScript archive"),
+        ("torchscript", "model.ts", lambda: _torch_archive("pt2"), "lacks the members torch writes"),
+        ("torchscript", "model.ts", lambda: _torch_archive("torchscript")[:-40], "not a readable zip"),
+        ("pt2", "model.pt2", pickle.dumps({"weights": 1}), "is not a torch.export archive"),
+        ("pt2", "model.pt2", lambda: _torch_archive("torchscript"), "lacks the members torch writes"),
+    ],
+)
+def test_a_listed_format_its_file_cannot_back_is_refused(bundle: Path, name, file, data, message) -> None:
+    from surgery.formats import verify_formats
+
+    manifest = _listed(bundle, name, file, data() if callable(data) else data)
+    with pytest.raises(BundleError, match=message) as info:
+        verify_formats(bundle, manifest)
+    text = str(info.value)
+    assert text.startswith(f"{bundle / file}: listed as the bundle's {name} format") and "\n" not in text
+
+
+def test_a_flipped_byte_inside_a_torch_archive_is_caught_by_its_crc(bundle: Path) -> None:
+    import io
+    import struct
+    import zipfile
+
+    from surgery.formats import verify_formats
+
+    data = bytearray(_torch_archive("torchscript"))
+    member = next(m for m in zipfile.ZipFile(io.BytesIO(data)).infolist() if m.filename.endswith("data/0"))
+    name_length, extra_length = struct.unpack_from("<HH", data, member.header_offset + 26)
+    data[member.header_offset + 30 + name_length + extra_length] ^= 0xFF  # a weight's first byte
+    manifest = _listed(bundle, "torchscript", "model.ts", bytes(data))
+    with pytest.raises(BundleError, match="is damaged \\(a member fails its CRC check\\)"):
+        verify_formats(bundle, manifest)
+
+
+def test_formats_as_exported_pass(bundle: Path) -> None:
+    from surgery.formats import verify_formats
+
+    verify_formats(bundle, manifest_of(bundle))  # safetensors and a real ONNX export
+    _listed(bundle, "torchscript", "model.ts", _torch_archive("torchscript"))
+    verify_formats(bundle, _listed(bundle, "pt2", "model.pt2", _torch_archive("pt2")))

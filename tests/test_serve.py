@@ -363,6 +363,90 @@ def test_bad_input_gets_4xx_and_the_replica_keeps_serving(server, case):
     assert good.status_code == 200
 
 
+def _infer(shape: list[int], binary: bool) -> dict:
+    """An infer request for `pixel_values` whose shape claims far more than it sends."""
+    tensor = {"name": "pixel_values", "datatype": "FP32", "shape": shape}
+    if not binary:
+        return {"json": {"inputs": [{**tensor, "data": [0.0] * 16}]}}
+    head = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": 64}}]}).encode()
+    return {"content": head + bytes(64), "headers": {"Inference-Header-Content-Length": str(len(head))}}
+
+
+def _pixels_json() -> dict:
+    return {"json": {"inputs": [GOOD_PIXELS]}}
+
+
+# What a hostile pass sent: each answered with a 4xx and the JSON error body, never a 500 or a redirect.
+HOSTILE_HTTP = {
+    **{
+        f"v2 shape {shape} {'binary' if binary else 'JSON'}": (
+            "POST",
+            "/v2/models/tiny/infer",
+            _infer(shape, binary),
+            400,
+            "for shape",
+        )
+        for shape in ([10**30], [2**32, 2**32], [2**62, 4, 1, 16, 16])
+        for binary in (False, True)
+    },
+    "header length in Unicode digits": (
+        "POST",
+        "/v2/models/tiny/infer",
+        {"content": b"{}", "headers": {"Inference-Header-Content-Length": b"\xb2"}},  # '²' in Latin-1
+        400,
+        "invalid Inference-Header-Content-Length",
+    ),
+    "300 multipart files": (
+        "POST",
+        "/v1/models/tiny:predict",
+        {"files": [("file", (f"{i}.png", b"x", "image/png")) for i in range(300)]},
+        413,
+        "at most 256",
+    ),
+    "trailing slash": ("GET", "/v1/models/tiny/", {}, 404, "Not Found"),
+    "trailing slash on predict": ("POST", "/v1/models/tiny:predict/", _pixels_json(), 404, "Not Found"),
+    "..%2f in a model name": ("POST", "/v1/models/..%2f..%2ftiny:predict", _pixels_json(), 404, "Not Found"),
+    "..%2f in a v2 model name": ("GET", "/v2/models/..%2ftiny/", {}, 404, "Not Found"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_HTTP))
+def test_hostile_requests_get_json_4xx_never_a_500_or_a_redirect(server, case):
+    method, path, kwargs, status, message = HOSTILE_HTTP[case]
+    kwargs = dict(kwargs)
+    headers = {"Host": "evil.example", **kwargs.pop("headers", {})}
+    response = httpx.request(method, server + path, headers=headers, timeout=60, follow_redirects=False, **kwargs)
+    assert response.status_code == status and "location" not in response.headers, (response.status_code, response.text)
+    assert response.headers["content-type"] == "application/json" and message in response.json()["error"]
+    assert _predict(server, json={"inputs": [GOOD_PIXELS]}).status_code == 200
+
+
+def test_every_status_the_app_answers_is_in_its_openapi(server):
+    document = httpx.get(f"{server}/openapi.json").json()
+    predict = set(document["paths"]["/v1/models/{name}:predict"]["post"]["responses"])
+    infer = set(document["paths"]["/v2/models/{name}/infer"]["post"]["responses"])
+    assert {str(status) for status, _, _ in BAD_REQUESTS.values()} <= predict
+    for method, path, _, status, _ in HOSTILE_HTTP.values():
+        if path.endswith(":predict") and method == "POST" and "%2f" not in path:
+            assert str(status) in predict, path
+        if path == "/v2/models/tiny/infer":
+            assert str(status) in infer
+
+
+def test_a_16_bit_greyscale_png_predicts_as_its_8_bit_twin(server):
+    import numpy as np
+
+    ramp = (np.arange(40 * 50) % 256).reshape(40, 50).astype(np.uint16)
+    pictures = []
+    for values in (ramp.astype(np.uint8), ramp * 257):
+        buffer = io.BytesIO()
+        Image.fromarray(values).save(buffer, "PNG")
+        pictures.append(buffer.getvalue())
+    narrow, wide = (_v1_outputs(server, content=p, headers={"content-type": "image/png"}) for p in pictures)
+    for head in narrow:
+        np.testing.assert_allclose(wide[head], narrow[head], atol=1e-5)
+
+
 def test_unknown_model_and_route_are_json_404(server):
     response = _predict(server, "nope", json={"inputs": [GOOD_PIXELS]})
     assert response.status_code == 404 and "unknown model 'nope'" in response.json()["error"]
@@ -422,6 +506,9 @@ def test_a_client_that_stops_sending_is_cut_off(server, start):
     """A slow-loris connection is closed with 408 by HAProxy's request timeout, not held open."""
     answer = _held_connection(server, start)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    if start.endswith(b"["):  # a request HAProxy has parsed: its 408 is the JSON error body
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert b"content-type: application/json" in head.lower() and "in time" in json.loads(body)["error"]
 
 
 def _healthz_on(sock) -> bytes | None:
@@ -783,6 +870,44 @@ def _descendants(pid: int) -> list[int]:
         return []
 
 
+def _listening(pids: set[int]) -> list[tuple[str, str, str]]:
+    """(address, port, process name) of every TCP socket these processes listen on."""
+    import psutil
+
+    found = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            process = psutil.Process(pid)
+            for conn in process.net_connections("inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.append((conn.laddr.ip, str(conn.laddr.port), process.name()))
+    return found
+
+
+def _answers_without_token(port: int) -> bool:
+    """Whether a listener answers a plain HTTP request with a 200, or a gRPC call (to Serve's
+    inter-deployment service) without Ray's token with anything but UNAUTHENTICATED."""
+    import grpc
+
+    with contextlib.suppress(httpx.HTTPError):
+        if httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).status_code == 200:
+            return True
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary("/ray.serve.ASGIService/HandleRequest")
+        try:
+            call(b"", timeout=10)
+        except grpc.RpcError as err:
+            return err.code() != grpc.StatusCode.UNAUTHENTICATED
+    return True
+
+
+def _loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
+
+
 def test_surgery_serve_command_serves_then_shuts_down_cleanly(bundles, tmp_path, free_port):
     import psutil
 
@@ -840,6 +965,14 @@ def test_surgery_serve_command_serves_then_shuts_down_cleanly(bundles, tmp_path,
             with contextlib.suppress(psutil.NoSuchProcess):
                 names.add(psutil.Process(pid).name())
         assert "haproxy" in names, "`surgery serve` should front its replicas with HAProxy (--ingress auto)"
+        # every socket the command's process tree listens on (Ray's gRPC servers, agents, monitor,
+        # dashboard, HAProxy, replicas) is on loopback, or (each replica's inter-deployment gRPC
+        # server, which Ray binds to [::] in its code) answers nothing without Ray's token
+        listening = _listening({proc.pid, *seen})
+        assert len(listening) >= 5 and ("127.0.0.1", str(port)) in {(ip, number) for ip, number, _ in listening}
+        exposed = [entry for entry in listening if not _loopback(entry[0])]
+        assert all(name.startswith("ray::ServeReplica") for _, _, name in exposed), exposed
+        assert not [entry for entry in exposed if _answers_without_token(int(entry[1]))], exposed
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
         response = httpx.post(
             f"http://127.0.0.1:{port}/v1/models/tiny:predict",

@@ -113,6 +113,50 @@ def test_every_image_over_the_pixel_limit_is_413(width, height):
     assert err.status == 413 and "inputs[2]" in str(err) and "pixel limit" in str(err)
 
 
+def _multipart(parts: list[tuple[str, str | None, bytes]]) -> tuple[str, bytes]:
+    """A multipart/form-data body of (field name, file name or None for a plain field, data)."""
+    boundary = "surgery-test-boundary"
+    body = b""
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
+    return f"multipart/form-data; boundary={boundary}", body + f"--{boundary}--\r\n".encode()
+
+
+@pytest.mark.parametrize("filename", ["x.png", None], ids=["files", "fields"])
+def test_too_many_multipart_inputs_are_413_as_too_many_json_inputs_are(filename):
+    import asyncio
+
+    content_type, body = _multipart([("file", filename, b"x")] * 300)
+    err = _error(lambda: asyncio.run(v1_items(content_type, body)))
+    assert err.status == 413 and "at most 256" in str(err)
+    content_type, body = _multipart([("file", filename, b"x")] * 256)
+    assert len(asyncio.run(v1_items(content_type, body))) == 256
+
+
+def _grey16_png(values: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(values.astype(np.uint16)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_a_16_bit_greyscale_png_is_scaled_not_clipped(mode):
+    ramp = np.arange(0, 256, dtype=np.uint16).reshape(16, 16)
+    wide = decode_image(_grey16_png(ramp * 257), 0, mode)  # the same picture, 16 bits per pixel
+    narrow = Image.fromarray(ramp.astype(np.uint8)).convert(mode)
+    assert np.array_equal(np.asarray(wide), np.asarray(narrow))
+
+
+def test_16_bit_images_train_as_they_are_served():
+    from surgery.preprocess import image_to_uint8
+
+    grey = InputSpec(kind="image", channels=1, size=(16, 16))
+    ramp = np.arange(0, 256, dtype=np.uint16).reshape(16, 16)
+    wide = image_to_uint8(Image.open(io.BytesIO(_grey16_png(ramp * 257))), grey)
+    assert np.array_equal(wide.numpy()[0], ramp)
+
+
 def test_undecodable_bytes_are_400():
     err = _error(decode_image, b"\x89PNG broken", 0)
     assert err.status == 400 and "not a decodable image" in str(err)

@@ -72,6 +72,68 @@ def test_a_tampered_bundle_fails_serve_before_ray_starts(bundle, tmp_path, extra
     assert not (tmp_path / "serve.yaml").exists()
 
 
+@pytest.mark.parametrize("extra", [[], ["--config-out", "serve.yaml"]])
+def test_a_listed_format_that_does_not_load_fails_serve_before_ray_starts(bundle, tmp_path, extra):
+    """A garbage model.onnx, re-hashed into the manifest, is refused: never announced as a format."""
+    import shutil
+
+    from surgery.bundle import hash_files
+
+    bad = Path(shutil.copytree(bundle, tmp_path / "bad"))
+    (bad / "model.onnx").write_bytes(b"\x08\x07 not an onnx model")
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["formats"]["onnx"] = {"file": "model.onnx", "max_abs_diff": 0.0}
+    manifest["files"] = hash_files(bad)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    done = _surgery("serve", str(bad), "--port", "1", *extra, cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stdout + done.stderr
+    assert (
+        lines[0]
+        == f"error: {bad / 'model.onnx'}: listed as the bundle's onnx format, but it is not an ONNX model; export the bundle again"
+    )
+    assert not (tmp_path / "serve.yaml").exists()
+
+
+def _greedy(bundle: Path, tmp_path: Path) -> Path:
+    """The bundle, its recipe asking for far more than any machine should give (hashes redone)."""
+    import shutil
+
+    from surgery.bundle import hash_files
+
+    greedy = Path(shutil.copytree(bundle, tmp_path / "greedy"))
+    recipe = greedy / "recipe.yaml"
+    recipe.write_text(recipe.read_text() + "\nserve: {replicas: 64, max_body_mb: 100000, request_timeout_s: 1.0e+8}\n")
+    manifest = json.loads((greedy / "manifest.json").read_text())
+    manifest.update(recipe_sha256=None, files=hash_files(greedy))
+    (greedy / "manifest.json").write_text(json.dumps(manifest))
+    return greedy
+
+
+def test_a_recipe_cannot_ask_ray_for_more_than_the_machine_has(bundle, tmp_path, capsys, monkeypatch):
+    from serve.config import MAX_BODY_MB, MAX_REQUEST_TIMEOUT_S, RAY_TIMEOUT_MARGIN_S, Machine
+    from serve.launch import serve_config
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    greedy = _greedy(bundle, tmp_path)
+    config = serve_config({"bundles": [str(greedy)]}, "127.0.0.1", 8000, Machine(cpus=2, memory_bytes=2**34))
+    (deployment,) = config["applications"][0]["deployments"]
+    assert deployment["num_replicas"] == 2
+    # Ray's own timeout (a 408 in text) comes well after the app's JSON 504
+    assert config["http_options"]["request_timeout_s"] == MAX_REQUEST_TIMEOUT_S + RAY_TIMEOUT_MARGIN_S
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith(f"warning: {greedy / 'recipe.yaml'}: serve.") for line in lines)
+    assert any(line.endswith("serve.replicas 64 capped to 2 (2 CPUs here)") for line in lines), lines
+
+    from serve.app import build_app  # what a replica is given: the same caps
+
+    app = build_app({"bundles": [str(greedy)]})
+    ingress = app._bound_deployment  # one bundle: the ingress is the model
+    settings = ingress.init_args[1]
+    assert settings["max_body_mb"] == {"tiny": MAX_BODY_MB}
+    assert settings["request_timeout_s"] == {"tiny": MAX_REQUEST_TIMEOUT_S}
+
+
 RAY_STATUS_MESSAGE = """The deployment failed to start 3 times in a row. This may be due to a problem with its \
 constructor or initial health check failing. See controller logs for details. Error:
 ray::ServeReplica:surgery:SurgeryAPI.initialize_and_get_metadata() (pid=1, ip=127.0.0.1)
@@ -110,6 +172,20 @@ def test_predict_says_a_missing_file_is_missing(tmp_path, monkeypatch):
     assert _parse_input("[1, 2]") == ("json", [1, 2])
     (tmp_path / "x.png").write_bytes(b"png")
     assert _parse_input("x.png") == ("file", Path("x.png"))
+
+
+@pytest.mark.parametrize("length", [256, 300, 1000, 4095, 5000])
+def test_predict_takes_long_inline_arrays_and_text_as_data(tmp_path, monkeypatch, length):
+    """Longer than a file name may be (255 bytes a part): data, never "File name too long"."""
+    monkeypatch.chdir(tmp_path)
+    values = [round(i / 7, 3) for i in range(length)]
+    array = json.dumps(values)[:length]
+    array = array[: array.rindex(",")] + "]"
+    assert _parse_input(array) == ("json", json.loads(array))
+    assert _parse_input(array.replace(" ", "")) == ("json", json.loads(array))
+    text = ("word " * length)[:length]
+    assert _parse_input(text) == ("text", text)
+    assert _parse_input("x" * length) == ("text", "x" * length)
 
 
 def test_predict_command_fails_on_a_missing_file_before_sending(tmp_path):

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import typing
 from pathlib import Path
 
 import pytest
@@ -212,3 +213,227 @@ def test_whole_machine_claims_take_turns(tmp_path):
             assert not also  # gave up waiting: carries on without it
     with second.whole_machine(wait_s=0.05) as held:
         assert held
+
+
+# --------------------------------------------------------------------------- a recipe's serve settings, capped
+
+
+def test_a_recipes_serve_settings_are_capped_by_the_machine():
+    from serve.config import MAX_BODY_MB, MAX_REQUEST_TIMEOUT_S, Machine, capped_section
+    from surgery.schema import Serve
+
+    greedy = Serve(replicas=64, max_body_mb=100000, request_timeout_s=1e8, batch_wait_ms=1e9, max_batch_size=10**9)
+    section, notes = capped_section(greedy, Machine(cpus=2, memory_bytes=64 * 2**30), weights_bytes=2**20)
+    assert (section.replicas, section.max_body_mb, section.request_timeout_s) == (2, MAX_BODY_MB, MAX_REQUEST_TIMEOUT_S)
+    assert section.batch_wait_ms == 1000 and section.max_batch_size == 1024
+    assert len(notes) == 5 and all("\n" not in note for note in notes)
+    assert "serve.replicas 64 capped to 2 (2 CPUs here)" in notes
+
+    heavy, notes = capped_section(Serve(replicas=8), Machine(cpus=64, memory_bytes=5 * 2**30), weights_bytes=2**30)
+    assert heavy.replicas == 2 and "serve.replicas 8 capped to 2 (5.0 GiB free, ~2.5 GiB each)" in notes
+
+    scaling = Serve(autoscaling={"min_replicas": 10, "max_replicas": 64})
+    section, notes = capped_section(scaling, Machine(cpus=4, memory_bytes=None), weights_bytes=0)
+    assert (section.autoscaling.min_replicas, section.autoscaling.max_replicas) == (4, 4) and len(notes) == 2
+
+    modest = Serve(replicas=2, max_body_mb=8, request_timeout_s=60)
+    assert capped_section(modest, Machine(cpus=2, memory_bytes=2**34), 2**20) == (modest, [])
+    cluster, notes = capped_section(Serve(replicas=64), Machine(None, None), 2**30)  # the cluster places replicas
+    assert cluster.replicas == 64 and notes == []
+
+
+# --------------------------------------------------------------------------- the OpenAPI document
+
+
+def test_openapi_documents_the_statuses_each_route_answers_and_never_422():
+    import json
+
+    from serve.http import openapi_document
+
+    document = openapi_document()
+    assert '"422"' not in json.dumps(document) and "ValidationError" not in json.dumps(document)
+    operations = {(m.upper(), p): op for p, ops in document["paths"].items() for m, op in ops.items()}
+    statuses = {key: set(op["responses"]) for key, op in operations.items()}
+    assert statuses[("POST", "/v1/models/{name}:predict")] == {
+        "200",
+        "400",
+        "401",
+        "404",
+        "408",
+        "413",
+        "415",
+        "500",
+        "504",
+    }
+    assert statuses[("POST", "/v2/models/{name}/infer")] == {"200", "400", "401", "404", "408", "413", "500", "504"}
+    for (_, path), codes in statuses.items():
+        if path in ("/healthz", "/v2/health/live", "/v2/health/ready"):
+            assert codes == {"200"}, path  # probes: no token, nothing to find
+            continue
+        assert "401" in codes, path
+        assert ("{name}" in path) == ("404" in codes), path
+    error = operations[("POST", "/v1/models/{name}:predict")]["responses"]["413"]["content"]["application/json"]
+    assert document["components"]["schemas"][error["schema"]["$ref"].rsplit("/", 1)[1]]["required"] == ["error"]
+    assert list(operations[("GET", "/metrics")]["responses"]["200"]["content"]) == ["text/plain"]
+
+
+# --------------------------------------------------------------------------- every error is JSON, HAProxy's too
+
+
+class _TextErrors:
+    """A backend answering what Ray's replica HTTP server and uvicorn may: errors in text, the
+    app's own errors in JSON, and a 200 in text (which must pass untouched)."""
+
+    ANSWERS: typing.ClassVar[dict[str, tuple[int, str | None, bytes]]] = {
+        "/app/text408": (408, "text/plain", b"Request 1 timed out after 30.0s."),
+        "/app/text503": (503, "text/plain; charset=utf-8", b"Back pressure"),
+        "/app/text500": (500, None, b"Internal Server Error"),
+        "/app/html400": (400, "text/html", b"<html>Invalid HTTP request received.</html>"),
+        "/app/json408": (408, "application/json", b'{"error": "request body not received within 30 s"}'),
+        "/app/ok": (200, "text/plain", b"fine"),
+    }
+
+    def __enter__(self) -> int:
+        import http.server
+        import threading
+
+        answers = self.ANSWERS
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                status, media, body = answers[self.path]
+                self.send_response(status)
+                if media:
+                    self.send_header("Content-Type", media)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self.server.server_address[1]
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _ray_like_config(folder: Path, port: int, backend: int, dead: int) -> Path:
+    """What Ray's HAProxy template writes, cut down: its text errorfile, its text 404 and health check."""
+    (folder / "500.http").write_text(
+        "HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nContent-Length: 21\r\n\r\nInternal Server Error"
+    )
+    config = folder / "node" / "haproxy.cfg"
+    config.parent.mkdir()
+    config.write_text(
+        f"""global
+    maxconn 100
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 3600s
+    timeout server 5s
+    errorfile 502 {folder}/500.http
+    errorfile 503 {folder}/500.http
+    errorfile 504 {folder}/500.http
+frontend http_frontend
+    bind 127.0.0.1:{port}
+    acl healthcheck path -i /-/healthz
+    http-request return status 503 content-type text/plain string "Service Unavailable" if healthcheck
+    acl is_app path_beg /app/
+    acl is_dead path_beg /dead/
+    use_backend app if is_app
+    use_backend dead if is_dead
+    default_backend default_backend
+backend default_backend
+    http-request return status 404 content-type text/plain lf-string "Path \\'%[path]\\' not found. Ping http://.../-/routes for available routes."
+backend app
+    server s1 127.0.0.1:{backend}
+backend dead
+    server s1 127.0.0.1:{dead}
+"""
+    )
+    return config
+
+
+def _raw(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+            if b"\r\n\r\n" in received:
+                head, _, body = received.partition(b"\r\n\r\n")
+                headers = dict(line.split(": ", 1) for line in head.decode("latin-1").split("\r\n")[1:] if ": " in line)
+                headers = {k.lower(): v for k, v in headers.items()}
+                if len(body) >= int(headers.get("content-length", 10**9)):
+                    return int(head.split(b" ")[1]), headers, body
+    raise AssertionError(f"no whole response: {received[:200]!r}")
+
+
+def _get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
+    return _raw(port, f"GET {path} HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n".encode())
+
+
+def test_every_error_through_haproxy_is_a_json_body(tmp_path, state_name, free_port):
+    """The real HAProxy, on a configuration like Ray's as our wrapper rewrites it: its own errors,
+    Ray's text answers and a server's text errors all reach the client as {"error": ...}."""
+    import json
+    import time
+
+    from serve.haproxy_config import ERRORS, RAY_TIMEOUT_MESSAGE
+
+    env = haproxy_environment(state_name, http_request_timeout_s=1)
+    port, dead = free_port(), free_port()
+    with _TextErrors() as backend:
+        config = _ray_like_config(tmp_path, port, backend, dead)
+        haproxy = subprocess.Popen(
+            [env["RAY_SERVE_HAPROXY_BINARY_PATH"], "-db", "-f", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                assert haproxy.poll() is None, haproxy.stdout.read().decode()
+                try:
+                    _get(port, "/app/ok")
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "HAProxy did not start"
+                    time.sleep(0.1)
+            expected = {
+                "/app/text408": (504, RAY_TIMEOUT_MESSAGE),  # Ray's timeout: the app's 504, in JSON
+                "/app/text503": (503, ERRORS[503]),
+                "/app/text500": (500, ERRORS[500]),
+                "/app/html400": (400, ERRORS[400]),
+                "/app/json408": (408, "request body not received within 30 s"),  # the app's own: untouched
+                "/nothing/here": (404, "Not Found"),  # Ray's text 404 for an unrouted path
+                "/-/healthz": (503, ERRORS[503]),
+                "/dead/x": (503, ERRORS[503]),  # no server up: HAProxy's own 503
+            }
+            for path, (status, message) in expected.items():
+                got, headers, body = _get(port, path)
+                assert (got, headers.get("content-type")) == (status, "application/json"), (path, got, body)
+                assert json.loads(body) == {"error": message}, path
+            status, headers, body = _get(port, "/app/ok")  # what is not an error passes untouched
+            assert (status, headers["content-type"], body) == (200, "text/plain", b"fine")
+            slow = b"POST /app/ok HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"  # body never finished
+            status, headers, body = _raw(port, slow)
+            assert (status, headers["content-type"], json.loads(body)) == (
+                408,
+                "application/json",
+                {"error": ERRORS[408].format(http_request_s=1)},
+            )
+            # A request HAProxy cannot parse at all (or whose headers never end) is refused by its
+            # connection layer before a request exists, and HAProxy 2.8 answers those with its
+            # built-in page whatever `errorfile` says (haproxy/haproxy#3032, fixed in 3.2)
+            assert _raw(port, b"GET /app/ok HTTP/1.1\r\nHost: x\r\nNo colon here\r\n\r\n")[0] == 400
+        finally:
+            haproxy.terminate()
+            haproxy.wait(timeout=10)

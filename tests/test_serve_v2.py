@@ -125,3 +125,42 @@ def test_requests_the_model_cannot_take():
     with pytest.raises(InputError, match="unknown output 'nope'"):
         v2.check_outputs(request, HEADS)
     assert json.loads(v2.error_answer_body("x")) == {"error": "x"}
+
+
+HOSTILE_SHAPES = [[10**30], [2**32, 2**32], [2**62, 4, 1, 16, 16], [0, 10**30], [1] * 40, [2**31, 3, 4, 4]]
+
+
+def _hostile_bodies() -> list:
+    """Infer requests whose shapes lie, as JSON and with binary data (generated, not hand-written)."""
+    bodies = []
+    for shape in HOSTILE_SHAPES:
+        for name, datatype in (("pixel_values", "FP32"), ("pixel_values", "UINT8"), ("image", "BYTES")):
+            plain = {
+                "name": name,
+                "datatype": datatype,
+                "shape": shape,
+                "data": [0] if datatype != "BYTES" else ["eA=="],
+            }
+            bodies.append(pytest.param(json.dumps({"inputs": [plain]}).encode(), None, id=f"json-{datatype}-{shape}"))
+            for size in (0, 4, 16):
+                tensor = {"name": name, "datatype": datatype, "shape": shape, "parameters": {"binary_data_size": size}}
+                head = json.dumps({"inputs": [tensor]}).encode()
+                data = head + b"\x01\x00\x00\x00x" * 4
+                bodies.append(pytest.param(data, len(head), id=f"binary-{datatype}-{shape}-{size}"))
+    return bodies
+
+
+@pytest.mark.parametrize(("body", "header_length"), _hostile_bodies())
+def test_shapes_that_lie_are_400_before_anything_is_allocated(body, header_length):
+    with pytest.raises(InputError) as caught:
+        request = v2.parse_request(body, header_length)
+        v2.model_items(request, IMAGE)
+    assert caught.value.status == 400
+
+
+@pytest.mark.parametrize("value", ["²", "١٢", "１２", "1" * 30, "-1", "0x10", "", " "])
+def test_a_header_length_that_is_not_ascii_digits_is_400(value):
+    with pytest.raises(InputError) as caught:
+        v2.header_length(value)
+    assert caught.value.status == 400 and v2.HEADER_LENGTH in str(caught.value)
+    assert v2.header_length(" 12 ") == 12 and v2.header_length(None) is None
