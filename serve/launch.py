@@ -20,6 +20,7 @@ import yaml
 from serve.config import (
     INGRESS_NAME,
     AppArgs,
+    check_runtimes,
     deployment_options,
     model_deployment_name,
     model_settings,
@@ -29,6 +30,7 @@ from serve.ingress import REPLICA_ENV, check_ingress, ingress_environment, state
 from serve.tokens import TOKEN_ENV, read_token
 from surgery.bundle import read_manifest
 from surgery.errors import BundleError, SurgeryError
+from surgery.runtimes import CHOICES
 
 APP_NAME = "surgery"
 OWN_RAY_ENV = {"RAY_enable_metrics_collection": "0", **REPLICA_ENV}
@@ -67,6 +69,7 @@ def _is_loopback(host: str) -> bool:
 def serve_config(args: dict[str, Any], host: str, port: int) -> dict[str, Any]:
     """A Ray Serve config (the schema `serve run`/`serve deploy` read) deploying `args`."""
     parsed = AppArgs.model_validate(args)
+    check_runtimes(parsed)
     deployments = []
     timeouts = []
     sections = [(read_manifest(b)["name"], read_serve_section(b)) for b in parsed.bundles]
@@ -209,15 +212,23 @@ def serve_command(
     detach: bool = False,
     ingress: str = "auto",
     config_out: Path | None = None,
+    runtime: str | None = None,
 ) -> None:
     """Serve bundles (or run folders) over HTTP until Ctrl-C, or write a Serve config file."""
     if not targets:
         raise SurgeryError("give at least one bundle or run folder to serve")
     check_ingress(ingress)
+    if runtime is not None and runtime not in CHOICES:
+        raise SurgeryError(f"unknown --runtime {runtime!r}; choose one of {', '.join(CHOICES)}")
     bundles = [str(resolve_bundle(t)) for t in targets]
     verify_bundles(bundles)
     args: dict[str, Any] = {"bundles": bundles}
-    for key, value in (("replicas", replicas), ("max_batch_size", max_batch_size), ("batch_wait_ms", batch_wait_ms)):
+    for key, value in (
+        ("replicas", replicas),
+        ("max_batch_size", max_batch_size),
+        ("batch_wait_ms", batch_wait_ms),
+        ("runtime", runtime),
+    ):
         if value is not None:
             args[key] = value
     token = read_token(token_file)

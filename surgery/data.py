@@ -660,9 +660,9 @@ def auto_num_workers(setting: str | int, device: torch.device) -> int:
     return max(0, min(4 * max(1, torch.cuda.device_count()), cpus - 1))
 
 
-def load_data(recipe: Recipe, model: Any, placement: SingleDevice) -> TrainingData:
-    """Build train/val loaders for the recipe's data and the built model, for this process's
-    `placement` (its device, and its rank's shard of each epoch); bad data is a DataError here."""
+def load_examples(recipe: Recipe, model: Any) -> tuple[Examples, Examples]:
+    """The recipe's training and validation examples (after `limit_train`/`limit_val`), as
+    training sees them; bad data is a DataError here."""
     data = recipe.data
     if data is None:
         raise DataError("the recipe has no `data:` section; `surgery build` needs training data")
@@ -675,6 +675,15 @@ def load_data(recipe: Recipe, model: Any, placement: SingleDevice) -> TrainingDa
         raise DataError(
             f"data source {data.source!r} gave {len(train)} training and {len(val)} validation samples; both need at least one"
         )
+    return train, val
+
+
+def load_data(recipe: Recipe, model: Any, placement: SingleDevice) -> TrainingData:
+    """Build train/val loaders for the recipe's data and the built model, for this process's
+    `placement` (its device, and its rank's shard of each epoch); bad data is a DataError here."""
+    train, val = load_examples(recipe, model)
+    data = recipe.data
+    assert data is not None
     spec: InputSpec = model.input_spec
     augmentations = build_augmentations(data.augment, spec)
     rank, world_size, device = placement.rank, placement.world_size, placement.device
