@@ -110,7 +110,7 @@ class ManifestQuantized(_Closed):
     """A quantized model in the bundle and its parity gate: `passed` False means no runtime may
     use it (`reason` says why)."""
 
-    file: Annotated[str, Field(pattern=_REL_PATH)]
+    file: Literal["model.int8.onnx"]  # runtimes open this name, never a path the manifest gives
     method: Annotated[str, Field(max_length=300)]
     calibration_samples: Annotated[int, Field(ge=0)]
     validation_samples: Annotated[int, Field(ge=0)]
