@@ -132,6 +132,11 @@ class ModelServer:
             logger.info(
                 "model %s: a lone request runs on %d threads (%s)", self.name, self.solo_threads, self.solo_timing_ms
             )
+        if self.solo_threads > share and str(self.solo_threads) not in self.solo_timing_ms:
+            # an ONNX Runtime session's threads are fixed when it is made: make the lone request's
+            # now, not on the first lone request
+            self._timed_forward(self.solo_threads)
+            torch.set_num_threads(share)
         logger.info("model %s runs on %s: %s", self.name, self.runtime.name, self.runtime_choice.reason)
 
     def _timed_forward(self, threads: int) -> float:

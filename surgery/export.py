@@ -290,7 +290,9 @@ def _quantize(kind: str | None, formats: list[str]) -> str | None:
     if kind != "int8":
         raise ExportError(f"unknown quantization {kind!r}; choose int8 (or none)")
     if "onnx" not in formats:
-        raise ExportError("int8 is quantized from model.onnx: add onnx to the formats (--format ...,onnx)")
+        raise ExportError(
+            "int8 is quantized from model.onnx: add onnx to the formats (--format ...,onnx), or skip it (--quantize none)"
+        )
     return kind
 
 

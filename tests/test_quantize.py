@@ -123,6 +123,11 @@ def test_quantize_needs_onnx_and_data(tmp_path):
     with pytest.raises(ExportError, match="unknown quantization 'int4'"):
         export_bundle(model, recipe, tmp_path / "out", formats=["onnx"], quantize="int4")
     assert not (tmp_path / "out").exists()
+    recipe.export.formats, recipe.export.quantize = ["safetensors", "onnx"], "int8"
+    with pytest.raises(ExportError, match=r"or skip it \(--quantize none\)"):
+        export_bundle(model, recipe, tmp_path / "out", formats=["safetensors"])
+    plain = export_bundle(model, recipe, tmp_path / "out", formats=["safetensors"], quantize="none")
+    assert read_manifest(plain)["quantized"] == {} and not (plain / INT8_ONNX).exists()
     recipe.data = None
     with pytest.raises(ExportError, match="needs the recipe's `data:`"):
         quantize_int8(model, recipe, tmp_path, ["pixel_values"])
