@@ -92,7 +92,7 @@ def model_settings(args: AppArgs, section: ServeSection) -> dict[str, Any]:
         "threads": threads,
         "solo_threads": max(threads, args.solo_threads or threads),
         "time_solo_threads": args.time_solo_threads,
-        "runtime": args.runtime or section.runtime,
+        "runtime": args.runtime or section.runtime or "auto",
     }
 
 

@@ -41,13 +41,16 @@ def quantize_int8(model: Any, recipe: Any, folder: Path, input_names: Sequence[s
             "int8 needs the recipe's `data:` (a calibration sample, and the validation split its parity gate measures)"
         )
     train, val = load_examples(recipe, model)
+    export = recipe.export
+    max_drop = export.QUANTIZE_MAX_DROP if export.quantize_max_drop is None else export.quantize_max_drop
+    samples = export.calibration_samples or export.CALIBRATION_SAMPLES
     source, target = folder / ONNX, folder / INT8_ONNX
     external = (folder / f"{ONNX}.data").exists()
     if model.input_spec.kind == "text":
         _dynamic(source, target, external)
         method, calibrated = "dynamic (int8 weights; activations quantized per batch as they run)", 0
     else:
-        sample = _sample(train, recipe.export.calibration_samples, recipe.train.seed)
+        sample = _sample(train, samples, recipe.train.seed)
         _static(source, target, _feeds(sample, model, input_names), external)
         calibrated = len(sample)
         method = (
@@ -55,13 +58,13 @@ def quantize_int8(model: Any, recipe: Any, folder: Path, input_names: Sequence[s
             f"samples drawn with seed {recipe.train.seed}"
         )
     heads = compare(source, target, val, model, input_names, recipe)
-    passed, reason = gate(heads, recipe.export.quantize_max_drop)
+    passed, reason = gate(heads, max_drop)
     return {
         "file": INT8_ONNX,
         "method": method,
         "calibration_samples": calibrated,
         "validation_samples": len(val),
-        "max_drop": float(recipe.export.quantize_max_drop),
+        "max_drop": float(max_drop),
         "passed": passed,
         "reason": reason,
         "heads": heads,

@@ -146,6 +146,15 @@ def test_the_recipe_refuses_quantize_without_onnx(tmp_path):
     assert recipe.serve.runtime == "onnxruntime-int8" and recipe.export.quantize is None
 
 
+def test_recipes_that_leave_the_new_fields_out_hash_as_before(tmp_path):
+    from surgery.recipe import dump_recipe
+
+    recipe = recipe_from(TIMM.replace(", calibration_samples: 24, quantize_max_drop: 1.0", ""), tmp_path)
+    dumped = dump_recipe(recipe)  # what recipe_sha256 hashes: bundles exported earlier still match
+    assert "quantize" not in dumped and "calibration_samples" not in dumped and "runtime" not in dumped
+    assert recipe.export.quantize_max_drop is None and recipe.export.QUANTIZE_MAX_DROP == 0.01
+
+
 def test_gate_takes_the_worst_head_and_knows_which_way_is_better():
     heads = {
         "a": {"metric": "accuracy", "float_onnx": 0.9, "int8_onnx": 0.89, "drop": 0.01},
