@@ -67,14 +67,12 @@ def unavailable(manifest: dict[str, Any], runtime: str) -> str | None:
             return f"its {ONNX} takes a fixed batch size (export.dynamic_batch: false)"
         return None
     if runtime == ONNXRUNTIME_INT8:
-        if (why := unavailable(manifest, ONNXRUNTIME)) is not None:
-            return why
         int8 = (manifest.get("quantized") or {}).get("int8")
         if int8 is None:
             return f"the bundle has no {INT8_ONNX} (export it with `surgery export RUN --format onnx --quantize int8`)"
         if not int8.get("passed"):
             return f"its {INT8_ONNX} failed the parity gate ({int8.get('reason') or 'see the manifest'})"
-        return None
+        return unavailable(manifest, ONNXRUNTIME)  # made from model.onnx: its batch axis too
     raise BundleError(f"unknown runtime {runtime!r}; choose one of {', '.join(CHOICES)}")
 
 
