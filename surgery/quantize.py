@@ -15,6 +15,7 @@ the bundle for inspection, marked failed, and `surgery.runtimes` refuses it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -136,8 +137,12 @@ def _prepared(source: Path, scratch: Path, external: bool) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = scratch / "prepared.onnx"
+    # auto_merge: a transformer's sequence axis meets its position table (min(max_length, sequence)),
+    # which symbolic shape inference gives up on otherwise. When it gives up, it saves the graph into
+    # the current folder: work in the scratch folder so none of that lands in the user's.
     try:
-        quant_pre_process(str(source), str(prepared), save_as_external_data=external)
+        with contextlib.chdir(scratch):
+            quant_pre_process(str(source), str(prepared), auto_merge=True, save_as_external_data=external)
     except Exception:  # an optimisation: without it the quantizer still works, on fewer nodes
         return source
     return prepared
