@@ -167,12 +167,19 @@ def export(
         ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Bundle folder (default: <run>/bundle).")] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="int8: also write model.int8.onnx from model.onnx, with its metric against the float model's on "
+            "the validation split and the parity gate's verdict in the manifest (default: the recipe's export.quantize)."
+        ),
+    ] = None,
 ) -> None:
     """Export a run's best checkpoint (or a given checkpoint) as a verified bundle."""
     from surgery.export import export_command
 
     fmt = [f.strip() for f in formats.split(",") if f.strip()] if formats else None
-    typer.echo(f"bundle: {export_command(target, fmt, out)}")
+    typer.echo(f"bundle: {export_command(target, fmt, out, quantize=quantize)}")
 
 
 @app.command()
@@ -205,6 +212,14 @@ def serve(
         Path | None,
         typer.Option(help="Write a Ray Serve config file for `serve run`/`serve deploy` instead of serving."),
     ] = None,
+    runtime: Annotated[
+        str | None,
+        typer.Option(
+            help="What runs the model: torch, onnxruntime (the bundle's model.onnx), onnxruntime-int8 (its "
+            "model.int8.onnx, if it passed the parity gate), or auto (each replica times them and keeps the "
+            "fastest). Default: the recipe's serve.runtime."
+        ),
+    ] = None,
 ) -> None:
     """Serve bundles over HTTP with Ray Serve and dynamic batching."""
     from serve.launch import serve_command
@@ -220,6 +235,7 @@ def serve(
         detach=detach,
         ingress=ingress,
         config_out=config_out,
+        runtime=runtime,
     )
 
 

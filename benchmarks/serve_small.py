@@ -17,7 +17,12 @@ and the server that makes it work less per request wins). Reported: requests/s a
 (target: served >= 1.0x bare), p50 at one client (target: served <= bare + 3 ms), the batch sizes
 the replicas formed, and where a served request's time goes (`Server-Timing`, medians).
 
-    python benchmarks/serve_small.py [--seconds 8] [--rounds 3] [--clients 32] [--client lean|httpx]
+`--runtime` picks what runs the model in the replicas (`surgery serve --runtime`: auto, torch,
+onnxruntime, onnxruntime-int8; the bundle carries `model.onnx`, and `model.int8.onnx` for int8,
+quantized with calibration on the digits and its parity gate opened with `quantize_max_drop: 1`:
+the weights are random, so only the speed means something). The bare app stays eager torch.
+
+    python benchmarks/serve_small.py [--seconds 8] [--rounds 3] [--clients 32] [--client lean|httpx] [--runtime auto|torch|onnxruntime|onnxruntime-int8]
 
 Reports; asserts nothing. About 2 minutes.
 """
@@ -80,13 +85,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def export_quickstart(root: Path) -> Path:
+def export_quickstart(root: Path, runtime: str = "auto") -> Path:
     from surgery.export import export_bundle
     from surgery.model import build_model
     from surgery.recipe import load_recipe
 
     recipe = load_recipe("quickstart")
-    return export_bundle(build_model(recipe, load_weights=False), recipe, root / "quickstart", formats=["safetensors"])
+    if runtime == "onnxruntime-int8":  # random weights: the gate's accuracy means nothing here
+        recipe.export.quantize, recipe.export.quantize_max_drop = "int8", 1.0
+    formats = ["safetensors", "onnx"]  # every runtime --runtime may ask for
+    return export_bundle(build_model(recipe, load_weights=False), recipe, root / "quickstart", formats=formats)
 
 
 def wait_ready(url: str, proc: subprocess.Popen, seconds: float = 300) -> None:
@@ -188,7 +196,11 @@ def replica_stats(stats_url: str) -> tuple[Counter, set[str]]:
     total: Counter = Counter()
     for stats in seen.values():
         total.update(stats["batch_sizes"])
-    solo = {f"{s.get('solo_threads')} threads (timed, ms: {s.get('solo_timing_ms')})" for s in seen.values()}
+    solo = {
+        f"{s.get('runtime')} ({s.get('runtime_reason')}), {s.get('solo_threads')} threads "
+        f"(timed, ms: {s.get('solo_timing_ms')})"
+        for s in seen.values()
+    }
     return total, solo
 
 
@@ -216,6 +228,12 @@ def main() -> None:
     parser.add_argument(
         "--client", choices=["lean", "httpx"], default="lean", help="load generator (see the module docstring)"
     )
+    parser.add_argument(
+        "--runtime",
+        choices=["auto", "torch", "onnxruntime", "onnxruntime-int8"],
+        default="auto",
+        help="what runs the model in the replicas (`surgery serve --runtime`)",
+    )
     parser.add_argument("--serve-args", default="", help="extra `surgery serve` options")
     parser.add_argument("--serve-env", default="", help="extra environment for `surgery serve`: K=V,K=V")
     parser.add_argument(
@@ -235,7 +253,7 @@ def main() -> None:
     env.pop("RAY_ADDRESS", None)
     serve_env = dict(kv.split("=", 1) for kv in opts.serve_env.split(",") if kv)
     sys.path.insert(0, str(ROOT))
-    bundle = export_quickstart(Path(tempfile.mkdtemp(prefix="serve-small-")))
+    bundle = export_quickstart(Path(tempfile.mkdtemp(prefix="serve-small-")), opts.runtime)
     bare_port, served_port = free_port(), free_port()
     urls = {
         "bare": f"http://127.0.0.1:{bare_port}/predict",
@@ -252,6 +270,8 @@ def main() -> None:
                 str(bundle),
                 "--port",
                 str(served_port),
+                "--runtime",
+                opts.runtime,
                 *opts.serve_args.split(),
             ],
             {**env, **serve_env},
@@ -292,7 +312,7 @@ def main() -> None:
     bare_p50, served_p50 = (statistics.median(times[n]) * 1000 for n in ("bare", "served"))
     print(
         f"\nquickstart model, PNG {len(body)} bytes, {cores} cores, {opts.rounds} rounds of {opts.seconds:.0f} s; "
-        f"bare app torch threads: {opts.bare_threads}; client: {opts.client}"
+        f"bare app torch threads: {opts.bare_threads}; client: {opts.client}; served runtime: {opts.runtime}"
     )
     print(
         f"  {opts.clients} clients: served {served_rps:7.1f} req/s, bare uvicorn+FastAPI {bare_rps:7.1f} req/s "

@@ -12,7 +12,14 @@ mobilenet-class model (torchvision, random init):
   spell of this shared machine lands on both;
 - batching on vs off, next to the raw batch-N / batch-1 speed-up.
 
-    python benchmarks/serve_throughput.py [--seconds 12] [--models resnet18,mobilenet_v3_small] [--replicas N] [--ingress haproxy|proxy]
+`--runtime` picks what runs the model in the replicas (`serve.runtime`: auto, torch, onnxruntime,
+onnxruntime-int8; bundles are exported with `model.onnx`). Throughput is always compared with raw
+eager torch; p50 at one client with the raw batch-1 forward of the runtime the replicas run. For
+onnxruntime-int8 the bundles are quantized with calibration on synthetic data and the parity gate
+opened (`quantize_max_drop: 1`): the weights are random, so only the speed means something here
+(`int8_runtime.py` measures the metric on real data).
+
+    python benchmarks/serve_throughput.py [--seconds 12] [--models resnet18,mobilenet_v3_small] [--replicas N] [--ingress haproxy|proxy] [--runtime auto|torch|onnxruntime|onnxruntime-int8]
 
 Reports; asserts nothing. About 4 minutes on 2 cores.
 """
@@ -45,19 +52,24 @@ heads:
     input: logits
     layers: [{{linear: {{out_features: 10}}}}]
     loss: cross_entropy
-"""
+export: {{formats: [safetensors, onnx]{quantize}}}
+{data}"""
+INT8 = ", quantize: int8, quantize_max_drop: 1.0, calibration_samples: 32"
+SYNTHETIC = "data: {source: synthetic, synthetic: {num_samples: 64, num_classes: 10}, batch_size: 16}\n"
 BATCH = 16
 WAIT_MS = 2.0
 JPEG = {"content-type": "image/jpeg"}
 
 
-def export(name: str, root: Path) -> Path:
+def export(name: str, root: Path, runtime: str) -> Path:
     from surgery.export import export_bundle
     from surgery.model import build_model
     from surgery.recipe import load_recipe_text
 
-    recipe = load_recipe_text(RECIPE.format(name=name))
-    return export_bundle(build_model(recipe, load_weights=False), recipe, root / name, formats=["safetensors"])
+    int8 = runtime == "onnxruntime-int8"
+    text = RECIPE.format(name=name, quantize=INT8 if int8 else "", data=SYNTHETIC if int8 else "")
+    recipe = load_recipe_text(text)
+    return export_bundle(build_model(recipe, load_weights=False), recipe, root / name)
 
 
 def jpeg_images(n: int = 16) -> list[bytes]:
@@ -75,43 +87,45 @@ def jpeg_images(n: int = 16) -> list[bytes]:
     return images
 
 
-def raw_times(bundle: Path, sizes: list[int], threads: int) -> dict[int, float]:
-    """Seconds per forward at each batch size (median), in-process, inference_mode."""
+def raw_runtime(bundle: Path, runtime: str):
+    """The bundle's model on `runtime` in this process (`surgery.runtimes`, as the replicas run it)."""
+    from surgery.bundle import load_bundle
+    from surgery.runtimes import open_runtime
+
+    return open_runtime(load_bundle(bundle), runtime)
+
+
+def raw_times(bundle: Path, sizes: list[int], threads: int, runtime: str = "torch") -> dict[int, float]:
+    """Seconds per forward at each batch size (median), in-process (torch: inference_mode)."""
     import torch
 
-    from surgery.bundle import load_bundle
-
-    torch.set_num_threads(threads)
-    model = load_bundle(bundle).model
+    model = raw_runtime(bundle, runtime)
     out = {}
-    with torch.inference_mode():
-        for n in sizes:
-            x = torch.randn(n, 3, 224, 224)
-            for _ in range(2):
-                model(x)
-            times = []
-            budget = time.perf_counter() + 4
-            while len(times) < 5 or (time.perf_counter() < budget and len(times) < 40):
-                start = time.perf_counter()
-                model(x)
-                times.append(time.perf_counter() - start)
-            out[n] = statistics.median(times)
+    for n in sizes:
+        x = (torch.randn(n, 3, 224, 224),)
+        for _ in range(2):
+            model.run(x, threads)
+        times = []
+        budget = time.perf_counter() + 4
+        while len(times) < 5 or (time.perf_counter() < budget and len(times) < 40):
+            start = time.perf_counter()
+            model.run(x, threads)
+            times.append(time.perf_counter() - start)
+        out[n] = statistics.median(times)
     return out
 
 
 async def interleaved_latency(
-    url: str, images: list[bytes], bundle: Path, threads: int, seconds: float
+    url: str, images: list[bytes], bundle: Path, threads: int, seconds: float, runtime: str
 ) -> tuple[float, float, float]:
     """(served p50, raw batch-1 p50, the replica's own forward p50 from `Server-Timing`) in seconds
     at concurrency 1, alternating one served request with one in-process forward of the same model
-    so that both see the same machine state."""
+    on the same runtime, so that both see the same machine state."""
     import torch
 
-    from surgery.bundle import load_bundle
-
-    torch.set_num_threads(threads)
-    model = load_bundle(bundle).model.eval()
-    x = torch.randn(1, 3, 224, 224)
+    model = raw_runtime(bundle, runtime)
+    x = (torch.randn(1, 3, 224, 224),)
+    model.run(x, threads)
     served: list[float] = []
     raw: list[float] = []
     forward: list[float] = []
@@ -121,8 +135,7 @@ async def interleaved_latency(
         k = 0
         while time.perf_counter() < stop or len(served) < 20:
             start = time.perf_counter()
-            with torch.inference_mode():
-                model(x)
+            model.run(x, threads)
             raw.append(time.perf_counter() - start)
             start = time.perf_counter()
             status, headers, body = await client.send(requests[k % len(requests)])
@@ -144,7 +157,18 @@ def load(url: str, images: list[bytes], concurrency: int, seconds: float) -> tup
     return rps, latencies, batches
 
 
-def deploy(bundle: Path, max_batch_size: int, wait_ms: float, threads: int, replicas: int, solo_threads: int) -> None:
+def replica_runtime(stats_url: str) -> tuple[str, str]:
+    """The runtime a replica runs and why (every replica of a deployment decides for itself; this
+    asks one)."""
+    import httpx
+
+    stats = httpx.get(stats_url, timeout=30).json()
+    return stats["runtime"], stats["runtime_reason"]
+
+
+def deploy(
+    bundle: Path, max_batch_size: int, wait_ms: float, threads: int, replicas: int, solo_threads: int, runtime: str
+) -> None:
     from ray import serve
 
     from serve.app import build_app
@@ -157,6 +181,7 @@ def deploy(bundle: Path, max_batch_size: int, wait_ms: float, threads: int, repl
         "threads": threads,
         "solo_threads": solo_threads,
         "replicas": replicas,
+        "runtime": runtime,
     }
     serve.run(build_app(args), name="surgery", route_prefix="/")
 
@@ -179,6 +204,12 @@ def main() -> None:
         "--ingress", choices=["haproxy", "proxy"], default="haproxy", help="HTTP ingress in front of the replicas"
     )
     parser.add_argument("--wait-ms", type=float, default=WAIT_MS, help="batch wait")
+    parser.add_argument(
+        "--runtime",
+        choices=["auto", "torch", "onnxruntime", "onnxruntime-int8"],
+        default="auto",
+        help="what runs the model in the replicas (serve.runtime)",
+    )
     opts = parser.parse_args()
     cores = os.cpu_count() or 1
     if opts.replicas is None:
@@ -190,7 +221,7 @@ def main() -> None:
     models = opts.models.split(",")
     images = jpeg_images()
     root = Path(tempfile.mkdtemp(prefix="serve-bench-"))
-    bundles = {name: export(name, root) for name in models}
+    bundles = {name: export(name, root, opts.runtime) for name in models}
     # the raw baseline is the machine's best in-process forward: every core in one process
     raw = {name: raw_times(bundles[name], [1, 2, 4, 8, 16], cores) for name in models}
 
@@ -211,13 +242,14 @@ def main() -> None:
     try:
         for name in models:
             url = f"{base}/v1/models/{name}:predict"
-            deploy(bundles[name], BATCH, opts.wait_ms, threads, opts.replicas, solo)
+            deploy(bundles[name], BATCH, opts.wait_ms, threads, opts.replicas, solo, opts.runtime)
             load(url, images, 8, 2)  # warm-up
+            runtime, why = replica_runtime(url.replace(":predict", "/stats"))
             on_rps, _, on_batches = load(url, images, 32, opts.seconds)
             p50_c1, raw_b1, replica_b1 = loadgen.run(
-                interleaved_latency(url, images, bundles[name], cores, min(opts.seconds, 8))
+                interleaved_latency(url, images, bundles[name], cores, min(opts.seconds, 8), runtime)
             )
-            deploy(bundles[name], 1, 0.0, threads, opts.replicas, solo)
+            deploy(bundles[name], 1, 0.0, threads, opts.replicas, solo, opts.runtime)
             load(url, images, 8, 2)
             off_rps, _, _ = load(url, images, 32, opts.seconds)
             mean_batch = statistics.mean(on_batches)
@@ -225,6 +257,8 @@ def main() -> None:
             rows.append(
                 {
                     "model": name,
+                    "runtime": runtime,
+                    "why": why,
                     "mean_batch": mean_batch,
                     "raw_n": n,
                     "raw_rps_n": n / raw[name][n],
@@ -246,10 +280,10 @@ def main() -> None:
         f"\n{opts.ingress} ingress, {opts.replicas} replica(s) x {threads} torch threads ({solo} for a lone request; raw: {cores}), JPEG 224x224, batching max {BATCH} / wait {opts.wait_ms} ms, {opts.seconds:.0f} s per run"
     )
     for r in rows:
-        print(f"\n{r['model']}")
+        print(f"\n{r['model']} on {r['runtime']} ({r['why']})")
         print(
             f"  served, 32 clients, batching on : {r['on_rps']:7.1f} img/s (mean batch {r['mean_batch']:.1f}); "
-            f"raw batch {r['raw_n']}: {r['raw_rps_n']:7.1f} img/s -> {r['on_rps'] / r['raw_rps_n']:.2f}x raw"
+            f"raw torch batch {r['raw_n']}: {r['raw_rps_n']:7.1f} img/s -> {r['on_rps'] / r['raw_rps_n']:.2f}x raw"
         )
         print(
             f"  served, 32 clients, batching off: {r['off_rps']:7.1f} img/s -> on/off {r['on_rps'] / r['off_rps']:.2f}x "
@@ -257,12 +291,12 @@ def main() -> None:
             f"batch-{r['raw_n']}/batch-1 {r['raw_rps_n'] / r['raw_rps_1']:.2f}x)"
         )
         print(
-            f"  p50 latency, 1 client: {r['p50_c1_ms']:.1f} ms vs raw batch-1 forward {r['raw_b1_ms']:.1f} ms "
+            f"  p50 latency, 1 client: {r['p50_c1_ms']:.1f} ms vs raw {r['runtime']} batch-1 forward {r['raw_b1_ms']:.1f} ms "
             f"(+{r['p50_c1_ms'] - r['raw_b1_ms']:.1f} ms)"
         )
         print(
             f"    the replica's own forward {r['replica_b1_ms']:.1f} ms (so {r['p50_c1_ms'] - r['replica_b1_ms']:.1f} ms "
-            f"outside the model); raw batch-1 back to back, measured first: {r['raw_b1_alone_ms']:.1f} ms"
+            f"outside the model); raw torch batch-1 back to back, measured first: {r['raw_b1_alone_ms']:.1f} ms"
         )
 
 

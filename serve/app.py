@@ -27,6 +27,7 @@ from serve.config import (
     BATCH_KEYS,
     CONSTRUCTOR_RETRIES,
     AppArgs,
+    check_runtimes,
     deployment_options,
     model_deployment_name,
     model_settings,
@@ -68,6 +69,7 @@ class ModelDeployment:
 def build_app(args: dict[str, Any]) -> Application:
     """The application a Serve config names (`import_path: serve.app:build_app`)."""
     parsed = AppArgs.model_validate(args)
+    check_runtimes(parsed)  # a runtime a bundle cannot run fails here, before any replica starts
     bundles = [str(Path(b).resolve()) for b in parsed.bundles]
     names: dict[str, str] = {}
     models: dict[str, Any] = {}

@@ -7,7 +7,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -67,6 +67,9 @@ class AppArgs(BaseModel):
         description="When solo_threads > threads, time a forward of one example on each when the replica starts and "
         "give a lone request only `threads` where a forward on solo_threads is at least 10% slower: a small model's "
         "forward is slower on more threads (waking and joining them costs more than its work).",
+    )
+    runtime: Literal["auto", "torch", "onnxruntime", "onnxruntime-int8"] | None = Field(
+        None, description="Overrides the recipes' serve.runtime (what runs the model in each replica)."
     )
     token_file: str | None = Field(
         None, description=f"File holding the bearer token (else ${TOKEN_ENV} in the replica)."
@@ -198,7 +201,18 @@ def model_settings(args: AppArgs, section: ServeSection) -> dict[str, Any]:
         "threads": threads,
         "solo_threads": max(threads, args.solo_threads or threads),
         "time_solo_threads": args.time_solo_threads,
+        "runtime": args.runtime or section.runtime or "auto",
     }
+
+
+def check_runtimes(args: AppArgs) -> None:
+    """Refuse, in one line and before anything is deployed, a runtime a bundle cannot run (no
+    model.onnx for `onnxruntime`, an int8 model that failed its parity gate...)."""
+    from surgery.bundle import read_manifest
+    from surgery.runtimes import check_runtime
+
+    for bundle in args.bundles:
+        check_runtime(bundle, read_manifest(bundle), model_settings(args, read_serve_section(bundle))["runtime"])
 
 
 def replica_count(setting: str | int) -> int:

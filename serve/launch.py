@@ -22,6 +22,7 @@ from serve.config import (
     RAY_TIMEOUT_MARGIN_S,
     AppArgs,
     Machine,
+    check_runtimes,
     deployment_options,
     model_deployment_name,
     model_settings,
@@ -31,6 +32,7 @@ from serve.ingress import REPLICA_ENV, check_ingress, ingress_environment, state
 from serve.tokens import TOKEN_ENV, read_token
 from surgery.bundle import read_manifest
 from surgery.errors import BundleError, SurgeryError
+from surgery.runtimes import CHOICES
 
 APP_NAME = "surgery"
 # The Ray `surgery serve` starts for itself is a one-machine Ray, and listens on loopback only.
@@ -83,6 +85,7 @@ def serve_config(args: dict[str, Any], host: str, port: int, machine: Machine) -
     """A Ray Serve config (the schema `serve run`/`serve deploy` read) deploying `args`, the
     recipes' settings capped for `machine`."""
     parsed = AppArgs.model_validate(args)
+    check_runtimes(parsed)
     deployments = []
     timeouts = []
     sections = [(read_manifest(b)["name"], serve_section(b, machine)) for b in parsed.bundles]
@@ -228,15 +231,23 @@ def serve_command(
     detach: bool = False,
     ingress: str = "auto",
     config_out: Path | None = None,
+    runtime: str | None = None,
 ) -> None:
     """Serve bundles (or run folders) over HTTP until Ctrl-C, or write a Serve config file."""
     if not targets:
         raise SurgeryError("give at least one bundle or run folder to serve")
     check_ingress(ingress)
+    if runtime is not None and runtime not in CHOICES:
+        raise SurgeryError(f"unknown --runtime {runtime!r}; choose one of {', '.join(CHOICES)}")
     bundles = [str(resolve_bundle(t)) for t in targets]
     verify_bundles(bundles, formats=config_out is not None)
     args: dict[str, Any] = {"bundles": bundles}
-    for key, value in (("replicas", replicas), ("max_batch_size", max_batch_size), ("batch_wait_ms", batch_wait_ms)):
+    for key, value in (
+        ("replicas", replicas),
+        ("max_batch_size", max_batch_size),
+        ("batch_wait_ms", batch_wait_ms),
+        ("runtime", runtime),
+    ):
         if value is not None:
             args[key] = value
     token = read_token(token_file)

@@ -9,6 +9,7 @@ model is busy, and running forwards on one model thread with the right number of
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -30,6 +31,7 @@ from serve import responses, v2
 from serve.config import BATCH_DEFAULTS
 from serve.cores import CoreClaim
 from serve.decode import InputError, RowPreparer, Stopped, v1_items
+from surgery.runtimes import fastest_ms, timed
 
 logger = logging.getLogger("ray.serve")
 
@@ -70,13 +72,21 @@ class ModelServer:
         import torch
 
         from surgery.bundle import load_bundle
+        from surgery.runtimes import TORCH, choose_runtime, example_batch
 
-        torch.set_num_threads(int(settings["threads"]))
-        loaded = load_bundle(Path(bundle))
-        self.model = loaded.model.eval()
+        share = int(settings["threads"])
+        torch.set_num_threads(share)
+        requested = str(settings.get("runtime") or "auto")
+        # an exported graph alone needs no PyTorch model: neither its build time nor its weights
+        loaded = load_bundle(Path(bundle), torch_model=requested in ("auto", TORCH))
+        # warmed up (the first forward pays allocations, not the first user); `auto` times every
+        # runtime the bundle allows on this replica's share of cores and keeps the fastest
+        self.runtime, self.runtime_choice = choose_runtime(loaded, requested, threads=share)
+        self._example = example_batch(loaded)
         self.spec = loaded.input_spec
         self.tokenizer = loaded.tokenizer
         self.manifest = loaded.manifest
+        del loaded  # a runtime other than torch lets the PyTorch model go
         self.name: str = self.manifest["name"]
         self.heads: list[dict[str, Any]] = list(self.manifest["heads"])
         # Batch settings arrive through `reconfigure` (the deployment's user_config), so changing
@@ -85,7 +95,7 @@ class ModelServer:
         self.batch_sizes: Counter[int] = Counter()
         self.cancelled = 0  # requests given up while being answered (client gone)
         self.rows_decoded = 0
-        self.threads_used: Counter[int] = Counter()  # forwards run with each torch thread count
+        self.threads_used: Counter[int] = Counter()  # forwards run with each thread count
         transform = None
         if self.spec.kind == "image":
             from surgery.preprocess import image_eval_transform
@@ -113,9 +123,6 @@ class ModelServer:
             max_batch_size=int(self.settings["max_batch_size"]),
             batch_wait_timeout_s=float(self.settings["batch_wait_timeout_s"]),
         )(surgery_predict_batch)
-        with torch.inference_mode():  # the first forward pays allocations; not the first user
-            self.model(*self.model.example_inputs(1))
-        share = int(self.settings["threads"])
         self.solo_threads = max(share, int(self.settings["solo_threads"]))  # what a lone request gets
         self.solo_timing_ms: dict[str, float] = {}  # the lone forward's time on each thread count
         if self.settings.get("time_solo_threads", True) and self.solo_threads > share:
@@ -125,17 +132,16 @@ class ModelServer:
             logger.info(
                 "model %s: a lone request runs on %d threads (%s)", self.name, self.solo_threads, self.solo_timing_ms
             )
+        if self.solo_threads > share and str(self.solo_threads) not in self.solo_timing_ms:
+            # an ONNX Runtime session's threads are fixed when it is made: make the lone request's
+            # now, not on the first lone request
+            self._timed_forward(self.solo_threads)
+            torch.set_num_threads(share)
+        logger.info("model %s runs on %s: %s", self.name, self.runtime.name, self.runtime_choice.reason)
 
     def _timed_forward(self, threads: int) -> float:
-        """Seconds of one forward of one example on `threads` torch threads."""
-        import torch
-
-        torch.set_num_threads(threads)
-        inputs = self.model.example_inputs(1)
-        with torch.inference_mode():
-            began = time.perf_counter()
-            self.model(*inputs)
-            return time.perf_counter() - began
+        """Seconds of one forward of one example on `threads` threads."""
+        return timed(self.runtime, self._example, threads)()
 
     def _count_row(self) -> None:
         self.rows_decoded += 1
@@ -159,6 +165,11 @@ class ModelServer:
             "input_names": m.get("input_names"),
             "heads": self.heads,
             "formats": sorted((m.get("formats") or {}).keys()),
+            "quantized": {
+                kind: {key: q.get(key) for key in ("file", "method", "passed", "reason", "heads")}
+                for kind, q in (m.get("quantized") or {}).items()
+            },
+            "runtime": self.runtime_choice.to_dict(),
             "metrics": m.get("metrics") or {},
             "recipe_sha256": m.get("recipe_sha256"),
             "created": m.get("created"),
@@ -177,6 +188,9 @@ class ModelServer:
             "threads": {str(k): v for k, v in sorted(self.threads_used.items())},
             "solo_threads": self.solo_threads,
             "solo_timing_ms": self.solo_timing_ms,
+            "runtime": self.runtime.name,
+            "runtime_reason": self.runtime_choice.reason,
+            "runtime_timing_ms": self.runtime_choice.timing_ms,
             "max_batch_size": self.settings["max_batch_size"],
             "batch_wait_timeout_s": self.settings["batch_wait_timeout_s"],
             "queue_depth": self._preparing + self._gated + self._waiting,
@@ -308,31 +322,25 @@ class ModelServer:
     def _forward(self, rows: list[Any], solo: bool) -> list[RowResult]:
         """Run one batch. A solo batch (the replica's only request) uses `solo_threads` when no
         other replica is busy."""
-        import torch
-
         began = time.perf_counter()
         share, whole = int(self.settings["threads"]), self.solo_threads
         with self._cores.claim(solo and whole > share) as alone:
             threads = whole if alone else share
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
             self.threads_used[threads] += 1
-            return self._run_model(rows, began)
+            return self._run_model(rows, began, threads)
 
-    def _run_model(self, rows: list[Any], began: float) -> list[RowResult]:
+    def _run_model(self, rows: list[Any], began: float, threads: int) -> list[RowResult]:
         import torch
 
         n = len(rows)
         self.batch_sizes[n] += 1
-        with torch.inference_mode():
-            if self.spec.kind == "text":
-                from surgery.preprocess import texts_to_batch
+        if self.spec.kind == "text":  # tokenisation stays in Python, whatever runs the network
+            from surgery.preprocess import texts_to_batch
 
-                inputs = texts_to_batch(rows, self.tokenizer, self.spec)
-            else:
-                inputs = (torch.stack(rows),)
-            outputs = self.model(*inputs)
-            arrays = {h["name"]: outputs[h["name"]].float().numpy() for h in self.heads}
+            inputs: tuple[Any, ...] = texts_to_batch(rows, self.tokenizer, self.spec)
+        else:
+            inputs = (torch.stack(rows),)
+        arrays = self.runtime.run(inputs, threads)
         ended = time.perf_counter()
         return [({name: array[i] for name, array in arrays.items()}, n, began, ended) for i in range(n)]
 
@@ -352,11 +360,7 @@ def faster_threads(
     if first > SOLO_TIMING_BUDGET_S:
         return whole, {str(share): round(first * 1000, 3)}
     forward(whole)  # the wider thread pool's first use
-    times: dict[int, list[float]] = {share: [], whole: []}
-    for _ in range(repeats):
-        for n in (share, whole):
-            times[n].append(forward(n))
-    ms = {n: min(t) * 1000 for n, t in times.items()}
+    ms = fastest_ms({n: functools.partial(forward, n) for n in (share, whole)}, repeats)
     return (share if ms[whole] > 1.1 * ms[share] else whole), {str(n): round(v, 3) for n, v in ms.items()}
 
 

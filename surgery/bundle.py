@@ -29,6 +29,8 @@ MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 RECIPE = "recipe.yaml"
 TOKENIZER_DIR = "tokenizer"  # tokenizer files, and a transformers backbone's config.json (no weights)
+ONNX = "model.onnx"
+INT8_ONNX = "model.int8.onnx"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 # The file each exported format is written to (a manifest naming another file for one is refused).
 FORMAT_FILES = {"safetensors": WEIGHTS, "onnx": "model.onnx", "torchscript": "model.ts", "pt2": "model.pt2"}
@@ -93,6 +95,34 @@ class ManifestFormat(BaseModel):
     max_abs_diff: Finite
 
 
+class ManifestQuantizedHead(_Closed):
+    """One head of the int8 model against the float one on the validation split. `metric` is the
+    head's monitored metric (None, with its values, when the split has no targets for the head);
+    `drop` is how much worse int8 is in that metric's units; `top1_match` is the share of rows
+    whose predicted class (or 0/1 per label) agrees (None for regression)."""
+
+    metric: Annotated[str, Field(pattern=r"^[a-z0-9_]+$")] | None
+    float_onnx: Finite | None
+    int8_onnx: Finite | None
+    drop: Finite | None
+    top1_match: Annotated[float, Field(ge=0, le=1)] | None
+    max_abs_diff: Finite
+
+
+class ManifestQuantized(_Closed):
+    """A quantized model in the bundle and its parity gate: `passed` False means no runtime may
+    use it (`reason` says why)."""
+
+    file: Literal["model.int8.onnx"]  # runtimes open this name, never a path the manifest gives
+    method: Annotated[str, Field(max_length=300)]
+    calibration_samples: Annotated[int, Field(ge=0)]
+    validation_samples: Annotated[int, Field(ge=0)]
+    max_drop: Finite
+    passed: bool
+    reason: Annotated[str, Field(max_length=1000)] | None
+    heads: dict[Annotated[str, Field(pattern=_IDENT)], ManifestQuantizedHead]
+
+
 class Manifest(_Closed):
     """`manifest.json`: closed, as recipes are. `files` maps every file of the bundle but the
     manifest to its sha256."""
@@ -106,6 +136,7 @@ class Manifest(_Closed):
     heads: Annotated[list[ManifestHead], Field(min_length=1)]
     formats: dict[str, ManifestFormat]
     failed_formats: dict[str, str]
+    quantized: dict[Literal["int8"], ManifestQuantized] = Field(default_factory=dict)
     lora_merged: bool
     metrics: dict[str, Finite]
     source: str | None
@@ -278,7 +309,7 @@ class LoadedBundle:
     """A bundle loaded back: the model (eval mode, on CPU) and what serving needs around it."""
 
     path: Path
-    model: Any  # surgery.model.SurgicalModel
+    model: Any  # surgery.model.SurgicalModel (None when loaded with torch_model=False)
     manifest: dict[str, Any]
     recipe: Any  # surgery.schema.Recipe (as trained, before the load-time rewrites)
     input_spec: InputSpec
@@ -315,12 +346,15 @@ def _recipe_for_loading(recipe: Any, path: Path, manifest: dict[str, Any]) -> An
     return rebuilt
 
 
-def load_bundle(path: Path) -> LoadedBundle:
+def load_bundle(path: Path, *, torch_model: bool = True) -> LoadedBundle:
     """Verify and load a bundle: the manifest against its schema, every sha256, every path inside
     the bundle; the model rebuilt from the bundled recipe with no network access, weights loaded
     strictly from `model.safetensors`, and the manifest cross-checked against what was built
-    (heads, labels, output sizes, input spec). Eval mode. Errors never quote the bundle's files."""
-    from surgery.model import build_model
+    (heads, labels, output sizes, input spec). Eval mode. Errors never quote the bundle's files.
+
+    `torch_model=False` verifies the same files but builds no PyTorch model (`model` is None): for
+    a runtime that runs one of the bundle's exported graphs instead, which then costs neither the
+    build's time nor a second copy of the weights."""
     from surgery.recipe_dump import recipe_hash
 
     path = Path(path).resolve()
@@ -337,6 +371,19 @@ def load_bundle(path: Path) -> LoadedBundle:
         raise BundleError(
             f"{path / RECIPE}: does not match the manifest's recipe_sha256; the bundle is damaged, export it again"
         )
+    spec = InputSpec.from_dict(manifest["input"])
+    if not torch_model:
+        tokenizer = None
+        if (path / TOKENIZER_DIR).is_dir():
+            spec.tokenizer = str(path / TOKENIZER_DIR)
+            tokenizer = _load_tokenizer(path / TOKENIZER_DIR)
+        return LoadedBundle(path, None, manifest, recipe, spec, tokenizer)
+    return _with_model(path, manifest, recipe, spec)
+
+
+def _with_model(path: Path, manifest: dict[str, Any], recipe: Any, spec: InputSpec) -> LoadedBundle:
+    from surgery.model import build_model
+
     try:
         model = build_model(_recipe_for_loading(recipe, path, manifest), load_weights=False)
     except BundleError:
@@ -349,7 +396,6 @@ def load_bundle(path: Path) -> LoadedBundle:
         raise BundleError(f"{path / WEIGHTS}: {err}") from None
     model.eval()
     check_against_model(path, manifest, recipe, model)
-    spec = InputSpec.from_dict(manifest["input"])
     tokenizer = None
     if (path / TOKENIZER_DIR).is_dir():
         spec.tokenizer = str(path / TOKENIZER_DIR)

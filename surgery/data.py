@@ -29,7 +29,7 @@ from surgery.data_augment import Stage, build_augmentations
 from surgery.data_dataset import Collate, ExampleDataset, sample_seed
 from surgery.data_examples import Examples, split_examples
 from surgery.data_images import IMAGE_SUFFIXES, digits_source, image_folder_source, verify_images
-from surgery.data_loaders import TrainingData, auto_num_workers, load_data
+from surgery.data_loaders import TrainingData, auto_num_workers, load_data, load_examples
 from surgery.data_order import EpochBatchSampler
 from surgery.data_synthetic import synthetic_source
 from surgery.data_tables import csv_source, jsonl_source
@@ -53,6 +53,7 @@ __all__ = [
     "image_folder_source",
     "jsonl_source",
     "load_data",
+    "load_examples",
     "sample_seed",
     "split_examples",
     "synthetic_source",

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from surgery.data_augment import build_augmentations
 from surgery.data_dataset import Collate, ExampleDataset
+from surgery.data_examples import Examples
 from surgery.data_order import EpochBatchSampler
 from surgery.errors import DataError
 from surgery.inputs import InputSpec
@@ -43,9 +44,9 @@ def auto_num_workers(setting: str | int, device: torch.device) -> int:
     return max(0, min(4 * max(1, torch.cuda.device_count()), cpus - 1))
 
 
-def load_data(recipe: Recipe, model: Any, placement: Rank) -> TrainingData:
-    """Build train/val loaders for the recipe's data and the built model, for this process's
-    `placement` (its device, and its rank's shard of each epoch); bad data is a DataError here."""
+def load_examples(recipe: Recipe, model: Any) -> tuple[Examples, Examples]:
+    """The recipe's training and validation examples (after `limit_train`/`limit_val`), as
+    training sees them; bad data is a DataError here."""
     data = recipe.data
     if data is None:
         raise DataError("the recipe has no `data:` section; `surgery build` needs training data")
@@ -58,6 +59,15 @@ def load_data(recipe: Recipe, model: Any, placement: Rank) -> TrainingData:
         raise DataError(
             f"data source {data.source!r} gave {len(train)} training and {len(val)} validation samples; both need at least one"
         )
+    return train, val
+
+
+def load_data(recipe: Recipe, model: Any, placement: Rank) -> TrainingData:
+    """Build train/val loaders for the recipe's data and the built model, for this process's
+    `placement` (its device, and its rank's shard of each epoch); bad data is a DataError here."""
+    train, val = load_examples(recipe, model)
+    data = recipe.data
+    assert data is not None  # load_examples refused a recipe without data
     spec: InputSpec = model.input_spec
     augmentations = build_augmentations(data.augment, spec)
     rank, world_size, device = placement.rank, placement.world_size, placement.device

@@ -142,6 +142,7 @@ def export_onnx(job: ExportJob) -> float:
             external_data=external,
         )
     job.details["exporter"] = "torch.onnx.export(dynamo=True)"
+    job.details["dynamic_batch"] = job.dynamic_batch  # a fixed batch cannot serve dynamic batches
     if program is not None:
         with contextlib.suppress(Exception):
             job.details["opset"] = int(
@@ -212,17 +213,21 @@ def export_bundle(
     formats: Sequence[str] | None = None,
     metrics: dict[str, float] | None = None,
     source: str | Path | None = None,
+    quantize: str | None = None,
 ) -> Path:
     """Write a verified bundle of `model` (a `SurgicalModel`) at `out`, atomically.
 
     `safetensors` is always written; each other format is exported, loaded back and compared
-    with eager PyTorch on sample inputs. Formats that fail are left out and reported together
-    in a `PartialExportError` raised after the bundle with the others is in place.
+    with eager PyTorch on sample inputs. `quantize="int8"` (default: the recipe's
+    `export.quantize`; `"none"` for no quantization) adds `model.int8.onnx` and its parity gate
+    (`surgery.quantize`). Formats that fail, and an int8 model that fails its gate, are reported
+    together in a `PartialExportError` raised after the bundle with the others is in place.
     """
     from surgery.recipe_dump import dump_recipe, recipe_hash
 
     out = Path(out).resolve()
     wanted = _formats(formats if formats is not None else recipe.export.formats)
+    quantized_kind = _quantize(quantize if quantize is not None else recipe.export.quantize, wanted)
     _check_replaceable(out)
     model, lora_merged = _merged(_on_cpu(model))
     was_training = model.training
@@ -251,9 +256,11 @@ def export_bundle(
                 _remove_format_files(tmp, fmt)
                 continue
             results[fmt] = {"file": FORMAT_FILES[fmt], "max_abs_diff": diff, **job.details}
+        quantized = _quantized(job, recipe, quantized_kind, results, failures)
         (tmp / RECIPE).write_text(dump_recipe(recipe), encoding="utf-8")
         _save_backbone_files(model, tmp)
         manifest = _manifest(model, recipe, recipe_hash(recipe), job, results, failures, metrics, source, lora_merged)
+        manifest["quantized"] = quantized
         manifest["files"] = hash_files(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
         fsync_tree(tmp)
@@ -275,6 +282,47 @@ def _formats(formats: Sequence[str]) -> list[str]:
         if fmt not in wanted:
             wanted.append(fmt)
     return wanted
+
+
+def _quantize(kind: str | None, formats: list[str]) -> str | None:
+    if kind in (None, "none"):
+        return None
+    if kind != "int8":
+        raise ExportError(f"unknown quantization {kind!r}; choose int8 (or none)")
+    if "onnx" not in formats:
+        raise ExportError(
+            "int8 is quantized from model.onnx: add onnx to the formats (--format ...,onnx), or skip it (--quantize none)"
+        )
+    return kind
+
+
+def _quantized(
+    job: ExportJob, recipe: Any, kind: str | None, results: dict[str, Any], failures: dict[str, str]
+) -> dict[str, Any]:
+    """The manifest's `quantized` entry: `model.int8.onnx` written and judged, when asked for. A
+    failed quantization adds its reason to `failures`; so does a failed parity gate, whose model
+    stays in the bundle marked failed."""
+    from surgery.bundle import INT8_ONNX
+    from surgery.quantize import quantize_int8
+
+    if kind is None:
+        return {}
+    if "onnx" not in results:
+        failures[kind] = "needs model.onnx, which failed"
+        return {}
+    try:
+        with _quiet():
+            entry = quantize_int8(job.model, recipe, job.folder, job.input_names)
+    except Exception as err:
+        if is_disk_full(err, job.folder):
+            raise
+        failures[kind] = _reason(err)
+        for p in job.folder.glob(INT8_ONNX + "*"):
+            p.unlink(missing_ok=True)
+        return {}
+    if not entry["passed"]:
+        failures[kind] = f"parity gate failed: {entry['reason']} ({INT8_ONNX} kept, marked failed: no runtime uses it)"
+    return {kind: entry}
 
 
 def _check_replaceable(out: Path) -> None:
@@ -475,15 +523,18 @@ def _swap_in(tmp: Path, out: Path) -> None:
 # --------------------------------------------------------------------------- runs and checkpoints
 
 
-def export_run(run_dir: Path, formats: list[str] | None = None, out: Path | None = None) -> Path:
+def export_run(
+    run_dir: Path, formats: list[str] | None = None, out: Path | None = None, *, quantize: str | None = None
+) -> Path:
     """Export a run's best checkpoint (else its last) to `out` (default `<run>/bundle`)."""
     from surgery.checkpoint import find_best
 
     run_dir = Path(run_dir)
-    return _export_checkpoint(run_dir, find_best(run_dir), formats, out)  # find_best falls back to the last
+    # find_best falls back to the last
+    return _export_checkpoint(run_dir, find_best(run_dir), formats, out, quantize)
 
 
-def export_command(target: Path, formats: list[str] | None, out: Path | None) -> Path:
+def export_command(target: Path, formats: list[str] | None, out: Path | None, *, quantize: str | None = None) -> Path:
     """`surgery export`: `target` is a run folder, a checkpoint folder or its model.safetensors."""
     target = Path(target)
     if not target.exists():
@@ -493,13 +544,15 @@ def export_command(target: Path, formats: list[str] | None, out: Path | None) ->
     if target.name == "checkpoints" and (target.parent / "recipe.lock.yaml").is_file():
         target = target.parent
     if (target / WEIGHTS).is_file() and target.parent.name == "checkpoints":
-        return _export_checkpoint(target.parent.parent, target, formats, out)
+        return _export_checkpoint(target.parent.parent, target, formats, out, quantize)
     if (target / "checkpoints").is_dir():
-        return export_run(target, formats, out)
+        return export_run(target, formats, out, quantize=quantize)
     raise ExportError(f"{target}: not a run folder (no checkpoints/) or a checkpoint folder (no {WEIGHTS})")
 
 
-def _export_checkpoint(run_dir: Path, checkpoint: Path, formats: list[str] | None, out: Path | None) -> Path:
+def _export_checkpoint(
+    run_dir: Path, checkpoint: Path, formats: list[str] | None, out: Path | None, quantize: str | None = None
+) -> Path:
     from surgery.checkpoint import read_meta, trained_model
     from surgery.recipe import load_recipe
 
@@ -519,4 +572,5 @@ def _export_checkpoint(run_dir: Path, checkpoint: Path, formats: list[str] | Non
         formats=formats,
         metrics=meta.get("metrics") or {},
         source=checkpoint.resolve(),
+        quantize=quantize,
     )

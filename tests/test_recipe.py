@@ -378,7 +378,7 @@ def test_every_problem_at_once() -> None:
     assert found[0].endswith("heads[0].layers[0].linear.out_features: must be > 0, got -3")
     assert found[1].endswith("train.epochs: expected an integer, got 'two'")
     assert found[4].endswith(
-        "serve.colour: unknown key 'colour' (valid keys: max_batch_size, batch_wait_ms, replicas, autoscaling, max_ongoing_requests, max_body_mb, request_timeout_s, top_k)"
+        "serve.colour: unknown key 'colour' (valid keys: max_batch_size, batch_wait_ms, replicas, autoscaling, max_ongoing_requests, max_body_mb, request_timeout_s, top_k, runtime)"
     )
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from surgery.registry import EXPORT_FORMATS
 from surgery.sections.base import Count, ExportFormat, PositiveInt, Strict
@@ -21,6 +22,37 @@ class Export(Strict):
         1e-4, gt=0, description="Maximum abs difference between an exported format and eager PyTorch."
     )
     dynamic_batch: bool = Field(True, description="Exported graphs accept any batch size.")
+    quantize: Literal["int8"] | None = Field(
+        None,
+        description="Also write `model.int8.onnx`, quantized from `model.onnx` (needs `onnx` in `formats`): static "
+        "QDQ calibrated on a seeded sample of the training data for image and vector models, dynamic for text "
+        "models. The manifest records, per head, the monitored metric on the validation split for the float and "
+        "the int8 model and their agreement; the parity gate (`quantize_max_drop`) decides whether serving may use it.",
+    )
+    # Unset (None) means the default below: a recipe that leaves them out dumps, and so hashes, as
+    # it did before they existed, and bundles exported earlier still match their recipe_sha256.
+    QUANTIZE_MAX_DROP: ClassVar[float] = 0.01
+    CALIBRATION_SAMPLES: ClassVar[int] = 128
+    quantize_max_drop: float | None = Field(
+        None,
+        description="Parity gate: the largest drop of any head's monitored metric from the float to the int8 "
+        "ONNX model on the validation split, in the metric's own units (unset: 0.01, one point of accuracy; for "
+        "`mse` and `mae` a rise). A bigger drop marks the int8 model failed in the manifest and serving never "
+        "uses it (a negative value demands that int8 be better).",
+    )
+    calibration_samples: PositiveInt | None = Field(
+        None,
+        description="Training samples (drawn with `train.seed`) that static int8 quantization calibrates on "
+        "(unset: 128).",
+    )
+
+    @model_validator(mode="after")
+    def _quantize_needs_onnx(self) -> Export:
+        if self.quantize is not None and "onnx" not in self.formats:
+            raise PydanticCustomError(
+                "quantize_needs_onnx", "{msg}", {"msg": "quantize: int8 is made from model.onnx: add onnx to formats"}
+            )
+        return self
 
 
 class Autoscaling(Strict):
@@ -49,3 +81,10 @@ class Serve(Strict):
     max_body_mb: float = Field(4.0, gt=0, description="Largest request body accepted, in MB.")
     request_timeout_s: float = Field(30.0, gt=0, description="Request timeout in seconds.")
     top_k: PositiveInt = Field(5, description="Labels returned per classification head.")
+    runtime: Literal["auto", "torch", "onnxruntime", "onnxruntime-int8"] | None = Field(
+        None,
+        description="What runs the model in each replica: `torch` (eager, `inference_mode`), `onnxruntime` "
+        "(the bundle's `model.onnx`), `onnxruntime-int8` (its `model.int8.onnx`, refused unless it passed the "
+        "parity gate), or `auto` (also when unset): each replica times every runtime the bundle allows on its "
+        "thread share when it starts and keeps the fastest (`stats` and `GET /v1/models/{name}` say which and why).",
+    )
