@@ -355,8 +355,6 @@ def load_bundle(path: Path, *, torch_model: bool = True) -> LoadedBundle:
     `torch_model=False` verifies the same files but builds no PyTorch model (`model` is None): for
     a runtime that runs one of the bundle's exported graphs instead, which then costs neither the
     build's time nor a second copy of the weights."""
-    from surgery.recipe_dump import recipe_hash
-
     path = Path(path).resolve()
     manifest = read_manifest(path)
     verify_files(path, manifest)
@@ -367,7 +365,9 @@ def load_bundle(path: Path, *, torch_model: bool = True) -> LoadedBundle:
             f"{path / WEIGHTS}: not a safetensors file ({err}); the bundle is damaged, export it again"
         ) from None
     recipe = _bundled_recipe(path)
-    if manifest.get("recipe_sha256") not in (None, recipe_hash(recipe)):
+    # The recipe as written at export (`recipe_sha256` is the hash of that dump), not as dumped
+    # again now: a field added since, with its default, must not make every older bundle "damaged".
+    if manifest.get("recipe_sha256") not in (None, sha256_file(path / RECIPE)):
         raise BundleError(
             f"{path / RECIPE}: does not match the manifest's recipe_sha256; the bundle is damaged, export it again"
         )

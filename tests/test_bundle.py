@@ -469,3 +469,18 @@ def test_formats_as_exported_pass(bundle: Path) -> None:
     verify_formats(bundle, manifest_of(bundle))  # safetensors and a real ONNX export
     _listed(bundle, "torchscript", "model.ts", _torch_archive("torchscript"))
     verify_formats(bundle, _listed(bundle, "pt2", "model.pt2", _torch_archive("pt2")))
+
+
+def test_a_bundle_exported_before_a_field_existed_still_loads(bundle: Path) -> None:
+    # An older surgery wrote no `top_k` under `serve:` (as if the field had not existed): the
+    # recipe now loads with the default filled in, and its new dump differs from the file.
+    import hashlib
+
+    recipe = bundle / "recipe.yaml"
+    text = "".join(line for line in recipe.read_text().splitlines(keepends=True) if "top_k:" not in line)
+    assert text != recipe.read_text()
+    recipe.write_text(text)
+    manifest = manifest_of(bundle)
+    manifest["recipe_sha256"] = hashlib.sha256(text.encode()).hexdigest()  # what that export recorded
+    _rehash(bundle, manifest)
+    assert load_bundle(bundle).recipe.serve.top_k == 5
