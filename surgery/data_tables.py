@@ -8,7 +8,7 @@ from typing import Any
 
 from surgery.data_columns import Columns, columns_examples, needed_columns
 from surgery.data_examples import Examples
-from surgery.data_images import verify_images
+from surgery.data_images import verified_examples
 from surgery.data_table_read import Table, read_table, table_format
 from surgery.errors import DataError
 from surgery.registry import DATA_SOURCES
@@ -42,24 +42,13 @@ def _as_columns(table: Table, where: str) -> Columns:
 
 
 def _table_source(recipe: Recipe, model: Any, source: str) -> tuple[Examples, Examples]:
+    assert recipe.data is not None
     kind = model.input_spec.kind
     train, val = columns_examples(recipe, model, table_columns(recipe, kind, source), source)
     if kind == "image":
-        train, val = _verified(recipe, train), _verified(recipe, val)
+        skip = recipe.data.on_bad_file == "skip"
+        train, val = verified_examples(train, skip=skip), verified_examples(val, skip=skip)
     return train, val
-
-
-def _verified(recipe: Recipe, examples: Examples) -> Examples:
-    """Image files checked before training (`on_bad_file`), unreadable ones left out when skipping."""
-    assert recipe.data is not None
-    bad = verify_images(examples.inputs, skip=recipe.data.on_bad_file == "skip")
-    if not bad:
-        return examples
-    names = {file for file, _ in bad}
-    kept = [i for i, path in enumerate(examples.inputs) if str(path) not in names]
-    out = examples.subset(kept)
-    out.skipped = [*examples.skipped, *bad]
-    return out
 
 
 @DATA_SOURCES.implements("csv")

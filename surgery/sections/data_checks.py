@@ -70,7 +70,7 @@ def data_problems(recipe: Recipe) -> list[DataProblem]:
         refuse(("data", "delimiter"), f"applies to `csv`, not {source!r}")
     if data.on_bad_row != "error" and source not in TABLE_SOURCES:
         refuse(("data", "on_bad_row"), f"applies to table sources; {source!r} files use `on_bad_file`")
-    if source != "hf" and data.hf.model_fields_set:
+    if source != "hf" and data.hf != type(data.hf)():
         refuse(("data", "hf"), f"applies to `source: hf`, not {source!r}")
     if source == "image_folder" and not data.train:
         refuse(("data", "train"), "data source 'image_folder' needs a `train` path")
