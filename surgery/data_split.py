@@ -77,3 +77,15 @@ def examples_for(recipe: Recipe, model: Any, data: str | Path | None = None, spl
     assert recipe.data is not None
     train, val = DATA_SOURCES.get(recipe.data.source)(recipe, model)
     return train if split == "train" else val
+
+
+def check_data(recipe: Recipe, model: Any) -> str:
+    """`surgery plan --data`: read the recipe's data through its source, as `build` would (every
+    table row parsed, every image path checked), and report samples per split and per class; bad
+    data is the DataError `build` would stop on."""
+    from surgery.data_loaders import data_report
+
+    if recipe.data is None:
+        raise DataError("the recipe has no `data:` section")
+    train, val = DATA_SOURCES.get(recipe.data.source)(recipe, model)
+    return data_report(recipe.data.source, train, val)

@@ -314,3 +314,50 @@ def test_validate_refuses_what_build_would(tmp_path: Path) -> None:
     assert "backbone.kwargs.features: set to 2" in str(
         err.value
     ) and "backbone.pretrained: the tabular backbone" in str(err.value)
+
+
+def test_plan_data_reports_samples_per_split_and_class() -> None:
+    from surgery.plan import plan_command
+
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "tabular-features.yaml"
+    text = plan_command(recipe, [], depth=1, as_json=False, data=True)
+    assert "data csv train: 47 samples (species: setosa 17, versicolor 15, virginica 15)" in text
+    assert "1 rows/files left out (first: " in text and "tabular.csv:9:petal_length: empty cell" in text
+
+
+# --------------------------------------------------------------------------- Hugging Face datasets
+
+
+def test_hf_save_to_disk_folder_with_images_and_class_labels(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    write_images(tmp_path / "img", 6)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["no", "yes"])})
+
+    def split(rows: range) -> object:
+        return datasets.Dataset.from_dict(
+            {"image": [str(tmp_path / "img" / f"{i}.png") for i in rows], "label": [i % 2 for i in rows]}, features
+        )
+
+    datasets.DatasetDict({"train": split(range(4)), "test": split(range(4, 6))}).save_to_disk(str(tmp_path / "ds"))
+    data = {"source": "hf", "train": str(tmp_path / "ds"), "image_column": "image", "hf": {"val_split": "test"}}
+    model = image_model(cls=("multiclass", 2))
+    loaded = load_data(recipe_for(data, [{"name": "cls"}]), model, CPU)
+    assert (loaded.num_train, loaded.num_val) == (4, 2) and loaded.class_names["cls"] == ["no", "yes"]
+    inputs, targets = next(iter(loaded.val))
+    assert inputs[0].shape == (2, 3, 8, 8) and targets["cls"].tolist() == [0, 1]
+    test = examples_for(recipe_for(data, [{"name": "cls"}]), model, tmp_path / "ds", split="test")
+    assert len(test) == 2
+    with pytest.raises(DataError, match=r"has no split 'validation'; its splits are: train, test"):
+        load_data(recipe_for({**data, "hf": {"val_split": "validation"}}, [{"name": "cls"}]), model, CPU)
+
+
+def test_hf_hub_id_offline_without_cache_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = {"source": "hf", "hf": {"name": "nobody/no-such-dataset-here"}, "image_column": "image"}
+    with pytest.raises(
+        DataError,
+        match=r"^hf dataset 'nobody/no-such-dataset-here' cannot be loaded .*offline it must be in the datasets cache",
+    ):
+        load_data(recipe_for(data, [{"name": "cls"}]), image_model(cls=("multiclass", 2)), CPU)
