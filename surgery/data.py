@@ -37,7 +37,7 @@ from surgery.data_hf import hf_source
 from surgery.data_images import IMAGE_SUFFIXES, digits_source, image_folder_source, verify_images
 from surgery.data_loaders import TrainingData, auto_num_workers, data_report, load_data
 from surgery.data_order import EpochBatchSampler
-from surgery.data_split import examples_for
+from surgery.data_split import ModelView, check_data, examples_for
 from surgery.data_synthetic import synthetic_source
 from surgery.data_tables import csv_source, jsonl_source, parquet_source
 from surgery.data_targets import class_targets, column_targets, head_columns, target_columns
@@ -48,10 +48,12 @@ __all__ = [
     "EpochBatchSampler",
     "ExampleDataset",
     "Examples",
+    "ModelView",
     "Stage",
     "TrainingData",
     "auto_num_workers",
     "build_augmentations",
+    "check_data",
     "class_counts",
     "class_targets",
     "column_targets",
