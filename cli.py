@@ -101,12 +101,16 @@ def plan(
     set_: SetOpt = None,
     depth: Annotated[int, typer.Option(help="Depth of the module tree.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    data: Annotated[
+        bool,
+        typer.Option("--data", help="Also read the data as build would: samples per split and per class, bad rows."),
+    ] = False,
 ) -> None:
     """Build the model without weights or training and print its modules, shapes, parameters,
     FLOPs and a training-memory estimate."""
     from surgery.plan import plan_command
 
-    typer.echo(plan_command(recipe, set_ or (), depth=depth, as_json=as_json))
+    typer.echo(plan_command(recipe, set_ or (), depth=depth, as_json=as_json, data=data))
 
 
 @app.command()

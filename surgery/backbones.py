@@ -13,8 +13,8 @@ it registers every zoo. Its parts, each below the next:
 - `surgery.backbone_hub`: offline mode and hub reachability;
 - `surgery.backbone_weights`: local weights files, `package:` model folders, `weights_origin`;
 - zoos, one module each, registering with `BACKBONE_SOURCES`: `surgery.backbone_timm`,
-  `surgery.backbone_torchvision`, `surgery.backbone_transformers`; a new zoo is a new module
-  imported below.
+  `surgery.backbone_torchvision`, `surgery.backbone_transformers`, `surgery.backbone_tabular`
+  (feature vectors); a new zoo is a new module imported below.
 
 `from surgery.backbones import ...` keeps working for every name below; code inside `surgery/`
 imports from the part that defines a name.
@@ -31,6 +31,7 @@ from surgery.backbone_hub import (
     is_offline,
     offline_error,
 )
+from surgery.backbone_tabular import TabularMLP, build_tabular
 from surgery.backbone_timm import TimmTaps, build_timm, timm_input_spec
 from surgery.backbone_torchvision import TorchvisionTaps, build_torchvision, last_linear_name, torchvision_input_spec
 from surgery.backbone_transformers import (
@@ -53,11 +54,13 @@ __all__ = [
     "HUB_PROBE_TIMEOUT_S",
     "PACKAGE_PREFIX",
     "BuiltBackbone",
+    "TabularMLP",
     "Taps",
     "TimmTaps",
     "TorchvisionTaps",
     "TransformersTaps",
     "build_backbone",
+    "build_tabular",
     "build_timm",
     "build_torchvision",
     "build_transformers",

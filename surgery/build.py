@@ -1,5 +1,6 @@
 """`surgery build`: load the recipe, make (or find) the run folder once, train it where the recipe
-places it, export the bundle."""
+places it, export the bundle. A new run that fails before its first step (bad data, a model that
+cannot be built) is removed again and `latest` points back where it was."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def build_command(
     from surgery.model import check_fits_in_memory
     from surgery.placement import launcher_for
     from surgery.recipe import load_recipe
-    from surgery.runs import hold_run, link_latest, run_folder
+    from surgery.runs import discard_unstarted, hold_run, latest_target, link_latest, run_folder
     from surgery.train import fit
 
     recipe = load_recipe(recipe_path, overrides)
@@ -39,25 +40,34 @@ def build_command(
     launcher = launcher_for(recipe)  # a placement this machine cannot carry out fails before any folder or process
     check_fits_in_memory(recipe)  # so does a model bigger than this machine
 
-    with contextlib.ExitStack() as held:
+    previous_latest = latest_target(runs_root, recipe.name)
+    made: list[Path] = []
+    try:
+        with contextlib.ExitStack() as held:
 
-        def new_run() -> tuple[Path, bool]:
-            run_dir = run_folder(Path(runs_root), recipe.name, run_id, resume=resume)
-            # The launching process (rank 0 under torchrun) holds the run while it trains and exports.
-            hold = held.enter_context(hold_run(run_dir, resume=resume))
-            if hold.restarted:
-                print(
-                    f"run {run_dir} was stopped before its first checkpoint: training it again from the beginning",
-                    file=sys.stderr,
-                )
-            link_latest(run_dir)
-            return run_dir, hold.restarted
+            def new_run() -> tuple[Path, bool]:
+                run_dir = run_folder(Path(runs_root), recipe.name, run_id, resume=resume)
+                # The launching process (rank 0 under torchrun) holds the run while it trains and exports.
+                hold = held.enter_context(hold_run(run_dir, resume=resume))
+                if not resume:
+                    made.append(run_dir)  # ours (held): removed again if it fails before its first step
+                if hold.restarted:
+                    print(
+                        f"run {run_dir} was stopped before its first checkpoint: training it again from the beginning",
+                        file=sys.stderr,
+                    )
+                link_latest(run_dir)
+                return run_dir, hold.restarted
 
-        try:
-            run_dir, restarted = launcher.on_main(new_run)
-            launcher.launch(fit, recipe, run_dir, resume=resume and not restarted, force=force)
-        finally:
-            launcher.close()
-        if launcher.is_main:
-            export_run(run_dir)
+            try:
+                run_dir, restarted = launcher.on_main(new_run)
+                launcher.launch(fit, recipe, run_dir, resume=resume and not restarted, force=force)
+            finally:
+                launcher.close()
+            if launcher.is_main:
+                export_run(run_dir)
+    except BaseException:
+        for made_dir in made:  # released by now: a run that failed before its first step leaves nothing
+            discard_unstarted(made_dir, previous_latest)
+        raise
     return run_dir

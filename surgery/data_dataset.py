@@ -10,6 +10,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from surgery.data_augment import Stage
+from surgery.data_columns import LazyImage
 from surgery.data_examples import Examples
 from surgery.errors import DataError
 from surgery.inputs import InputSpec
@@ -74,6 +75,8 @@ class ExampleDataset(Dataset):
 
     def _image(self, index: int) -> Image.Image:
         item = self.examples.inputs[index]
+        if isinstance(item, LazyImage):  # a row of a memory-mapped `datasets` Image column
+            item = item.load()
         if isinstance(item, Image.Image):
             return item
         try:

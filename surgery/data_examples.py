@@ -49,3 +49,50 @@ def split_examples(examples: Examples, val_split: float, seed: int) -> tuple[Exa
         raise DataError(f"data.val_split {val_split} leaves no training samples out of {n}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return examples.subset(sorted(order[n_val:])), examples.subset(sorted(order[:n_val]))
+
+
+def strata(examples: Examples) -> torch.Tensor | None:
+    """The class of each sample by the first single-label head (what stratified subsets keep)."""
+    for target in examples.targets.values():
+        if target.dim() == 1 and (target.dtype == torch.long or ((target == 0) | (target == 1)).all()):
+            return target.long()
+    return None
+
+
+def limit_examples(examples: Examples, limit: int, seed: int) -> Examples:
+    """At most `limit` samples: a seeded subset in which each class keeps its share (stratified),
+    in the original order, so `limit_train: 8` of class-sorted data is not eight of class 0."""
+    n = len(examples)
+    if limit >= n:
+        return examples
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=gen)
+    classes = strata(examples)
+    if classes is None:
+        return examples.subset(sorted(order[:limit].tolist()))
+    # Rank each sample within its class (in the seeded order), as a fraction of the class size:
+    # the `limit` smallest fractions take every class in proportion to its size.
+    keys = torch.empty(n, dtype=torch.float64)
+    jitter = torch.rand(n, generator=gen, dtype=torch.float64)
+    for c in classes.unique().tolist():
+        members = order[classes[order] == c]
+        keys[members] = (torch.arange(len(members), dtype=torch.float64) + jitter[members]) / len(members)
+    chosen = torch.argsort(keys)[:limit]
+    return examples.subset(sorted(chosen.tolist()))
+
+
+def class_counts(examples: Examples) -> dict[str, dict[str, int]]:
+    """Samples per class for each classification head (label-list heads count each label)."""
+    counts: dict[str, dict[str, int]] = {}
+    for head, target in examples.targets.items():
+        names = examples.class_names.get(head)
+        if target.dim() == 2 and names and target.shape[1] == len(names):
+            totals = target.sum(0).long().tolist()
+        elif target.dim() == 1 and (target.dtype == torch.long or names):
+            size = len(names) if names else int(target.max().item()) + 1 if len(target) else 0
+            totals = torch.bincount(target.long(), minlength=size).tolist()
+        else:
+            continue
+        labels = names or [str(i) for i in range(len(totals))]
+        counts[head] = {labels[i]: int(c) for i, c in enumerate(totals) if i < len(labels)}
+    return counts

@@ -72,6 +72,18 @@ def verify_images(paths: Sequence[Path], *, skip: bool = False) -> list[tuple[st
     return bad
 
 
+def verified_examples(examples: Examples, *, skip: bool) -> Examples:
+    """Examples whose image files (paths among `inputs`) were checked before training; with `skip`
+    the unreadable ones are left out and listed in `skipped`."""
+    bad = verify_images([p for p in examples.inputs if isinstance(p, Path)], skip=skip)
+    if not bad:
+        return examples
+    names = {file for file, _ in bad}
+    kept = examples.subset([i for i, p in enumerate(examples.inputs) if str(p) not in names])
+    kept.skipped = [*examples.skipped, *bad]
+    return kept
+
+
 @DATA_SOURCES.implements("image_folder")
 def image_folder_source(recipe: Recipe, model: Any) -> tuple[Examples, Examples]:
     """Class-per-folder images; classes sorted by name; `val` folder or a seeded split."""

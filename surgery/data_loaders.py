@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from surgery.data_augment import build_augmentations
 from surgery.data_dataset import Collate, ExampleDataset
-from surgery.data_examples import Examples
+from surgery.data_examples import Examples, class_counts, limit_examples
 from surgery.data_order import EpochBatchSampler
 from surgery.errors import DataError
 from surgery.inputs import InputSpec
@@ -34,6 +35,24 @@ class TrainingData:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable files left out: (file, why)
 
 
+def data_report(source: str, train: Examples, val: Examples) -> str:
+    """One line per split: samples, per-class counts, and rows or files left out."""
+    lines = []
+    for split, examples in (("train", train), ("val", val)):
+        counts = class_counts(examples)
+        per_class = "; ".join(
+            f"{head}: "
+            + ", ".join(f"{label} {n}" for label, n in list(c.items())[:12])
+            + (" ..." if len(c) > 12 else "")
+            for head, c in counts.items()
+        )
+        lines.append(f"data {source} {split}: {len(examples)} samples" + (f" ({per_class})" if per_class else ""))
+    skipped = list(dict.fromkeys([*train.skipped, *val.skipped]))
+    if skipped:
+        lines.append(f"data {source}: {len(skipped)} rows/files left out (first: {skipped[0][0]}: {skipped[0][1]})")
+    return "\n".join(lines)
+
+
 def auto_num_workers(setting: str | int, device: torch.device) -> int:
     """`auto`: 4 per GPU, capped by the CPU count; 0 on CPU (the main process is the fastest there)."""
     if setting != "auto":
@@ -52,9 +71,9 @@ def load_examples(recipe: Recipe, model: Any) -> tuple[Examples, Examples]:
         raise DataError("the recipe has no `data:` section; `surgery build` needs training data")
     train, val = DATA_SOURCES.get(data.source)(recipe, model)
     if data.limit_train:
-        train = train.subset(range(min(data.limit_train, len(train))))
+        train = limit_examples(train, data.limit_train, data.split_seed)
     if data.limit_val:
-        val = val.subset(range(min(data.limit_val, len(val))))
+        val = limit_examples(val, data.limit_val, data.split_seed)
     if len(train) == 0 or len(val) == 0:
         raise DataError(
             f"data source {data.source!r} gave {len(train)} training and {len(val)} validation samples; both need at least one"
@@ -68,6 +87,11 @@ def load_data(recipe: Recipe, model: Any, placement: Rank) -> TrainingData:
     train, val = load_examples(recipe, model)
     data = recipe.data
     assert data is not None  # load_examples refused a recipe without data
+    fit_input = getattr(getattr(model, "backbone", None), "fit_input", None)
+    if callable(fit_input):  # a backbone that normalises its input from the training split (tabular)
+        fit_input(train)
+    if placement.is_main:
+        print(data_report(data.source, train, val), file=sys.stderr)
     spec: InputSpec = model.input_spec
     augmentations = build_augmentations(data.augment, spec)
     rank, world_size, device = placement.rank, placement.world_size, placement.device

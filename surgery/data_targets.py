@@ -17,8 +17,7 @@ from surgery.schema import Recipe
 
 def head_columns(recipe: Recipe) -> dict[str, str]:
     """Head name -> the label column that trains it."""
-    assert recipe.data is not None
-    return {head.name: head.target or recipe.data.label_column for head in recipe.heads}
+    return {name: ",".join(columns) for name, columns in target_columns(recipe).items()}
 
 
 def _head_labels(recipe: Recipe, model: Any, name: str) -> list[str] | None:
@@ -71,6 +70,16 @@ def class_targets(recipe: Recipe, model: Any, class_names: list[str], labels: to
     return Examples("image", [], targets, names)
 
 
+def target_columns(recipe: Recipe) -> dict[str, tuple[str, ...]]:
+    """Head name -> the column(s) that train it (several for a multi-output regression head)."""
+    assert recipe.data is not None
+    out = {}
+    for head in recipe.heads:
+        target = head.target or recipe.data.label_column
+        out[head.name] = tuple(target) if isinstance(target, list) else (target,)
+    return out
+
+
 def _int_like(value: Any) -> bool:
     if isinstance(value, bool):
         return False
@@ -87,52 +96,63 @@ def as_float(value: Any, column: str, where: str) -> float:
         raise DataError(f"{where}: column {column!r} holds {value!r}, which is not a number") from None
 
 
+def head_labels(recipe: Recipe, model: Any, name: str) -> list[str] | None:
+    """The class names a head was given (recipe `labels`, or the model's), None when the data decides."""
+    return _head_labels(recipe, model, name)
+
+
 def column_targets(
-    recipe: Recipe, model: Any, rows: dict[str, list[Any]], where: str
-) -> tuple[dict[str, list[Any]], dict[str, list[str]]]:
-    """Per head: the target values of every row (train+val together, so class maps agree), and class names."""
-    targets: dict[str, list[Any]] = {}
+    recipe: Recipe, model: Any, values: dict[str, list[Any]], where: str
+) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """Per head: the target tensor of every row (train and val together, so class maps agree), and
+    class names. `values` holds each head's parsed cells (`surgery.data_columns.parse_target`): a
+    class name, a list of class names (multi-label), or a float / list of floats (regression)."""
+    targets: dict[str, torch.Tensor] = {}
     names: dict[str, list[str]] = {}
-    for name, column in head_columns(recipe).items():
-        values = rows[column]
+    for name, cells in values.items():
         info = model.head_info[name]
         task, out = info.task, info.out_features
-        if task == "regression" or (task == "binary" and out > 1):
-            targets[name] = [
-                [as_float(x, column, where) for x in v] if isinstance(v, list) else as_float(v, column, where)
-                for v in values
-            ]
+        if task == "regression":
+            targets[name] = torch.tensor(cells, dtype=torch.float32)
             continue
         labels = _head_labels(recipe, model, name)
-        if labels is None and not all(_int_like(v) for v in values):
-            labels = sorted({str(v) for v in values})
-        if labels is not None:
-            unknown = sorted({str(v) for v in values} - set(labels))
-            if unknown:
-                raise DataError(
-                    f"{where}: column {column!r} has values {', '.join(unknown[:5])} not among head {name!r} labels ({', '.join(labels[:12])})"
-                )
+        if task == "multilabel":
+            labels = labels or sorted({label for row in cells for label in row})
+            _check_labels(labels, {label for row in cells for label in row}, name, out, where)
             index = {label: i for i, label in enumerate(labels)}
-            ids = [index[str(v)] for v in values]
-            names[name] = labels
-        else:
-            ids = [int(v) for v in values]
-        classes = 2 if task == "binary" else out
-        bad = [v for v in ids if not 0 <= v < classes]
-        if bad:
-            raise DataError(f"{where}: column {column!r} has class {bad[0]} but head {name!r} has {classes} classes")
-        if labels is not None and len(labels) > classes:
-            raise DataError(
-                f"head {name!r} has {classes} classes, but {where} column {column!r} has {len(labels)}: {', '.join(labels[:12])}"
-            )
-        targets[name] = [float(v) for v in ids] if task == "binary" else ids
+            hot = torch.zeros(len(cells), out, dtype=torch.float32)
+            for row, row_labels in enumerate(cells):
+                hot[row, [index[label] for label in row_labels]] = 1.0
+            targets[name], names[name] = hot, labels
+            continue
+        if task == "binary" and labels is None and {str(v) for v in cells} <= {"0", "1"}:
+            targets[name] = torch.tensor([float(v) for v in cells], dtype=torch.float32)
+            continue
+        if labels is None and task == "multiclass" and all(_int_like(v) for v in cells):
+            ids = [int(v) for v in cells]
+            bad = [v for v in ids if not 0 <= v < out]
+            if bad:
+                raise DataError(f"{where}: head {name!r} has class {bad[0]} but {out} classes")
+            targets[name] = torch.tensor(ids, dtype=torch.long)
+            continue
+        found = {str(v) for v in cells}
+        labels = labels or sorted(found)
+        _check_labels(labels, found, name, 2 if task == "binary" else out, where)
+        index = {label: i for i, label in enumerate(labels)}
+        ids = [index[str(v)] for v in cells]
+        dtype = torch.float32 if task == "binary" else torch.long
+        targets[name], names[name] = torch.tensor(ids, dtype=dtype), labels
     return targets, names
 
 
-def target_tensors(targets: dict[str, list[Any]], model: Any) -> dict[str, torch.Tensor]:
-    """`column_targets`' values as tensors of the dtype each head's loss takes."""
-    out = {}
-    for name, values in targets.items():
-        dtype = torch.long if model.head_info[name].task == "multiclass" else torch.float32
-        out[name] = torch.tensor(values, dtype=dtype)
-    return out
+def _check_labels(labels: list[str], found: set[str], name: str, classes: int, where: str) -> None:
+    unknown = sorted(found - set(labels))
+    if unknown:
+        raise DataError(
+            f"{where}: values {', '.join(unknown[:5])} are not among head {name!r} labels ({', '.join(labels[:12])})"
+        )
+    if len(labels) != classes:
+        raise DataError(
+            f"head {name!r} has {classes} {'classes' if classes > 1 else 'output'}, but {where} has {len(labels)}: "
+            f"{', '.join(labels[:12])}; set out_features: {len(labels)}"
+        )

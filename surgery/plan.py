@@ -50,13 +50,23 @@ class Measurement:
     batch: int = 1
 
 
-def plan_command(recipe_path: str | Path, overrides: Sequence[str], *, depth: int, as_json: bool) -> str:
-    """Load and build a recipe (no weights), and describe it as a table or JSON."""
+def plan_command(
+    recipe_path: str | Path, overrides: Sequence[str], *, depth: int, as_json: bool, data: bool = False
+) -> str:
+    """Load and build a recipe (no weights), and describe it as a table or JSON; with `data`, also
+    read its data as `build` would and report samples per split and per class."""
     from surgery.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
     plan = make_plan(recipe, depth=depth)
-    return json.dumps(plan, indent=2) if as_json else render_plan(plan)
+    if data:
+        from surgery.data_split import check_data
+        from surgery.model import build_model
+
+        plan["data"] = check_data(recipe, build_model(recipe, load_weights=False)).splitlines()
+    if as_json:
+        return json.dumps(plan, indent=2)
+    return render_plan(plan) + ("\n" + "\n".join(plan["data"]) if data else "")
 
 
 def make_plan(recipe: Recipe, *, depth: int = 3) -> dict[str, Any]:

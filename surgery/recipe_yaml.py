@@ -33,7 +33,7 @@ MAX_DEPTH = 64  # nesting of mappings and lists
 
 _TAG = "tag:yaml.org,2002:"
 _SCALAR_TAGS = {_TAG + t for t in ("str", "int", "float", "bool", "null", "timestamp")}
-PATH_FIELDS = (("backbone", "weights"), ("data", "train"), ("data", "val"))
+PATH_FIELDS = (("backbone", "weights"), ("data", "train"), ("data", "val"), ("data", "image_root"))
 
 FieldPath = tuple[str | int, ...]
 

@@ -84,6 +84,7 @@ BACKBONE_SOURCES = Registry(
         "timm": "a `timm.create_model` name (any of `timm.list_models()`)",
         "torchvision": "a `torchvision.models.get_model` name",
         "transformers": "a Hugging Face `AutoModel` hub id or local folder (never remote code)",
+        "tabular": "`mlp`: a feature-vector input (`data.feature_columns`), per-column normalisation fitted on the training split, an MLP trunk",
     },
 )
 
@@ -162,8 +163,10 @@ DATA_SOURCES = Registry(
     {
         "digits": "scikit-learn's 8×8 handwritten digits (1,797 images, 10 classes); offline",
         "image_folder": "class-per-folder images under `train` (and `val`, or a seeded split)",
-        "csv": "a CSV file: a text column or numeric feature columns, and label column(s)",
-        "jsonl": "a JSON-lines file: a text field or numeric feature fields, and label field(s)",
+        "csv": "a CSV/TSV file: an image-path, text or numeric feature column(s), and label column(s)",
+        "jsonl": "a JSON-lines file: an image-path, text or numeric feature field(s), and label field(s)",
+        "parquet": "a Parquet file (pyarrow): an image-path, text or feature column(s), and label column(s)",
+        "hf": "a Hugging Face `datasets` dataset: a `save_to_disk` folder, Arrow/Parquet files, or `hf.name` (needs the `hf` extra)",
         "synthetic": "random tensors of the model's input shape, for tests and benchmarks",
     },
 )

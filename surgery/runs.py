@@ -110,6 +110,41 @@ def run_folder(runs_root: Path, name: str, run_id: str | None, *, resume: bool) 
     raise CheckpointError(f"{recipe_dir} already has 10,000 runs named {stamp}*; pick a --run-id")
 
 
+def trained_a_step(run_dir: Path) -> bool:
+    """Whether a run got as far as training: a checkpoint, or a step's scalars in metrics.jsonl."""
+    if (run_dir / ckpt.CHECKPOINTS).is_dir():
+        return True
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return False
+    with metrics.open(encoding="utf-8", errors="replace") as f:
+        return any('"train/' in line or '"val/' in line for line in f)
+
+
+def discard_unstarted(run_dir: Path, previous_latest: str | None) -> bool:
+    """Remove a new run that failed before its first step (bad data, a model that cannot be built)
+    and point `latest` back where it was: such a folder holds nothing to export or resume, and a
+    `latest` moved onto it would hide the last good run. A run that trained is kept."""
+    if not run_dir.is_dir() or trained_a_step(run_dir):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    link = run_dir.parent / LATEST
+    if link.is_symlink() and os.readlink(link) == run_dir.name:
+        if previous_latest is not None:
+            tmp = run_dir.parent / f".{LATEST}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+            tmp.symlink_to(previous_latest, target_is_directory=True)
+            os.replace(tmp, link)
+        else:
+            link.unlink(missing_ok=True)
+    return True
+
+
+def latest_target(runs_root: Path, name: str) -> str | None:
+    """Where `runs/<name>/latest` points now (as written in the link), None without one."""
+    link = Path(runs_root) / name / LATEST
+    return os.readlink(link) if link.is_symlink() else None
+
+
 # --------------------------------------------------------------------------- holding a run
 
 

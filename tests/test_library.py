@@ -78,8 +78,8 @@ def test_every_shipped_recipe_has_a_description_and_tags() -> None:
 def test_shipped_recipes_declare_pretrained_weights_unless_from_scratch() -> None:
     for name in SHIPPED:
         recipe = load_recipe(name)
-        # the quickstart family trains from scratch
-        assert recipe.backbone.pretrained or name.startswith("quickstart"), name
+        # the quickstart family and the tiny data-layout examples train from scratch
+        assert recipe.backbone.pretrained or name.startswith("quickstart") or "data-layout" in recipe.tags, name
 
 
 def test_list_show_and_tags() -> None:
@@ -483,7 +483,7 @@ def test_a_remote_recipe_brings_the_data_files_it_names(tmp_path: Path, http_fol
     (lib / "tabular.yaml").write_text(
         textwrap.dedent("""
         name: tabular
-        backbone: {source: timm, name: test_resnet, pretrained: false}
+        backbone: {source: tabular, name: mlp, pretrained: false, kwargs: {features: 1}}
         heads: [{name: label, layers: [{linear: {out_features: 2}}], loss: cross_entropy}]
         data: {source: jsonl, train: data/rows.jsonl, feature_columns: [x]}
         """)

@@ -66,7 +66,7 @@ freeze: ["backbone.**"]
 unfreeze: ["backbone.stages.3.*"]
 placement: {strategy: single, device: cpu}
 data:
-  source: digits
+  source: synthetic  # the mse head needs numbers: digits give class labels only
   batch_size: 16
   num_workers: 0
   augment: [hflip, {rotate: {degrees: 10}}]
@@ -171,7 +171,9 @@ def test_relative_paths_become_absolute(tmp_path: Path) -> None:
 
 def test_relative_path_from_set_is_relative_to_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    recipe = load_recipe_text(GOOD, base_dir=Path("/elsewhere"), overrides=["data={source: csv, train: d.csv}"])
+    recipe = load_recipe_text(
+        GOOD, base_dir=Path("/elsewhere"), overrides=["data={source: csv, train: d.csv, image_column: path}"]
+    )
     assert recipe.data.train == str(tmp_path / "d.csv")
 
 

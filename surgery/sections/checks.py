@@ -8,6 +8,7 @@ import re
 from typing import NamedTuple
 
 from surgery.registry import did_you_mean
+from surgery.sections.data_checks import data_problems
 from surgery.sections.placement import Placement
 from surgery.sections.recipe import Recipe
 from surgery.sections.tuning import Tune
@@ -58,8 +59,7 @@ def cross_check(recipe: Recipe) -> list[Problem]:
         check_metric(("tune", "metric"), recipe.tune.metric)
         problems.extend(_tune_problems(recipe.tune))
     problems.extend(_placement_problems(recipe.placement))
-    if recipe.data is not None and recipe.data.source in ("image_folder", "csv", "jsonl") and not recipe.data.train:
-        problems.append(Problem(("data", "train"), f"data source {recipe.data.source!r} needs a `train` path"))
+    problems.extend(Problem(p.path, p.message) for p in data_problems(recipe))
     return problems
 
 

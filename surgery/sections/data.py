@@ -65,25 +65,71 @@ class Synthetic(Strict):
     num_classes: Width = Field(10, description="Classes of the random labels (for classification heads).")
 
 
+class HuggingFace(Strict):
+    """Settings of the `hf` source (Hugging Face `datasets`)."""
+
+    name: str | None = Field(
+        None,
+        description="A hub dataset id, read when online (or from the `datasets` cache); when absent, `data.train` is a `save_to_disk` folder or Arrow/Parquet files.",
+    )
+    config: str | None = Field(None, description="The hub dataset's configuration name, if it has several.")
+    train_split: str = Field("train", min_length=1, description="Split that trains.")
+    val_split: str | None = Field(
+        None,
+        description="Split that validates (e.g. `validation`); when absent, `data.val_split` of the training split is held out.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `name`.")
+
+
+MAX_ROW_BYTES = 1 << 24
+
+
 class Data(Strict):
     """Where training and validation data come from, and how they are batched."""
 
     source: DataSourceName = Field(description="Data source: " + DATA_SOURCES.describe())
     train: str | None = Field(
         None,
-        description="Training data: a folder (`image_folder`) or file (`csv`, `jsonl`), relative to the recipe file.",
+        description="Training data: a folder (`image_folder`), a table (`csv`/`tsv`, `jsonl`, `parquet`), or a `save_to_disk` folder or Arrow/Parquet file (`hf`), relative to the recipe file.",
     )
     val: str | None = Field(
         None, description="Validation data; when absent, `val_split` of the training data is held out."
     )
     val_split: float = Field(0.2, gt=0, lt=1, description="Fraction held out for validation when `val` is absent.")
     split_seed: Seed = Field(0, description="Seed of the train/validation split (independent of the training seed).")
+    image_column: str | None = Field(
+        None,
+        description="Table/`hf` column of image file paths (relative to `image_root`, default the table's folder; a path leaving it is refused), or an `hf` `Image` feature.",
+    )
+    image_root: str | None = Field(
+        None,
+        description="Folder the `image_column` paths are relative to (and must stay inside); relative to the recipe file.",
+    )
     text_column: str | None = Field(
-        None, description="Text column (`csv`/`jsonl`), tokenised with the backbone's tokenizer."
+        None,
+        description="Text column (tables, `hf`), tokenised with the backbone's tokenizer; an empty cell is a bad row.",
     )
     feature_columns: list[str] | None = Field(
-        None, description="Numeric feature columns (`csv`/`jsonl`) used as a float vector input."
+        None,
+        min_length=1,
+        description="Numeric feature columns (tables, `hf`) used as a float vector input (the `tabular` backbone takes it).",
     )
+    delimiter: Annotated[str, Field(min_length=1, max_length=1)] | None = Field(
+        None,
+        description="`csv` field delimiter; default `,`, or a tab for `.tsv`/`.tab` files. A UTF-8 BOM is dropped.",
+    )
+    label_separator: Annotated[str, Field(min_length=1, max_length=8)] | None = Field(
+        None,
+        description="Multi-label cells (`bce_with_logits` heads with several outputs) written as one string are split on this (e.g. `' '` or `'|'`); JSON lists (`[\"a\", \"b\"]`) are always read.",
+    )
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error",
+        description="Tables and `hf`: a row with a missing or bad cell stops the build with file:row:column (`error`), or is left out (`skip`) and counted in the report.",
+    )
+    max_row_bytes: Annotated[int, Field(gt=0, le=1 << 30)] = Field(
+        MAX_ROW_BYTES, description="Tables: a line or cell longer than this many bytes is a bad row (bounds memory)."
+    )
+    hf: HuggingFace = Field(default_factory=HuggingFace, description="Settings of the `hf` source.")
     label_column: str = Field("label", description="Default label column for heads without a `target`.")
     on_bad_file: Literal["error", "skip"] = Field(
         "error",
@@ -93,7 +139,7 @@ class Data(Strict):
     eval_batch_size: PositiveInt | None = Field(None, description="Validation batch size; default: `batch_size`.")
     num_workers: Literal["auto"] | Count = Field(
         "auto",
-        description="DataLoader worker processes; `auto` is 4 per GPU, capped by the CPU count (0 on CPU-only machines with ≤ 2 cores).",
+        description="DataLoader worker processes; `auto` is 4 per GPU, capped by the CPU count, and 0 on the CPU (measured in benchmarks/data_loading.py: there decoding in the main process keeps up, and workers take cores from the model).",
     )
     pin_memory: Literal["auto"] | bool = Field(
         "auto", description="Pin host memory for faster copies; `auto` is on when CUDA is used."
@@ -105,6 +151,9 @@ class Data(Strict):
     )
     synthetic: Synthetic = Field(default_factory=Synthetic, description="Settings of the `synthetic` source.")
     limit_train: PositiveInt | None = Field(
-        None, description="Use at most this many training samples (quick experiments)."
+        None,
+        description="Use at most this many training samples (quick experiments): a seeded subset stratified by the first classification head's classes.",
     )
-    limit_val: PositiveInt | None = Field(None, description="Use at most this many validation samples.")
+    limit_val: PositiveInt | None = Field(
+        None, description="Use at most this many validation samples (seeded, stratified like `limit_train`)."
+    )

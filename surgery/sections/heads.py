@@ -44,8 +44,9 @@ class Head(Strict):
     loss: LossSpec = Field(description="Training loss: a name, or `{name, weight, label_smoothing}`.")
     metrics: list[MetricName] = Field(default_factory=list, description="Validation metrics: " + METRICS.describe())
     labels: list[str] | None = Field(None, description="Class names, in output order (served with predictions).")
-    target: str | None = Field(
-        None, description="Label column (data) that trains this head; default: `data.label_column`."
+    target: str | Annotated[list[str], Field(min_length=1)] | None = Field(
+        None,
+        description="Column (data) that trains this head; default: `data.label_column`. A regression head may name one column per output.",
     )
     init: Literal["default", "zeros", "xavier_uniform", "kaiming_normal", "trunc_normal"] = Field(
         "default", description="Initialisation of the head's layers."
