@@ -224,6 +224,7 @@ def export_bundle(
     out = Path(out).resolve()
     wanted = _formats(formats if formats is not None else recipe.export.formats)
     _check_replaceable(out)
+    _check_finite(model)
     model, lora_merged = _merged(_on_cpu(model))
     was_training = model.training
     model.eval()
@@ -275,6 +276,16 @@ def _formats(formats: Sequence[str]) -> list[str]:
         if fmt not in wanted:
             wanted.append(fmt)
     return wanted
+
+
+def _check_finite(model: nn.Module) -> None:
+    # A model that diverged (NaN or inf weights) is never a bundle: it would serve NaN.
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ExportError(
+            f"the model's weights are not finite ({bad[0]}{' and more' if len(bad) > 1 else ''}): "
+            "training diverged; nothing to export"
+        )
 
 
 def _check_replaceable(out: Path) -> None:
@@ -512,11 +523,14 @@ def _export_checkpoint(run_dir: Path, checkpoint: Path, formats: list[str] | Non
     except RuntimeError as err:  # shape mismatches
         raise ExportError(f"{checkpoint / WEIGHTS}: weights do not fit the model of {lock}: {err}") from None
     meta = read_meta(checkpoint)
+    metrics = meta.get("metrics") or {}
+    if meta.get("evaluated") is False:  # validation metrics in its meta are an earlier checkpoint's
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("val/")}
     return export_bundle(
         model,
         recipe,
         Path(out) if out is not None else run_dir / "bundle",
         formats=formats,
-        metrics=meta.get("metrics") or {},
+        metrics=metrics,
         source=checkpoint.resolve(),
     )
