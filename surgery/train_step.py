@@ -27,10 +27,15 @@ from surgery.schema import Recipe
 from surgery.train_state import TrainState, diverged
 
 
+def check_precision(precision: str, device_type: str) -> None:
+    """`train.precision` this device can train in (fp16 needs CUDA's GradScaler and kernels)."""
+    if precision == "fp16" and device_type != "cuda":
+        raise SurgeryError(f"train.precision fp16 needs a CUDA device (this run is on {device_type}); use bf16 or fp32")
+
+
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """The autocast context of `train.precision` (fp32: none)."""
-    if precision == "fp16" and device.type != "cuda":
-        raise SurgeryError(f"train.precision fp16 needs a CUDA device (this run is on {device.type}); use bf16 or fp32")
+    check_precision(precision, device.type)
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
