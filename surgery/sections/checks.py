@@ -62,6 +62,13 @@ def cross_check(recipe: Recipe) -> list[Problem]:
     problems.extend(_backbone_problems(recipe))
     problems.extend(_input_problems(recipe))
     problems.extend(_augment_problems(recipe))
+    if recipe.export.batch_size is not None and recipe.export.dynamic_batch:
+        problems.append(
+            Problem(
+                ("export", "batch_size"),
+                "batch_size fixes the batch of graphs without a dynamic batch axis; set dynamic_batch: false, or remove it",
+            )
+        )
     autoscaling = recipe.serve.autoscaling
     if autoscaling is not None and autoscaling.min_replicas > autoscaling.max_replicas:
         problems.append(
