@@ -62,6 +62,15 @@ def cross_check(recipe: Recipe) -> list[Problem]:
     problems.extend(_backbone_problems(recipe))
     problems.extend(_input_problems(recipe))
     problems.extend(_augment_problems(recipe))
+    optimizer = recipe.train.optimizer
+    if optimizer.nesterov and (optimizer.name != "sgd" or optimizer.momentum == 0):
+        problems.append(
+            Problem(
+                ("train", "optimizer", "nesterov"),
+                f"nesterov momentum applies to sgd with momentum > 0, not {optimizer.name} with momentum "
+                f"{optimizer.momentum:g}",
+            )
+        )
     if recipe.export.batch_size is not None and recipe.export.dynamic_batch:
         problems.append(
             Problem(
