@@ -189,9 +189,16 @@ def nonfinite_part(
 
 
 def floating_buffers(model: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(buffer, copy) of every floating buffer: a training forward updates BatchNorm statistics
-    before anyone knows the step is non-finite, so a skipped step puts them back."""
-    return [(b, b.detach().clone()) for b in model.buffers() if b.is_floating_point()]
+    """(buffer, copy) of the floating buffers of modules in training mode: a training forward
+    updates BatchNorm statistics before anyone knows the step is non-finite, so a skipped step puts
+    them back. Modules in eval mode (a frozen backbone's BatchNorm) change nothing and cost nothing."""
+    return [
+        (b, b.detach().clone())
+        for module in model.modules()
+        if module.training
+        for b in module.buffers(recurse=False)
+        if b.is_floating_point()
+    ]
 
 
 def restore_buffers(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
