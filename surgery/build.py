@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from surgery.errors import SurgeryError
+from surgery.schema import Recipe
 
 
 def build_command(
@@ -39,6 +40,7 @@ def build_command(
         raise SurgeryError(f"{recipe_path}: the recipe has no `data:` section; `surgery build` needs training data")
     launcher = launcher_for(recipe)  # a placement this machine cannot carry out fails before any folder or process
     check_fits_in_memory(recipe)  # so does a model bigger than this machine
+    check_training_settings(recipe, resume=resume)  # and settings fit would refuse once it started
 
     previous_latest = latest_target(runs_root, recipe.name)
     made: list[Path] = []
@@ -71,3 +73,33 @@ def build_command(
             discard_unstarted(made_dir, previous_latest)
         raise
     return run_dir
+
+
+def check_training_settings(recipe: Recipe, *, resume: bool) -> None:
+    """What `fit` would refuse once started, refused before a run folder exists or `latest` moves:
+    `fp16` where training runs on no CUDA device, and `train.cache_features: on` when caching
+    would not be exact (asked of the model as built, before any epoch; a resumed run decides at
+    its own epoch, in `fit`)."""
+    from surgery import features
+    from surgery.cluster import ray_address
+    from surgery.devices import resolve_device_kind
+    from surgery.model import build_model
+    from surgery.train_step import check_precision
+
+    placement = recipe.placement
+    if recipe.train.precision == "fp16":
+        if placement.strategy == "pipeline":
+            kinds = [resolve_device_kind(stage.device) for stage in placement.stages]
+        elif (
+            placement.strategy == "ddp" and (placement.engine == "ray" or ray_address()) and placement.device == "auto"
+        ):
+            kinds = []  # Ray Train's workers may have GPUs this machine lacks: they check for themselves
+        else:
+            kinds = [resolve_device_kind(placement.device)]
+        for kind in kinds:
+            check_precision(recipe.train.precision, kind)
+    if recipe.train.cache_features == "on" and not resume:
+        model = build_model(recipe, load_weights=False)
+        decision = features.decide(model, recipe, epoch=0, applied_through=-1, num_samples=0)
+        if not decision.cache:
+            raise features.explain_refusal(decision)

@@ -30,6 +30,7 @@ silently different model. A checkpoint without "frozen" holds every tensor (olde
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import warnings
@@ -134,14 +135,15 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     meta: dict[str, Any],
     recipe_text: str,
-    monitor: str,
+    monitor: str | None,
     mode: str,
     keep_best: int,
     reference: dict[str, str] | None = None,
 ) -> Path:
     """Write `step-<meta.step>/` atomically, update index.json (last, k best by `monitor`) and prune.
-    With `reference` (`tensor_digests` of the model as built), frozen tensors are referenced by
-    their content hash instead of stored."""
+    `monitor` None: the checkpoint is not ranked (nothing evaluated it). With `reference`
+    (`tensor_digests` of the model as built), frozen tensors are referenced by their content hash
+    instead of stored."""
     from safetensors.torch import save_file
 
     stored, frozen = trained_tensors(model, reference)
@@ -172,14 +174,14 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.rename(tmp, final)
     fsync_path(folder)
-    _update_index(folder, name, meta.get("metrics", {}).get(monitor), mode, keep_best)
+    _update_index(folder, name, meta.get("metrics", {}).get(monitor) if monitor else None, mode, keep_best)
     return final
 
 
 def _update_index(folder: Path, name: str, value: float | None, mode: str, keep_best: int) -> None:
     index = read_index(folder.parent)
     best = [entry for entry in index.get("best", []) if entry[0] != name]
-    if value is not None and keep_best > 0:
+    if value is not None and math.isfinite(value) and keep_best > 0:  # a NaN would rank anywhere
         best.append([name, float(value)])
         best.sort(key=lambda e: e[1] if mode == "min" else -e[1])
         best = best[:keep_best]

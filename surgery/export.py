@@ -1,8 +1,9 @@
 """Export: a trained model → a verified, self-describing bundle folder.
 
 Every format is checked where it is written: the file is loaded back (ONNX through
-onnxruntime) and run on sample inputs of several batch sizes, and its largest difference from
-eager PyTorch goes into the manifest. A format that cannot represent the model, or misses the
+onnxruntime) and run on sample inputs of several batch sizes (the one batch size a graph takes
+with `export.dynamic_batch: false`), and its largest difference from eager PyTorch goes into the
+manifest, with what the file really is (its ONNX opset, its batch size). A format that cannot represent the model, or misses the
 tolerance, is left out of the bundle and reported; the other formats are still written, and the
 export then fails with one line per failed format (the bundle with the formats that worked is
 already in place).
@@ -47,8 +48,10 @@ from surgery.files import disk_full_error, fsync_path, fsync_tree, is_disk_full
 from surgery.registry import EXPORT_FORMATS
 from surgery.versions import package_versions
 
-VERIFY_BATCH_SIZES = (1, 3)  # besides the batch size the graph was captured with (2)
-CAPTURE_BATCH_SIZE = 2  # torch.export specialises sizes 0 and 1, so capture with 2
+VERIFY_BATCH_SIZES = (1, 3)  # besides the batch size a dynamic-batch graph was captured with (2)
+CAPTURE_BATCH_SIZE = 2  # torch.export specialises sizes 0 and 1, so capture a dynamic batch with 2
+FIXED_BATCH_SIZE = 1  # the batch of `dynamic_batch: false` graphs unless `export.batch_size` says
+GRAPH_FORMATS = ("onnx", "torchscript", "pt2")  # formats whose file fixes or frees the batch axis
 CAPTURE_SEQUENCE_LENGTH = 16
 _ONNX_EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit: larger weights go to model.onnx.data
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -77,6 +80,7 @@ class ExportJob:
     samples: list[tuple[torch.Tensor, ...]]  # inputs the written file is checked with
     expected: list[dict[str, torch.Tensor]]  # eager outputs on `samples`
     dynamic_batch: bool
+    batch_size: int  # the batch the graph is captured with (the only one it takes when not dynamic)
     dynamic_sequence: bool
     max_sequence: int
     opset: int | None
@@ -130,7 +134,7 @@ def export_onnx(job: ExportJob) -> float:
     file = job.folder / FORMAT_FILES["onnx"]
     external = _param_bytes(job.model) > _ONNX_EXTERNAL_DATA_BYTES
     with _quiet():
-        program = torch.onnx.export(
+        torch.onnx.export(
             job.model,
             job.capture,
             str(file),
@@ -142,12 +146,7 @@ def export_onnx(job: ExportJob) -> float:
             external_data=external,
         )
     job.details["exporter"] = "torch.onnx.export(dynamo=True)"
-    job.details["dynamic_batch"] = job.dynamic_batch  # a fixed batch cannot serve dynamic batches
-    if program is not None:
-        with contextlib.suppress(Exception):
-            job.details["opset"] = int(
-                next(o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx"))
-            )
+    job.details["opset"] = _onnx_opset(file, job.opset)
     session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
 
     def run(inputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
@@ -155,6 +154,20 @@ def export_onnx(job: ExportJob) -> float:
         return dict(zip(job.output_names, session.run(list(job.output_names), feed), strict=True))
 
     return _verify(job, run)
+
+
+def _onnx_opset(file: Path, requested: int | None) -> int:
+    """The default-domain opset the written file declares: what the manifest says, and what a
+    requested `export.opset` must be."""
+    import onnx
+
+    model = onnx.load(str(file), load_external_data=False)
+    opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None:
+        raise ExportError("the written model.onnx declares no ONNX opset")
+    if requested is not None and opset != requested:
+        raise ExportError(f"export.opset is {requested}, but torch.onnx wrote opset {opset}")
+    return opset
 
 
 @EXPORT_FORMATS.implements("torchscript")
@@ -229,6 +242,7 @@ def export_bundle(
     wanted = _formats(formats if formats is not None else recipe.export.formats)
     quantized_kind = _quantize(quantize if quantize is not None else recipe.export.quantize, wanted)
     _check_replaceable(out)
+    _check_finite(model)
     model, lora_merged = _merged(_on_cpu(model))
     was_training = model.training
     model.eval()
@@ -256,6 +270,10 @@ def export_bundle(
                 _remove_format_files(tmp, fmt)
                 continue
             results[fmt] = {"file": FORMAT_FILES[fmt], "max_abs_diff": diff, **job.details}
+            if fmt in GRAPH_FORMATS:
+                results[fmt]["dynamic_batch"] = job.dynamic_batch
+                if not job.dynamic_batch:
+                    results[fmt]["batch_size"] = job.batch_size  # the only batch the file takes
         quantized = _quantized(job, recipe, quantized_kind, results, failures)
         (tmp / RECIPE).write_text(dump_recipe(recipe), encoding="utf-8")
         _save_backbone_files(model, tmp)
@@ -325,6 +343,16 @@ def _quantized(
     return {kind: entry}
 
 
+def _check_finite(model: nn.Module) -> None:
+    # A model that diverged (NaN or inf weights) is never a bundle: it would serve NaN.
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ExportError(
+            f"the model's weights are not finite ({bad[0]}{' and more' if len(bad) > 1 else ''}): "
+            "training diverged; nothing to export"
+        )
+
+
 def _check_replaceable(out: Path) -> None:
     # Never swap away a folder that isn't a bundle (a typo'd --out pointing at a project dir).
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
@@ -352,18 +380,23 @@ def _merged(model: nn.Module) -> tuple[nn.Module, bool]:
 
 
 def _job(model: nn.Module, recipe: Any, folder: Path) -> ExportJob:
+    """The capture and check inputs: a dynamic batch is captured at 2 and checked at 1, 2 and 3;
+    a fixed one (`dynamic_batch: false`) is captured and checked at `export.batch_size` alone."""
     spec = model.input_spec
     text = spec.kind == "text"
+    dynamic = recipe.export.dynamic_batch
+    batch = CAPTURE_BATCH_SIZE if dynamic else recipe.export.batch_size or FIXED_BATCH_SIZE
+    others = VERIFY_BATCH_SIZES if dynamic else ()
     if text:
         # short sequences keep export quick; a second length checks the sequence axis is dynamic
         length = min(spec.max_length, CAPTURE_SEQUENCE_LENGTH)
-        capture = tuple(model.example_inputs(CAPTURE_BATCH_SIZE, seq_len=length))
-        samples = [capture] + [tuple(model.example_inputs(b, seq_len=length)) for b in VERIFY_BATCH_SIZES]
+        capture = tuple(model.example_inputs(batch, seq_len=length))
+        samples = [capture] + [tuple(model.example_inputs(b, seq_len=length)) for b in others]
         if length >= 4:
-            samples.append(tuple(model.example_inputs(VERIFY_BATCH_SIZES[-1], seq_len=length // 2)))
+            samples.append(tuple(model.example_inputs(others[-1] if others else batch, seq_len=length // 2)))
     else:
-        capture = tuple(model.example_inputs(CAPTURE_BATCH_SIZE))
-        samples = [capture] + [tuple(model.example_inputs(b)) for b in VERIFY_BATCH_SIZES]
+        capture = tuple(model.example_inputs(batch))
+        samples = [capture] + [tuple(model.example_inputs(b)) for b in others]
     with torch.no_grad():
         expected = [{k: v.detach().clone() for k, v in model(*s).items()} for s in samples]
     return ExportJob(
@@ -374,7 +407,8 @@ def _job(model: nn.Module, recipe: Any, folder: Path) -> ExportJob:
         capture=capture,
         samples=samples,
         expected=expected,
-        dynamic_batch=recipe.export.dynamic_batch,
+        dynamic_batch=dynamic,
+        batch_size=batch,
         dynamic_sequence=text,
         max_sequence=spec.max_length,
         opset=recipe.export.opset,
@@ -472,13 +506,14 @@ def _manifest(
 
 
 def _symbolic_shape(job: ExportJob, head: str) -> list[int | str]:
-    """Output shape with the dimensions that follow the inputs named (`batch`, `sequence`)."""
+    """Output shape with the dimensions that follow the inputs named (`batch`, `sequence`). The
+    first is the batch whatever the graphs take: the bundle's own model (safetensors) takes any."""
     shapes = [tuple(out[head].shape) for out in job.expected]
     first = shapes[0]
     result: list[int | str] = []
     for i, size in enumerate(first):
         varies = any(len(s) != len(first) or s[i] != size for s in shapes)
-        result.append(("batch" if i == 0 else "sequence") if varies else int(size))
+        result.append("batch" if i == 0 else "sequence" if varies else int(size))
     return result
 
 
@@ -565,12 +600,15 @@ def _export_checkpoint(
     except RuntimeError as err:  # shape mismatches
         raise ExportError(f"{checkpoint / WEIGHTS}: weights do not fit the model of {lock}: {err}") from None
     meta = read_meta(checkpoint)
+    metrics = meta.get("metrics") or {}
+    if meta.get("evaluated") is False:  # validation metrics in its meta are an earlier checkpoint's
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("val/")}
     return export_bundle(
         model,
         recipe,
         Path(out) if out is not None else run_dir / "bundle",
         formats=formats,
-        metrics=meta.get("metrics") or {},
+        metrics=metrics,
         source=checkpoint.resolve(),
         quantize=quantize,
     )

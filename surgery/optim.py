@@ -28,7 +28,7 @@ def _sgd(groups: list[dict[str, Any]], opt: Optimizer) -> torch.optim.Optimizer:
         groups,
         lr=opt.lr,
         momentum=opt.momentum,
-        nesterov=opt.nesterov and opt.momentum > 0,
+        nesterov=opt.nesterov,  # with momentum > 0: the recipe check refuses nesterov without it
         weight_decay=opt.weight_decay,
     )
 

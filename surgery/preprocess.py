@@ -67,9 +67,17 @@ def image_to_uint8(image: Image.Image, spec: InputSpec) -> torch.Tensor:
 def normalise(tensor: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     """uint8 C×H×W -> float, scaled to [0, 1] and normalised by the spec's mean/std."""
     image = tensor.to(torch.float32).div_(255.0)
-    mean = list(spec.mean) if len(spec.mean) == spec.channels else [spec.mean[0]] * spec.channels
-    std = list(spec.std) if len(spec.std) == spec.channels else [spec.std[0]] * spec.channels
-    return F.normalize(image, mean=mean, std=std)
+    return F.normalize(image, mean=per_channel(spec.mean, spec.channels), std=per_channel(spec.std, spec.channels))
+
+
+def per_channel(values: Sequence[float], channels: int) -> list[float]:
+    """One value per channel: as given, or one value for every channel; any other length is an
+    error (recipes and manifests refuse it first), never silently its first value."""
+    if len(values) == channels:
+        return list(values)
+    if len(values) == 1:
+        return list(values) * channels
+    raise DataError(f"{len(values)} normalisation values for {channels} channels; give 1 or {channels}")
 
 
 def image_eval_transform(spec: InputSpec) -> ImageTransform:

@@ -25,36 +25,70 @@ class Provenance(list):  # type: ignore[type-arg]
     __hash__ = None  # type: ignore[assignment]
 
 
+_PACKAGE = "package:"
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
 def provenance_lines(recipe: Any) -> list[str]:
     """`recipe.lock.yaml` header lines: every recipe of the `extends` chain (source, version,
-    sha256) and the hashes of weights that ship inside a package."""
+    sha256), where the pretrained weights came from, and the hashes of the weights a package
+    ships or the zoo cached."""
     chain = getattr(recipe, "_provenance", None) or []
     lines = [f"# {'recipe' if i == 0 else 'extends'}: {item.line()}" for i, item in enumerate(chain)]
-    return lines + _package_weight_lines(recipe) + _zoo_weight_lines(recipe.backbone)
+    return lines + _origin_lines(recipe.backbone) + _package_weight_lines(recipe) + _zoo_weight_lines(recipe.backbone)
+
+
+def _origin_lines(backbone: Any) -> list[str]:
+    """Where pretrained weights came from, in words (their hashes follow in `# weights:` lines)."""
+    if not backbone.pretrained:
+        return []
+    what = f"{backbone.source} {backbone.name}"
+    if backbone.weights:
+        return [f"# pretrained: {what} from the weights {backbone.weights}"]
+    if backbone.source == "transformers" and backbone.name.startswith(_PACKAGE):
+        return [f"# pretrained: {what} from the model folder its package ships"]
+    if backbone.source == "transformers" and Path(backbone.name).expanduser().is_dir():
+        return [f"# pretrained: {what} from the model folder {backbone.name}"]
+    return [f"# pretrained: {what} from the zoo's hub/cache"]
 
 
 def _package_weight_lines(recipe: Any) -> list[str]:
+    """The sha256 of each weights file in the model folder a `package:` backbone names (the folder
+    holding the package's shallowest config.json, as the build finds it), read from disk: a
+    package whose file list (RECORD) omits its weights is still hashed, and none found says so."""
     backbone = recipe.backbone
-    if not (backbone.pretrained and backbone.source == "transformers" and backbone.name.startswith("package:")):
+    if not (backbone.pretrained and backbone.source == "transformers" and backbone.name.startswith(_PACKAGE)):
         return []
     from importlib import metadata
 
-    distribution = backbone.name[len("package:") :]
+    distribution = backbone.name[len(_PACKAGE) :]
     try:
         dist = metadata.distribution(distribution)
     except metadata.PackageNotFoundError:
-        return []
-    weights = [f for f in dist.files or [] if f.suffix in (".safetensors", ".bin")]
+        return [f"# weights: package {distribution} is not installed here, so not hashed"]
+    configs = sorted((f for f in dist.files or [] if f.name == "config.json"), key=lambda f: len(f.parts))
+    folder = Path(str(dist.locate_file(configs[0]))).parent if configs else None
+    files = [folder / name for name in _WEIGHT_FILES if folder is not None and (folder / name).is_file()]
+    if not files:
+        return [f"# weights: package {distribution} {dist.version}: no weights file found, so not hashed"]
+    root = Path(str(dist.locate_file("")))
     return [
-        f"# weights: package {distribution} {dist.version} {f.as_posix()} sha256:{sha256_file(Path(str(dist.locate_file(f))))}"
-        for f in sorted(weights, key=str)
+        f"# weights: package {distribution} {dist.version} {_relative(file, root)} sha256:{sha256_file(file)}"
+        for file in files
     ]
+
+
+def _relative(file: Path, root: Path) -> str:
+    try:
+        return file.relative_to(root).as_posix()
+    except ValueError:
+        return str(file)
 
 
 def _zoo_weight_lines(backbone: Any) -> list[str]:
     """The hash of the zoo's cached weights file a pretrained backbone was loaded from (after
     the build, so the file is in the cache)."""
-    if not backbone.pretrained or backbone.weights or backbone.name.startswith("package:"):
+    if not backbone.pretrained or backbone.weights or backbone.name.startswith(_PACKAGE):
         return []
     try:
         file = _zoo_cache_file(backbone)

@@ -190,7 +190,7 @@ EXPORT_FORMATS = Registry(
     "surgery.export",
     {
         "safetensors": "weights + manifest (always written)",
-        "onnx": "ONNX via torch.onnx.export, dynamic batch axis, verified in onnxruntime",
+        "onnx": "ONNX via torch.onnx.export (a dynamic batch axis unless `export.dynamic_batch: false`), verified in onnxruntime",
         "torchscript": "TorchScript (traced), verified against eager",
         "pt2": "torch.export ExportedProgram (.pt2), verified against eager",
     },

@@ -225,8 +225,6 @@ def write_lock(recipe: Recipe, run_dir: Path) -> Path:
     lines = ["# surgery lock: the resolved recipe of this run; load it like any recipe (comments are ignored)"]
     lines.append(f"# recipe_sha256: {recipe_hash(recipe, portable=True)}")
     lines.append("# packages: " + ", ".join(f"{k} {v}" for k, v in package_versions().items()))
-    if recipe.backbone.pretrained:
-        lines.append(f"# pretrained: {recipe.backbone.source} {recipe.backbone.name} (from the zoo's hub/cache)")
     lines.extend(f"# weights: {path} sha256:{digest}" for path, digest in _weight_hashes(recipe).items())
     lines.extend(provenance_lines(recipe))
     path = Path(run_dir) / LOCK_FILE

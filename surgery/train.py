@@ -41,7 +41,18 @@ from surgery.runs import write_lock
 from surgery.schema import Recipe
 from surgery.train_eval import evaluate, validate
 from surgery.train_state import Checkpointer, TrainState, seed_everything
-from surgery.train_step import LogWindow, autocast, clip_gradients, groups, learning_rates, train_step
+from surgery.train_step import (
+    LogWindow,
+    autocast,
+    clip_gradients,
+    count_nonfinite,
+    floating_buffers,
+    groups,
+    learning_rates,
+    nonfinite_part,
+    restore_buffers,
+    train_step,
+)
 
 __all__ = [
     "Checkpointer",
@@ -341,10 +352,11 @@ def _train_epoch(
     """Optimizer steps from `state.batch` until the epoch or the step budget ends: each one logged
     every `monitor.log_every_steps`, and checkpointed every `train.checkpoint.every_steps` when
     that falls inside the epoch (its end saves anyway)."""
-    recipe, budget, progress = run.recipe, run.budget, run.progress
+    recipe, budget, progress, precision = run.recipe, run.budget, run.progress, run.recipe.train.precision
     window = LogWindow.on(run.placement.device)
     shown: dict[str, float] = {}
     for group in groups(batches, state.batch, budget.batches, recipe.train.accumulate):
+        buffers = floating_buffers(parts.model)
         loss_sum, samples = train_step(
             parts.net,
             parts.model,
@@ -357,11 +369,17 @@ def _train_epoch(
             run.monitor,
             progress,
         )
-        window.add(loss_sum, len(group), samples)
-        log = (state.step + 1) % recipe.monitor.log_every_steps == 0
-        grad_norm = clip_gradients(parts.model, parts.optimizer, parts.scaler, recipe.train.clip_grad_norm, measure=log)
-        parts.scaler.step(parts.optimizer)
+        grad_norm = clip_gradients(parts.model, parts.optimizer, parts.scaler, recipe.train.clip_grad_norm)
+        bad = nonfinite_part(loss_sum, grad_norm, run.placement, precision=precision, scale=parts.scaler.get_scale())
+        if bad is None:
+            window.add(loss_sum, len(group), samples)
+            parts.scaler.step(parts.optimizer)  # fp16: GradScaler itself skips a step whose gradients overflowed
+            state.nonfinite_in_a_row = 0
+        else:  # skipped: the weights, optimizer state and BatchNorm statistics stay as they were
+            restore_buffers(buffers)
+            count_nonfinite(state, bad, precision, progress, run.monitor)
         parts.scaler.update()
+        log = (state.step + 1) % recipe.monitor.log_every_steps == 0
         state.step += 1
         state.batch += len(group)
         at_end, out_of_steps = state.batch >= budget.batches, state.step >= budget.steps
@@ -377,7 +395,7 @@ def _train_epoch(
             state.metrics["train/loss"] = shown["train/loss"]
         every = recipe.train.checkpoint.every_steps
         if every and state.step % every == 0 and not (at_end or out_of_steps):
-            checkpointer.save(state)
+            checkpointer.save(state, evaluated=False)  # resumable, but not ranked: nothing evaluated it
         if out_of_steps:
             break
 
@@ -388,7 +406,7 @@ def _log_step(
     """Log the training scalars of the window that ends at this step; the values the progress shows."""
     device = run.placement.device
     throughput = window.throughput()
-    shown = {"train/loss": window.mean_loss()}
+    shown = {"train/loss": window.mean_loss()} if window.batches else {}  # every step skipped: no loss to show
     scalars = {**shown, "train/samples_per_s": throughput, **learning_rates(optimizer), **memory_scalars(device)}
     if grad_norm is not None:
         scalars["train/grad_norm"] = float(grad_norm)
@@ -430,7 +448,7 @@ def _end_epoch(
     run.progress.end_epoch({k: v for k, v in state.metrics.items() if k.startswith("val/")} if evaluated else {})
     state.epoch, state.batch = epoch + 1, 0
     done = last_epoch or state.stopped_early
-    checkpoint = checkpointer.save(state) if recipe.train.checkpoint.every_epoch or done else None
+    checkpoint = checkpointer.save(state, evaluated=evaluated) if recipe.train.checkpoint.every_epoch or done else None
     if evaluated:
         reporter.report(epoch, dict(state.metrics), checkpoint)
     return done
@@ -460,6 +478,8 @@ def _summary_rows(
     """The run summary table: final metrics, progress, what was `measured`, and what went unusual."""
     rows: dict[str, Any] = dict(sorted(state.metrics.items()))
     rows.update({"epochs": state.epoch, "steps": state.step, "stopped early": state.stopped_early, **measured})
+    if state.nonfinite_steps:
+        rows["skipped steps (non-finite loss or gradients)"] = state.nonfinite_steps
     if state.oom_retries:
         rows["out-of-memory retries"] = state.oom_retries
         rows["micro-batch (samples)"] = math.ceil((recipe.data.batch_size if recipe.data else 1) / state.micro_split)

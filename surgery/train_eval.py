@@ -108,7 +108,7 @@ def validate(
         monitor.scalars(state.step, metrics, epoch=epoch)
         monitor.classification_reports(tracker, model.head_info, data.class_names, state.step, epoch)
         _log_samples(monitor, model, first, data, state.step)
-    if _early_stop(state, recipe):
+    if _early_stop(state, recipe, epochs_done=epoch + 1):
         state.stopped_early = True
 
 
@@ -135,14 +135,20 @@ def _improved(value: float, best: float | None, mode: str, min_delta: float) -> 
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
-def _early_stop(state: TrainState, recipe: Recipe) -> bool:
-    """Update early-stopping state from `state.metrics`; True when patience ran out."""
+def _early_stop(state: TrainState, recipe: Recipe, *, epochs_done: int) -> bool:
+    """Update early-stopping state from `state.metrics` after an evaluation at `epochs_done`
+    epochs; True when patience ran out. Patience counts epochs, not evaluations: with
+    `eval_every_epochs: 2`, an evaluation without improvement spends two epochs of it."""
     es = recipe.train.early_stopping
     if es is None or es.monitor not in state.metrics:
         return False
     value = state.metrics[es.monitor]
-    if _improved(value, state.best, es.mode, es.min_delta):
-        state.best, state.bad_epochs = value, 0
+    if math.isfinite(value) and _improved(value, state.best, es.mode, es.min_delta):
+        state.best, state.best_epoch, state.bad_epochs = value, epochs_done, 0
         return False
-    state.bad_epochs += 1
+    if state.best_epoch is None:
+        # nothing improved yet: count from the start; a checkpoint written before epochs were
+        # recorded counted evaluations, each one epoch here
+        state.best_epoch = 0 if state.best is None else epochs_done - 1 - state.bad_epochs
+    state.bad_epochs = epochs_done - state.best_epoch
     return state.bad_epochs >= es.patience

@@ -3,7 +3,7 @@
 `TrainState` is the loop's progress (epoch, position in it, optimizer steps, early-stopping and
 out-of-memory state). A `Checkpointer` is made once per run from what a checkpoint is made of
 (model, optimizer, schedule, scaler, the resolved recipe, the digests frozen tensors are
-referenced by), so the loop saves with `checkpointer.save(state)` and resumes with
+referenced by), so the loop saves with `checkpointer.save(state, evaluated=...)` and resumes with
 `checkpointer.restore(...)`. Everything random derives from `train.seed` and is saved too, so a
 CPU run killed and resumed ends bit-identical to the same run uninterrupted.
 """
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from surgery import checkpoint as ckpt
+from surgery.errors import SurgeryError
 from surgery.monitor import Progress
 from surgery.ranks import Placement
 from surgery.schema import Recipe
@@ -33,13 +34,38 @@ class TrainState:
     batch: int = 0  # micro-batches of `epoch` already consumed
     step: int = 0  # optimizer steps done
     best: float | None = None  # early stopping: best monitored value
-    bad_epochs: int = 0  # early stopping: evaluations without improvement
+    bad_epochs: int = 0  # early stopping: epochs since the evaluation that set `best`
+    best_epoch: int | None = None  # early stopping: epochs done when `best` was set
     stopped_early: bool = False
     unfrozen_through: int = -1  # last epoch whose `unfreeze_at` entries were applied
     micro_split: int = 1  # micro-batches each loaded batch is cut into (grows on out-of-memory)
     eval_split: int = 1  # the same for validation batches
     oom_retries: int = 0  # steps retried after running out of memory
+    nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient norm
+    nonfinite_in_a_row: int = 0  # ...of them, the latest run of consecutive ones
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+class TrainingDiverged(SurgeryError):
+    """The loss or the gradients stayed non-finite (or the weights became so): the run stops."""
+
+
+def diverged(what: str, precision: str) -> TrainingDiverged:
+    """The one line a diverged run stops with: what happened, the dtype, and what to change."""
+    advice = "lower train.optimizer.lr, set or lower train.clip_grad_norm"
+    advice += ", or train in fp32" if precision != "fp32" else ", or add warmup (train.scheduler.warmup_steps)"
+    return TrainingDiverged(f"training diverged in {precision}: {what}; {advice}")
+
+
+def check_finite_weights(model: Any, step: int, precision: str) -> None:
+    """Refuse to go on with (checkpoint, rank, export) a model whose trainable weights or floating
+    buffers (BatchNorm statistics) are not finite."""
+    tensors = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    tensors += [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+    with torch.no_grad():
+        bad = next((n for n, t in tensors if not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise diverged(f"the weights became non-finite by step {step} ({bad})", precision)
 
 
 def seed_everything(seed: int) -> None:
@@ -70,15 +96,20 @@ class Checkpointer:
     saved: bool = False
     last: Path | None = None
 
-    def save(self, state: TrainState) -> Path | None:
-        """Checkpoint the run at `state`; the folder on rank 0, None on the other ranks."""
+    def save(self, state: TrainState, *, evaluated: bool) -> Path | None:
+        """Checkpoint the run at `state`; the folder on rank 0, None on the other ranks. Only a
+        checkpoint `evaluated` right before it is ranked for `keep_best` (a mid-epoch one, or one
+        at the end of an epoch `eval_every_epochs` skips, is kept as `last`, for resuming, and its
+        meta says `"evaluated": false`). Weights that are not finite stop the run instead."""
         from surgery.recipe import recipe_hash
 
+        check_finite_weights(self.model, state.step, self.recipe.train.precision)
         meta = {
             "epoch": state.epoch,
             "step": state.step,
             "batch_in_epoch": state.batch,
             "metrics": state.metrics,
+            "evaluated": evaluated,
             "recipe_sha256": recipe_hash(self.recipe, portable=True),
         }
         c = self.recipe.train.checkpoint
@@ -90,7 +121,7 @@ class Checkpointer:
                 trainer_state=self._trainer_state(state),
                 meta=meta,
                 recipe_text=self.recipe_text,
-                monitor=c.monitor,
+                monitor=c.monitor if evaluated else None,
                 mode=c.mode,
                 keep_best=c.keep_best,
                 reference=self.reference,
@@ -133,7 +164,7 @@ class Checkpointer:
             return self.last
         if resumed:
             return ckpt.find_last(self.run_dir) if self.placement.is_main else None
-        return self.save(state)
+        return self.save(state, evaluated=any(k.startswith("val/") for k in state.metrics))
 
     def best(self) -> Path | None:
         """The best checkpoint by `train.checkpoint.monitor` as the index ranks it (rank 0)."""

@@ -1,6 +1,8 @@
 """The mechanics of one optimizer step: batches to the device, micro-batches grouped per step,
 forward and backward under autocast with gradient accumulation (cut finer when memory runs out),
-gradient clipping, and the window of logged loss and throughput between logged steps.
+gradient clipping, the check that the step's loss and gradients are finite (a step that is not is
+skipped and counted; `MAX_NONFINITE_IN_A_ROW` of them stop the run), and the window of logged
+loss and throughput between logged steps.
 
 These speak to a placement only for the device, no-sync and the all-rank out-of-memory vote, so
 the same step runs on one device and on every DDP rank.
@@ -22,13 +24,18 @@ from surgery.errors import SurgeryError
 from surgery.monitor import Progress, RunMonitor
 from surgery.ranks import Placement
 from surgery.schema import Recipe
-from surgery.train_state import TrainState
+from surgery.train_state import TrainState, diverged
+
+
+def check_precision(precision: str, device_type: str) -> None:
+    """`train.precision` this device can train in (fp16 needs CUDA's GradScaler and kernels)."""
+    if precision == "fp16" and device_type != "cuda":
+        raise SurgeryError(f"train.precision fp16 needs a CUDA device (this run is on {device_type}); use bf16 or fp32")
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """The autocast context of `train.precision` (fp32: none)."""
-    if precision == "fp16" and device.type != "cuda":
-        raise SurgeryError(f"train.precision fp16 needs a CUDA device (this run is on {device.type}); use bf16 or fp32")
+    check_precision(precision, device.type)
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -141,18 +148,75 @@ def train_step(
         )
 
 
-def clip_gradients(
-    model: Any, optimizer: Any, scaler: Any, clip: float | None, *, measure: bool
-) -> torch.Tensor | None:
-    """Clip the gradients' global norm to `clip` (if set); the norm before clipping when clipping
-    or `measure` (logging steps only: it costs a pass over the gradients), else None."""
-    if not (clip or measure):
-        return None
+def clip_gradients(model: Any, optimizer: Any, scaler: Any, clip: float | None) -> torch.Tensor | None:
+    """The gradients' global norm (unscaled, before clipping), clipping them to `clip` if set;
+    None when no parameter has a gradient. Measured every step: a non-finite norm is how a step
+    that must be skipped is found."""
     scaler.unscale_(optimizer)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return None
     if clip:
-        return torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip)
-    return torch.nn.utils.get_total_norm(grads) if grads else None
+        # clip_grad_norm_ scales by clip / norm: with a non-finite norm it would write NaN into
+        # every gradient, so clip only a step that will be taken
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if torch.isfinite(norm):
+            torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+        return norm
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
+# A run stops when this many optimizer steps in a row had a non-finite loss or gradient norm: one
+# bad batch is skipped and training goes on; five in a row is a run that diverged.
+MAX_NONFINITE_IN_A_ROW = 5
+
+
+def nonfinite_part(
+    loss_sum: torch.Tensor, grad_norm: torch.Tensor | None, placement: Placement, *, precision: str, scale: float
+) -> str | None:
+    """What was not finite in this step ("loss", "gradient norm"), or None when the step may be
+    taken. The gradient norm, the same on every rank once DDP averaged the gradients, decides
+    under several ranks (so they all skip together); one process also looks at its loss. In fp16,
+    scaled gradients that overflow are GradScaler's own business while its scale is at least 1 (it
+    skips the step and lowers the scale: that is how it calibrates), so they are not counted."""
+    if placement.world_size == 1 and not bool(torch.isfinite(loss_sum)):
+        return "loss"
+    if grad_norm is not None and not bool(torch.isfinite(grad_norm)):
+        if precision == "fp16" and scale >= 1.0:
+            return None
+        return "gradient norm"
+    return None
+
+
+def floating_buffers(model: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(buffer, copy) of the floating buffers of modules in training mode: a training forward
+    updates BatchNorm statistics before anyone knows the step is non-finite, so a skipped step puts
+    them back. Modules in eval mode (a frozen backbone's BatchNorm) change nothing and cost nothing."""
+    return [
+        (b, b.detach().clone())
+        for module in model.modules()
+        if module.training
+        for b in module.buffers(recurse=False)
+        if b.is_floating_point()
+    ]
+
+
+def restore_buffers(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for buffer, copy in saved:
+            buffer.copy_(copy)
+
+
+def count_nonfinite(state: TrainState, what: str, precision: str, progress: Progress, monitor: RunMonitor) -> None:
+    """Count a skipped non-finite step (TensorBoard `train/nonfinite_steps`, the summary); stop
+    the run with one line when `MAX_NONFINITE_IN_A_ROW` came in a row."""
+    step = state.step + 1
+    state.nonfinite_steps += 1
+    state.nonfinite_in_a_row += 1
+    monitor.scalars(step, {"train/nonfinite_steps": state.nonfinite_steps}, epoch=state.epoch)
+    if state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+        raise diverged(f"step {step} had a non-finite {what} ({state.nonfinite_in_a_row} steps in a row)", precision)
+    progress.note(f"step {step}: non-finite {what} ({precision}); step skipped, weights unchanged")
 
 
 def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:

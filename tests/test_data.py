@@ -298,3 +298,14 @@ def test_skipped_files_reach_the_run_summary_and_metrics_jsonl(tmp_path: Path, c
     assert record["data/skipped_files"] == 2
     assert sorted(Path(item["file"]).name for item in record["skipped"]) == ["1.png", "3.png"]
     assert all(item["why"] for item in record["skipped"])
+
+
+def test_normalisation_values_are_one_for_every_channel_or_one_per_channel() -> None:
+    from surgery.preprocess import normalise
+
+    pixels = torch.full((3, 2, 2), 255, dtype=torch.uint8)
+    spec = InputSpec(kind="image", channels=3, size=(2, 2), mean=(0.5,), std=(0.5,))
+    assert torch.equal(normalise(pixels, spec), torch.ones(3, 2, 2))
+    wrong = InputSpec(kind="image", channels=3, size=(2, 2), mean=(0.5, 0.1), std=(0.5,))
+    with pytest.raises(DataError, match="2 normalisation values for 3 channels; give 1 or 3"):
+        normalise(pixels, wrong)  # never silently the first value for every channel

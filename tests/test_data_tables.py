@@ -361,3 +361,52 @@ def test_hf_hub_id_offline_without_cache_is_one_line(monkeypatch: pytest.MonkeyP
         match=r"^hf dataset 'nobody/no-such-dataset-here' cannot be loaded .*offline it must be in the datasets cache",
     ):
         load_data(recipe_for(data, [{"name": "cls"}]), image_model(cls=("multiclass", 2)), CPU)
+
+
+def test_hf_splits_are_chosen_by_name(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+
+    def split(n: int, label: str) -> object:
+        return datasets.Dataset.from_dict({"a": [float(i) for i in range(n)], "b": [1.0] * n, "y": [label] * n})
+
+    datasets.DatasetDict({"fit": split(5, "a"), "check": split(3, "b"), "train": split(1, "c")}).save_to_disk(
+        str(tmp_path / "ds")
+    )
+    data = {"source": "hf", "train": str(tmp_path / "ds"), "feature_columns": ["a", "b"], "label_column": "y"}
+    model = vector_model(2, cls=("multiclass", 2))
+    named = recipe_for({**data, "hf": {"train_split": "fit", "val_split": "check"}}, [{"name": "cls"}])
+    loaded = load_data(named, model, CPU)
+    assert (loaded.num_train, loaded.num_val) == (5, 3)
+    with pytest.raises(DataError, match=r"has no split 'nope'; its splits are: fit, check, train"):
+        load_data(recipe_for({**data, "hf": {"train_split": "nope"}}, [{"name": "cls"}]), model, CPU)
+
+
+def test_hf_hub_config_and_revision_reach_load_dataset_and_need_a_hub_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    datasets = pytest.importorskip("datasets")
+    asked: list[tuple] = []
+
+    def load_dataset(name: str, config: str | None = None, *, revision: str | None = None) -> object:
+        asked.append((name, config, revision))  # the hub itself cannot be reached here
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    hub = {"name": "org/set", "config": "small", "revision": "v2"}
+    with pytest.raises(DataError, match=r"hf dataset 'org/set' cannot be loaded"):
+        load_data(recipe_for({"source": "hf", "hf": hub, "image_column": "i"}, [{"name": "c"}]), image_model(), CPU)
+    assert asked == [("org/set", "small", "v2")]
+    for key in ("config", "revision"):
+        with pytest.raises(ValueError, match=rf"hf\.{key}.*applies to a hub dataset"):
+            check = recipe_for({"source": "hf", "train": "ds", "hf": {key: "x"}, "image_column": "i"}, [{"name": "c"}])
+            _raise_problems(check)
+    with pytest.raises(ValueError, match=r"hf\.name.*keep one of them"):
+        _raise_problems(
+            recipe_for({"source": "hf", "train": "ds", "hf": {"name": "a/b"}, "image_column": "i"}, [{"name": "c"}])
+        )
+
+
+def _raise_problems(recipe: Recipe) -> None:
+    from surgery.schema import cross_check
+
+    problems = cross_check(recipe)
+    if problems:
+        raise ValueError("; ".join(f"{'.'.join(map(str, p.path))}: {p.message}" for p in problems))

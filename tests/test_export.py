@@ -443,3 +443,66 @@ def test_cli_exports_and_exits_nonzero_listing_failed_formats(
 
     assert run_cli(monkeypatch, "export", str(run), "--format", "tflite") == 2
     assert "unknown export format 'tflite'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- fixed batch, opset
+
+
+@pytest.mark.parametrize(("batch", "expected"), [("", 1), ("batch_size: 4, ", 4)])
+def test_a_fixed_batch_export_is_captured_checked_and_recorded_at_its_batch(
+    tmp_path: Path, batch: str, expected: int
+) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    text = TIMM_MULTIHEAD.replace(
+        "export: {formats: [safetensors, onnx, torchscript, pt2]}",
+        f"export: {{formats: [safetensors, onnx, pt2], {batch}dynamic_batch: false}}",
+    )
+    recipe = recipe_from(text, tmp_path)
+    model = build_model(recipe, load_weights=False).eval()
+    path = export_bundle(model, recipe, tmp_path / "bundle")
+    manifest = json.loads((path / "manifest.json").read_text())
+    for fmt in ("onnx", "pt2"):
+        assert manifest["formats"][fmt]["dynamic_batch"] is False
+        assert manifest["formats"][fmt]["batch_size"] == expected
+    assert manifest["heads"][0]["output_shape"] == ["batch", 3]  # the bundle's own model takes any batch
+    graph = onnx.load(str(path / "model.onnx"))
+    assert [d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim] == [expected, 3, 32, 32]
+    session = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = model.example_inputs(expected)[0]
+    got = dict(zip(["species", "age"], session.run(["species", "age"], {"pixel_values": x.numpy()}), strict=True))
+    torch.testing.assert_close(torch.as_tensor(got["species"]), outputs(model, (x,))["species"], atol=1e-4, rtol=0)
+    loaded = torch.export.load(str(path / "model.pt2")).module()
+    assert loaded(x)["age"].shape == (expected, 1)
+    with pytest.raises(Exception):  # noqa: B017  any other batch is the graph's refusal, not a silent answer
+        session.run(["species"], {"pixel_values": model.example_inputs(expected + 1)[0].numpy()})
+
+
+def test_a_batch_size_for_a_dynamic_batch_is_refused(tmp_path: Path) -> None:
+    from surgery.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"export\.batch_size: batch_size fixes the batch .* dynamic_batch: false"):
+        recipe_from(TIMM_MULTIHEAD.replace("pt2]}", "pt2], batch_size: 4}"), tmp_path)
+
+
+def test_an_opset_the_exporter_cannot_write_is_refused_when_validating(tmp_path: Path) -> None:
+    from surgery.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"export\.opset: must be ≥ 18, got 17"):
+        recipe_from(TIMM_MULTIHEAD.replace("pt2]}", "pt2], opset: 17}"), tmp_path)
+
+
+def test_the_requested_opset_is_written_and_the_manifest_reads_it_from_the_file(tmp_path: Path) -> None:
+    import onnx
+
+    from surgery.export import _onnx_opset
+
+    recipe = recipe_from(
+        TIMM_MULTIHEAD.replace("[safetensors, onnx, torchscript, pt2]}", "[onnx], opset: 20}"), tmp_path
+    )
+    path = export_bundle(build_model(recipe, load_weights=False), recipe, tmp_path / "bundle")
+    assert json.loads((path / "manifest.json").read_text())["formats"]["onnx"]["opset"] == 20
+    assert [o.version for o in onnx.load(str(path / "model.onnx")).opset_import if o.domain == ""] == [20]
+    with pytest.raises(ExportError, match=r"export\.opset is 21, but torch\.onnx wrote opset 20"):
+        _onnx_opset(path / "model.onnx", 21)  # a file of another opset fails; the manifest never says otherwise

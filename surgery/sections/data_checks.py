@@ -72,6 +72,11 @@ def data_problems(recipe: Recipe) -> list[DataProblem]:
         refuse(("data", "on_bad_row"), f"applies to table sources; {source!r} files use `on_bad_file`")
     if source != "hf" and data.hf != type(data.hf)():
         refuse(("data", "hf"), f"applies to `source: hf`, not {source!r}")
+    if source == "hf" and data.hf.name and data.train:
+        refuse(("data", "hf", "name"), "names a hub dataset, and data.train names local files: keep one of them")
+    for key in ("config", "revision"):
+        if source == "hf" and getattr(data.hf, key) is not None and not data.hf.name:
+            refuse(("data", "hf", key), "applies to a hub dataset (`hf.name`), not to local files")
     if source == "image_folder" and not data.train:
         refuse(("data", "train"), "data source 'image_folder' needs a `train` path")
     out.extend(_kind_problems(recipe, inputs))

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from surgery.registry import EXPORT_FORMATS
-from surgery.sections.base import Count, ExportFormat, PositiveInt, Strict
+from surgery.sections.base import MAX_COUNT, Count, ExportFormat, PositiveInt, Strict
+
+# torch.onnx's (dynamo) exporter writes opset 18 and above; onnx's version converter, which it
+# falls back on for older opsets, fails on common graphs (ReduceMean's axes), so older ones are
+# refused when the recipe is validated rather than written as 18 under another name.
+MIN_ONNX_OPSET = 18
 
 
 class Export(Strict):
@@ -17,11 +22,22 @@ class Export(Strict):
     formats: list[ExportFormat] = Field(
         default_factory=lambda: ["safetensors"], description="Formats: " + EXPORT_FORMATS.describe()
     )
-    opset: PositiveInt | None = Field(None, description="ONNX opset; default: the exporter's.")
+    opset: Annotated[int, Field(ge=MIN_ONNX_OPSET, le=MAX_COUNT)] | None = Field(
+        None,
+        description=f"ONNX opset, {MIN_ONNX_OPSET} or above (torch.onnx's exporter writes no older one); default: "
+        "the exporter's. The manifest records the opset of the written file; a file of another opset fails.",
+    )
     tolerance: float = Field(
         1e-4, gt=0, description="Maximum abs difference between an exported format and eager PyTorch."
     )
-    dynamic_batch: bool = Field(True, description="Exported graphs accept any batch size.")
+    dynamic_batch: bool = Field(
+        True,
+        description="Exported graphs (onnx, pt2, torchscript) accept any batch size; `false`: they are captured "
+        "and checked at `batch_size` alone, which the manifest records (a runtime must feed that batch).",
+    )
+    batch_size: PositiveInt | None = Field(
+        None, description="With `dynamic_batch: false`, the one batch size the graphs take (default 1)."
+    )
     quantize: Literal["int8"] | None = Field(
         None,
         description="Also write `model.int8.onnx`, quantized from `model.onnx` (needs `onnx` in `formats`): static "

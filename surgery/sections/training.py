@@ -45,9 +45,16 @@ class UnfreezeAt(Strict):
 
 
 class Checkpointing(Strict):
-    every_steps: PositiveInt | None = Field(None, description="Also save every N optimizer steps (mid-epoch).")
+    every_steps: PositiveInt | None = Field(
+        None,
+        description="Also save every N optimizer steps (mid-epoch): for resuming; never ranked by `keep_best`, since "
+        "nothing evaluated them.",
+    )
     every_epoch: bool = Field(True, description="Save at the end of each epoch.")
-    keep_best: Count = Field(1, description="Keep the k best checkpoints by `monitor` (plus `last`).")
+    keep_best: Count = Field(
+        1,
+        description="Keep the k best checkpoints by `monitor`, among those saved right after a validation (plus `last`).",
+    )
     monitor: str = Field(
         "val/loss", description="Metric that ranks checkpoints: `val/loss`, `val/<head>/loss` or `val/<head>/<metric>`."
     )
@@ -57,7 +64,11 @@ class Checkpointing(Strict):
 class EarlyStopping(Strict):
     monitor: str = Field("val/loss", description="Metric watched (same names as `checkpoint.monitor`).")
     mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
-    patience: PositiveInt = Field(3, description="Epochs without improvement before stopping.")
+    patience: PositiveInt = Field(
+        3,
+        description="Epochs without improvement before stopping (epochs, not evaluations: with `eval_every_epochs: 2` "
+        "each evaluation without improvement spends 2).",
+    )
     min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
 
 
