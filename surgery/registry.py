@@ -187,7 +187,7 @@ AUGMENTATIONS = Registry(
 
 EXPORT_FORMATS = Registry(
     "export format",
-    "surgery.export",
+    "surgery.export_formats",
     {
         "safetensors": "weights + manifest (always written)",
         "onnx": "ONNX via torch.onnx.export (a dynamic batch axis unless `export.dynamic_batch: false`), verified in onnxruntime",

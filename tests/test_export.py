@@ -496,7 +496,7 @@ def test_an_opset_the_exporter_cannot_write_is_refused_when_validating(tmp_path:
 def test_the_requested_opset_is_written_and_the_manifest_reads_it_from_the_file(tmp_path: Path) -> None:
     import onnx
 
-    from surgery.export import _onnx_opset
+    from surgery.export_formats import _onnx_opset
 
     recipe = recipe_from(
         TIMM_MULTIHEAD.replace("[safetensors, onnx, torchscript, pt2]}", "[onnx], opset: 20}"), tmp_path
