@@ -177,6 +177,17 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def resolve_bundle(target: Path) -> Path:
+    """A bundle folder, or a run folder's `bundle/` (what `serve`, `evaluate` and `predict` take)."""
+    target = Path(target)
+    for candidate in (target, target / "bundle"):
+        if (candidate / MANIFEST).is_file():
+            return candidate.resolve()
+    if not target.exists():
+        raise BundleError(f"{target}: no such bundle or run folder")
+    raise BundleError(f"{target}: neither a bundle nor a run folder with bundle/ (run `surgery export {target}` first)")
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
