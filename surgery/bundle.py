@@ -300,7 +300,7 @@ def load_bundle(path: Path) -> LoadedBundle:
     path = Path(path).resolve()
     manifest = read_manifest(path)
     verify_files(path, manifest)
-    recipe = _bundled_recipe(path)
+    recipe = bundled_recipe(path)
     if manifest.get("recipe_sha256") not in (None, recipe_hash(recipe)):
         raise BundleError(
             f"{path / RECIPE}: does not match the manifest's recipe_sha256; the bundle is damaged, export it again"
@@ -328,7 +328,7 @@ def load_bundle(path: Path) -> LoadedBundle:
 _PROBLEM_PLACE = re.compile(r":(\d+):(\d+) ([A-Za-z0-9_.\[\]]+)")
 
 
-def _bundled_recipe(path: Path) -> Any:
+def bundled_recipe(path: Path) -> Any:
     """The bundle's resolved recipe. Its problems are reported by place and field only: the
     message never quotes the file (which need not be a recipe at all)."""
     import yaml
