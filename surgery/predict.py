@@ -9,29 +9,17 @@ past one machine (`surgery.predict_ray`), writing the same rows.
 
 from __future__ import annotations
 
-import contextlib
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from surgery.cluster import ray_address
 from surgery.errors import SurgeryError
+from surgery.predict_batch import PredictSettings, progress_bar, run_batch
 from surgery.predict_inputs import PredictInput, expand_inputs, read_input
-from surgery.predict_output import PredictionWriter, columns, error_row, output_format, prediction_rows
+from surgery.predict_output import PredictionWriter, columns, output_format
 from surgery.runner import ModelRunner
-
-
-@dataclass(frozen=True)
-class PredictSettings:
-    """How a batch prediction runs; the same for every engine."""
-
-    top_k: int = 5
-    batch_size: int = 64
-    workers: int | None = None  # DataLoader workers (None: surgery.data_loaders.auto_num_workers)
-    column: str | None = None  # a table's input column(s)
 
 
 def predict_command(
@@ -133,46 +121,3 @@ def predicted_batches(
     )
     for batch in loader:
         yield run_batch(runner, [entries[i].name for i, _, _ in batch], [(row, err) for _, row, err in batch], settings)
-
-
-def run_batch(
-    runner: ModelRunner, names: list[str], decoded: list[tuple[Any, str | None]], settings: PredictSettings
-) -> list[dict[str, Any]]:
-    """Rows for one batch of decoded inputs ((row, None) or (None, error)), in order."""
-    good = [i for i, (_, err) in enumerate(decoded) if err is None]
-    rows: list[dict[str, Any]] = [error_row(name, err or "") for name, (_, err) in zip(names, decoded, strict=True)]
-    if good:
-        outputs = runner.run(model_inputs(runner, [decoded[i][0] for i in good]))
-        for i, row in zip(
-            good, prediction_rows(runner.heads, outputs, [names[i] for i in good], settings.top_k), strict=True
-        ):
-            rows[i] = row
-    return rows
-
-
-def model_inputs(runner: ModelRunner, rows: list[Any]) -> tuple[Any, ...]:
-    """A batch of model rows as the model's positional inputs (text tokenised here)."""
-    import torch
-
-    if runner.spec.kind == "text":
-        from surgery.preprocess import texts_to_batch
-
-        return texts_to_batch(rows, runner.tokenizer, runner.spec)
-    return (torch.stack(rows),)
-
-
-@contextlib.contextmanager
-def progress_bar(total: int) -> Iterator[Callable[[int], None]]:
-    """`advance(n)`: a rich progress bar on stderr when it is a terminal; silent otherwise."""
-    if not sys.stderr.isatty():
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    bar = Progress(
-        "predict", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=Console(file=sys.stderr)
-    )
-    task = bar.add_task("predict", total=total)
-    with bar:
-        yield lambda n: bar.advance(task, n)

@@ -17,7 +17,7 @@ from typing import Any
 
 from surgery.bundle import bundled_recipe, read_manifest
 from surgery.inputs import InputSpec
-from surgery.predict import PredictSettings, progress_bar, run_batch
+from surgery.predict_batch import PredictSettings, progress_bar, run_batch
 from surgery.predict_inputs import PredictInput, expand_inputs, read_input
 from surgery.predict_output import PredictionWriter, columns
 
