@@ -56,6 +56,16 @@ def _root(
     """Declarative model surgery, training, export and serving for PyTorch."""
 
 
+RuntimeOption = Annotated[
+    str | None,
+    typer.Option(
+        help="What runs the model: torch, onnxruntime (the bundle's model.onnx), onnxruntime-int8 (its "
+        "model.int8.onnx, if it passed the parity gate), or auto (time them on this process's threads and keep "
+        "the fastest; each serving replica does). Default: the bundled recipe's serve.runtime, else auto."
+    ),
+]
+
+
 @app.command()
 def validate(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.", show_default=False)],
@@ -216,14 +226,7 @@ def serve(
         Path | None,
         typer.Option(help="Write a Ray Serve config file for `serve run`/`serve deploy` instead of serving."),
     ] = None,
-    runtime: Annotated[
-        str | None,
-        typer.Option(
-            help="What runs the model: torch, onnxruntime (the bundle's model.onnx), onnxruntime-int8 (its "
-            "model.int8.onnx, if it passed the parity gate), or auto (each replica times them and keeps the "
-            "fastest). Default: the recipe's serve.runtime."
-        ),
-    ] = None,
+    runtime: RuntimeOption = None,
 ) -> None:
     """Serve bundles over HTTP with Ray Serve and dynamic batching."""
     from serve.launch import serve_command
@@ -244,17 +247,71 @@ def serve(
 
 
 @app.command()
-def predict(
-    url: Annotated[
-        str, typer.Argument(help="Model URL, e.g. http://127.0.0.1:8000/v1/models/quickstart.", show_default=False)
-    ],
-    inputs: Annotated[list[str], typer.Argument(help="Image files, text strings, or JSON arrays.", show_default=False)],
-    token_file: Annotated[Path | None, typer.Option(help="Bearer token file (or SURGERY_SERVE_TOKEN).")] = None,
+def evaluate(
+    target: Annotated[Path, typer.Argument(help="A run folder (its bundle/) or a bundle.", show_default=False)],
+    data: Annotated[
+        Path | None, typer.Option(help="A folder of class sub-folders or a table (default: the recipe's data).")
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option(help="Without --data: train or val (default val); with a folder: its sub-folder.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for evaluations/ (default: the run, else the bundle's).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Inputs per forward.")] = 64,
+    runtime: RuntimeOption = None,
 ) -> None:
-    """Send inputs to a served model and print its predictions."""
-    from serve.client import predict_command
+    """Every head's metrics, per-class precision/recall/F1 and confusion matrices (printed, JSON, PNG),
+    written to evaluations/<name>-<time>/. Never changes the run."""
+    from surgery.evaluate import evaluate_command
 
-    typer.echo(predict_command(url, inputs, token_file=token_file))
+    typer.echo(evaluate_command(target, data=data, split=split, out=out, batch_size=batch_size, runtime=runtime))
+
+
+@app.command()
+def predict(
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="A bundle or run folder (offline), or a served model's URL (http://...).", show_default=False
+        ),
+    ],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Image files, folders, globs, tables (.csv/.tsv/.jsonl/.parquet), or texts.", show_default=False
+        ),
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="Write .csv, .jsonl or .parquet (default: a table on stdout).")
+    ] = None,
+    top_k: Annotated[int, typer.Option(help="Labels per classification head.")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Inputs per forward.")] = 64,
+    column: Annotated[
+        str | None, typer.Option(help="A table's input column (feature columns: a,b,c); default: path/image/text...")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Decoding worker processes (default: auto).")] = None,
+    engine: Annotated[
+        str | None, typer.Option(help="local, or ray for Ray Data (default: ray when RAY_ADDRESS is set).")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help="Ray Data actors, each loading the bundle once.")] = 2,
+    runtime: RuntimeOption = None,
+    token_file: Annotated[
+        Path | None, typer.Option(help="URL only: bearer token file (or SURGERY_SERVE_TOKEN).")
+    ] = None,
+) -> None:
+    """Predict offline from a bundle (batched, top-k per head, unreadable inputs reported per row),
+    or send inputs to a served model when TARGET is a URL."""
+    if target.startswith(("http://", "https://")):
+        from serve.client import predict_command as ask_server
+
+        typer.echo(ask_server(target, inputs, token_file=token_file))
+        return
+    from surgery.predict import PredictSettings, predict_command
+
+    settings = PredictSettings(top_k=top_k, batch_size=batch_size, workers=workers, column=column, runtime=runtime)
+    done = predict_command(Path(target), inputs, out=out, settings=settings, engine=engine, concurrency=concurrency)
+    typer.echo(done, err=out is None)
 
 
 recipes_app = typer.Typer(help="The recipe library: list, show, start from, and add sources.", no_args_is_help=True)

@@ -30,8 +30,8 @@ from serve.config import (
 )
 from serve.ingress import REPLICA_ENV, check_ingress, ingress_environment, state_folder
 from serve.tokens import TOKEN_ENV, read_token
-from surgery.bundle import read_manifest
-from surgery.errors import BundleError, SurgeryError
+from surgery.bundle import read_manifest, resolve_bundle
+from surgery.errors import SurgeryError
 from surgery.runtimes import CHOICES
 
 APP_NAME = "surgery"
@@ -46,17 +46,6 @@ LOOPBACK_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 # the token. Read by the raylet this starts (and `ray start`).
 OWN_RAY_ENV = {"RAY_enable_metrics_collection": "0", **LOOPBACK_RAY_ENV, **REPLICA_ENV}
 IMPORT_PATH = "serve.app:build_app"
-
-
-def resolve_bundle(target: Path) -> Path:
-    """A bundle folder, or a run folder's `bundle/`."""
-    target = Path(target)
-    for candidate in (target, target / "bundle"):
-        if (candidate / "manifest.json").is_file():
-            return candidate.resolve()
-    if not target.exists():
-        raise BundleError(f"{target}: no such bundle or run folder")
-    raise BundleError(f"{target}: neither a bundle nor a run folder with bundle/ (run `surgery export {target}` first)")
 
 
 def verify_bundles(bundles: list[str], formats: bool) -> None:

@@ -7,33 +7,7 @@ from typing import Any
 
 import numpy as np
 
-
-def _softmax(values: np.ndarray) -> np.ndarray:
-    shifted = np.exp(values - values.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
-def _sigmoid(values: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-values))
-
-
-def head_probabilities(head: dict[str, Any], values: np.ndarray) -> tuple[np.ndarray, list[str]] | None:
-    """(probabilities N×K, label per column) for a classification head's outputs N×…, else None."""
-    task = head.get("task")
-    if task not in ("multiclass", "binary"):
-        return None
-    values = values.astype(np.float64).reshape(values.shape[0], -1)
-    labels = list(head.get("labels") or [])
-    width = values.shape[1]
-    if task == "multiclass":
-        probs = _softmax(values)
-    elif width == 1:  # one logit: P(positive) and its complement
-        p = _sigmoid(values)
-        probs, width = np.concatenate([1 - p, p], axis=1), 2
-    else:  # independent labels
-        probs = _sigmoid(values)
-    names = labels if len(labels) == width else [str(i) for i in range(width)]
-    return probs, names
+from surgery.outputs import head_probabilities, ranked_columns
 
 
 def head_rows(head: dict[str, Any], values: np.ndarray, top_k: int) -> list[dict[str, Any]]:
@@ -43,8 +17,7 @@ def head_rows(head: dict[str, Any], values: np.ndarray, top_k: int) -> list[dict
     if classified is None:
         return [{"output": row} for row in raw]
     probs, names = classified
-    k = min(top_k, probs.shape[1])
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    order = ranked_columns(probs, top_k)
     rows = []
     for row, p_row, i_row in zip(raw, probs, order, strict=True):
         ranked = [{"label": names[i], "probability": float(p_row[i])} for i in i_row]

@@ -245,6 +245,17 @@ class _NotJSON(ValueError):
     pass
 
 
+def resolve_bundle(target: Path) -> Path:
+    """A bundle folder, or a run folder's `bundle/` (what `serve`, `evaluate` and `predict` take)."""
+    target = Path(target)
+    for candidate in (target, target / "bundle"):
+        if (candidate / MANIFEST).is_file():
+            return candidate.resolve()
+    if not target.exists():
+        raise BundleError(f"{target}: no such bundle or run folder")
+    raise BundleError(f"{target}: neither a bundle nor a run folder with bundle/ (run `surgery export {target}` first)")
+
+
 def _no_constant(name: str) -> Any:
     raise _NotJSON(f"{name} is not a JSON number")
 
@@ -364,7 +375,7 @@ def load_bundle(path: Path, *, torch_model: bool = True) -> LoadedBundle:
         raise BundleError(
             f"{path / WEIGHTS}: not a safetensors file ({err}); the bundle is damaged, export it again"
         ) from None
-    recipe = _bundled_recipe(path)
+    recipe = bundled_recipe(path)
     # The recipe as written at export (`recipe_sha256` is the hash of that dump), not as dumped
     # again now: a field added since, with its default, must not make every older bundle "damaged".
     if manifest.get("recipe_sha256") not in (None, sha256_file(path / RECIPE)):
@@ -406,7 +417,7 @@ def _with_model(path: Path, manifest: dict[str, Any], recipe: Any, spec: InputSp
 _PROBLEM_PLACE = re.compile(r":(\d+):(\d+) ([A-Za-z0-9_.\[\]]+)")
 
 
-def _bundled_recipe(path: Path) -> Any:
+def bundled_recipe(path: Path) -> Any:
     """The bundle's resolved recipe. Its problems are reported by place and field only: the
     message never quotes the file (which need not be a recipe at all)."""
     import yaml

@@ -131,3 +131,45 @@ def http_folder():
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+def surgery_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
+    """Run `surgery ARGS` as a user does (a subprocess of the console script's module)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd or root,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), **(env or {})},
+    )
+
+
+def write_digit_folder(folder: Path, count: int = 40) -> Path:
+    """A class-per-folder set of 8×8 digit PNGs (sklearn's digits): data a user evaluates on."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i in range(count):
+        target = folder / str(digits.target[i])
+        target.mkdir(parents=True, exist_ok=True)
+        pixels = (digits.images[i] * 255 / 16).round().clip(0, 255).astype("uint8")
+        Image.fromarray(pixels, "L").save(target / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`surgery build quickstart`, one short epoch, built once per session: `runs/quickstart/latest`."""
+    root = tmp_path_factory.mktemp("quickstart")
+    done = surgery_cli(
+        "build", "quickstart", "--runs", str(root / "runs"),
+        "--set", "train.epochs=1", "--set", "data.limit_train=300", "--set", "export.formats=[safetensors]",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "runs" / "quickstart" / "latest"

@@ -788,6 +788,23 @@ def test_predict_client(server, tmp_path, monkeypatch):
         predict_command(f"{server}/v1/models/nope", ["x"])
 
 
+def test_offline_predict_equals_the_served_prediction(server, bundles, tmp_path):
+    """`surgery predict BUNDLE image` and `POST /v1/models/tiny:predict` of the same file agree."""
+    from surgery.predict import PredictSettings, predict_command
+
+    image = tmp_path / "one.png"
+    image.write_bytes(_png(color=(30, 140, 90), size=(37, 29)))
+    served = _predict(server, files=[("file", ("one.png", image.read_bytes(), "image/png"))]).json()
+    (row,) = served["predictions"]
+    out = tmp_path / "offline.jsonl"
+    predict_command(bundles["tiny"], [str(image)], out=out, settings=PredictSettings(top_k=2, workers=0))
+    (offline,) = [json.loads(line) for line in out.read_text().splitlines()]
+    for rank, ranked in enumerate(row["cls"]["top_k"], 1):
+        assert offline[f"cls_label_{rank}"] == ranked["label"]
+        assert offline[f"cls_prob_{rank}"] == pytest.approx(ranked["probability"], abs=1e-5)
+    assert offline["score_prob_1"] == pytest.approx(row["score"]["top_k"][0]["probability"], abs=1e-5)
+
+
 # --------------------------------------------------------------------------- config file
 
 

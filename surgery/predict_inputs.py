@@ -1,0 +1,222 @@
+"""What `surgery predict` was given, as one list of inputs: files, folders, globs, tables (CSV/TSV,
+JSONL, Parquet with an input column) and, for text models, plain strings.
+
+Expanding never reads an image: an input that cannot be read is found when it is decoded, and
+becomes an `error` in its own row (`read_input`), so one bad file never stops the job. Only what a
+user must fix before anything runs (a table without the column, a glob that matches nothing, a
+folder given to a text model) is refused, in one line.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from surgery.data_images import IMAGE_SUFFIXES
+from surgery.errors import DataError
+from surgery.inputs import InputSpec
+
+TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".parquet"}
+IMAGE_COLUMNS = ("path", "image", "image_path", "file", "filename")
+MAX_IMAGE_PIXELS = 40_000_000  # as serving: a decompression bomb is refused before it is decoded
+
+
+@dataclass(frozen=True)
+class PredictInput:
+    """One row to predict: `name` is what the output's `input` column shows; `item` is an image
+    path, a text, or a feature vector; `error` is set when the row is known bad already."""
+
+    name: str
+    item: Any
+    error: str | None = None
+
+
+def expand_inputs(
+    arguments: list[str], spec: InputSpec, *, column: str | None = None, recipe: Any = None
+) -> list[PredictInput]:
+    """Every input of the command line, in order: folders walked (sorted), globs expanded (sorted),
+    tables read row by row. `column` names a table's input column (default: `path`/`image`/... for
+    images, the recipe's `data.text_column` or `text` for text, `data.feature_columns` for vectors)."""
+    if not arguments:
+        raise DataError("give at least one input: image files, folders, globs, or a table (.csv/.tsv/.jsonl/.parquet)")
+    found: list[PredictInput] = []
+    for argument in arguments:
+        found.extend(_expand(argument, spec, column, recipe))
+    if not found:
+        raise DataError(f"no inputs found in {', '.join(arguments)}")
+    return found
+
+
+def _expand(argument: str, spec: InputSpec, column: str | None, recipe: Any) -> list[PredictInput]:
+    path = Path(argument) if len(argument) < 4096 else None
+    if path is not None and path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
+        return read_table(path, spec, column, recipe)
+    if path is not None and path.is_dir():
+        if spec.kind != "image":
+            raise DataError(f"{argument}: a folder gives images, but the model takes {_kind(spec)}")
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
+        )
+        if not files:
+            raise DataError(f"{argument}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+        return [PredictInput(str(p), p) for p in files]
+    if spec.kind == "text":
+        if path is not None and path.is_file() and path.suffix.lower() == ".txt":
+            return [PredictInput(argument, _text_file(path))]
+        return [PredictInput(argument[:200], argument)]
+    if spec.kind == "vector":
+        raise DataError(f"{argument}: the model takes feature vectors; give a table whose columns hold them")
+    if any(c in argument for c in "*?["):
+        matches = sorted(glob.glob(argument, recursive=True))
+        files = [Path(m) for m in matches if Path(m).is_file()]
+        if not files:
+            raise DataError(f"{argument}: matches no files")
+        return [PredictInput(str(p), p) for p in files]
+    return [PredictInput(argument, Path(argument))]  # a missing file is reported in its row
+
+
+def _kind(spec: InputSpec) -> str:
+    return {"image": "images", "text": "text", "vector": "feature vectors"}[spec.kind]
+
+
+def _text_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        return f"\0unreadable: {err}"
+
+
+def table_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows and columns of a CSV/TSV (a BOM is no part of a column name), JSONL or Parquet file."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            return table.to_pylist(), list(table.column_names)
+        if suffix == ".jsonl":
+            rows: list[dict[str, Any]] = []
+            columns: list[str] = []
+            with path.open(encoding="utf-8-sig") as f:
+                for number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+                    if not isinstance(row, dict):
+                        raise DataError(f"{path}:{number}: expected a JSON object per line")
+                    rows.append(row)
+                    columns.extend(k for k in row if k not in columns)
+            return rows, columns
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            return list(reader), list(reader.fieldnames or [])
+    except DataError:
+        raise
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as err:
+        raise DataError(f"{path}: unreadable table ({type(err).__name__}: {str(err)[:200]})") from None
+
+
+def read_table(path: Path, spec: InputSpec, column: str | None, recipe: Any) -> list[PredictInput]:
+    """One input per row; image paths relative to the table's folder; a row whose cell is
+    missing or not a number is kept, with its error."""
+    rows, columns = table_rows(path)
+    data = getattr(recipe, "data", None)
+    if spec.kind == "vector":
+        wanted = column.split(",") if column else list(getattr(data, "feature_columns", None) or [])
+        if not wanted:
+            raise DataError(f"{path}: name the feature columns with --column a,b,c")
+    else:
+        default = (getattr(data, "text_column", None) or "text") if spec.kind == "text" else None
+        if column is None and default is None:
+            default = next((c for c in IMAGE_COLUMNS if c in columns), None)
+        wanted = [column or default] if (column or default) else []
+        if not wanted:
+            raise DataError(f"{path}: no image column ({', '.join(IMAGE_COLUMNS)}); name it with --column")
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        raise DataError(f"{path}: column {missing[0]!r} not found; columns are: {', '.join(columns)}")
+    found = []
+    for number, row in enumerate(rows, 1):
+        name = f"{path}:{number}"
+        cells = [row.get(c) for c in wanted]
+        if any(cell is None or cell == "" for cell in cells):
+            found.append(PredictInput(name, None, f"row {number}: empty {', '.join(wanted)}"))
+        elif spec.kind == "image":
+            found.append(PredictInput(str(cells[0]), path.parent / str(cells[0])))
+        elif spec.kind == "text":
+            found.append(PredictInput(name, str(cells[0])))
+        else:
+            found.append(_vector_row(name, cells, wanted, number))
+    return found
+
+
+def _vector_row(name: str, cells: list[Any], columns: list[str], number: int) -> PredictInput:
+    try:
+        return PredictInput(name, [float(c) for c in cells])
+    except (TypeError, ValueError):
+        bad = next(c for c, cell in zip(columns, cells, strict=True) if not _number(cell))
+        return PredictInput(name, None, f"row {number}: column {bad!r} is not a number")
+
+
+def _number(cell: Any) -> bool:
+    try:
+        float(cell)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def read_input(entry: PredictInput, spec: InputSpec, transform: Any) -> Any:
+    """The model row of one input (an image tensor, a text, a feature tensor); raises
+    `ValueError` with a one-line reason for an input that cannot be used."""
+    import torch
+
+    if entry.error:
+        raise ValueError(entry.error)
+    if spec.kind == "text":
+        text = str(entry.item)
+        if text.startswith("\0unreadable: "):
+            raise ValueError(text[1:])
+        if not text.strip():
+            raise ValueError("empty text")
+        return text
+    if spec.kind == "vector":
+        values = torch.tensor(entry.item, dtype=torch.float32)
+        if values.shape != (spec.features,) and spec.features:
+            raise ValueError(f"{values.numel()} features, the model takes {spec.features}")
+        if not torch.isfinite(values).all():
+            raise ValueError("contains NaN or infinity")
+        return values
+    return transform(open_image(Path(entry.item)))
+
+
+def open_image(path: Path) -> Any:
+    """A decoded PIL image; refuses a picture over serving's pixel limit before decoding it."""
+    from PIL import Image
+
+    if not path.exists():
+        raise ValueError("no such file")
+    if path.is_dir():
+        raise ValueError("is a folder")
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"image of {image.width}x{image.height} pixels is over the {MAX_IMAGE_PIXELS:,} limit")
+            image.load()
+            return image
+    except ValueError:
+        raise
+    except Exception as err:  # PIL raises many kinds for a bad file
+        raise ValueError(
+            f"not a readable image ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
+        ) from None
