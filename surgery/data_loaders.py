@@ -90,7 +90,7 @@ def load_data(recipe: Recipe, model: Any, placement: Rank) -> TrainingData:
     fit_input = getattr(getattr(model, "backbone", None), "fit_input", None)
     if callable(fit_input):  # a backbone that normalises its input from the training split (tabular)
         fit_input(train)
-    if placement.is_main:
+    if placement.is_main and recipe.monitor.progress != "none":  # `progress: none` asks for a quiet run
         print(data_report(data.source, train, val), file=sys.stderr)
     spec: InputSpec = model.input_spec
     augmentations = build_augmentations(data.augment, spec)

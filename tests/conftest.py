@@ -62,6 +62,17 @@ def ray_session():
             shutil.rmtree(state, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def serve_http(ray_session) -> str:
+    """Ray Serve's HTTP ingress on 127.0.0.1, started once: Serve keeps the `http_options` it was
+    first started with, so every test module that deploys apps shares this one (its base URL)."""
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    return f"http://127.0.0.1:{port}"
+
+
 TINY_BERT_WORDS = [
     "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
     "a", "the", "surgical", "example", "cat", "sat", "on", "mat", "good", "bad", "movie", "very",

@@ -179,7 +179,9 @@ def test_an_indexed_library_entry_under_a_symlinked_folder_is_refused(tmp_path: 
 def test_a_library_recipe_may_not_name_files_outside_its_library(tmp_path: Path, http_folder) -> None:
     lib = team_library(tmp_path / "www")
     index = json.loads(build_index(lib).read_text())
-    (lib / "escape.yaml").write_text("name: escape\nextends: team-base\ndata: {source: jsonl, train: ../../..}\n")
+    (lib / "escape.yaml").write_text(
+        "name: escape\nextends: team-base\ndata: {source: jsonl, train: ../../.., image_column: path}\n"
+    )
     (lib / "absolute.yaml").write_text("name: absolute\nextends: team-base\nbackbone: {weights: /etc/passwd}\n")
     with pytest.raises(SurgeryError, match="outside library"):
         build_index(lib)  # its publisher is told first
@@ -192,7 +194,9 @@ def test_a_library_recipe_may_not_name_files_outside_its_library(tmp_path: Path,
         load_recipe("escape")
     with pytest.raises(SurgeryError, match=r"backbone.weights: '/etc/passwd' is outside library"):
         load_recipe("absolute")
-    (tmp_path / "mine.yaml").write_text(f"extends: team-base\nname: mine\ndata: {{source: jsonl, train: {tmp_path}}}\n")
+    (tmp_path / "mine.yaml").write_text(
+        f"extends: team-base\nname: mine\ndata: {{source: jsonl, train: {tmp_path}, image_column: path}}\n"
+    )
     assert load_recipe("mine.yaml").data.train == str(tmp_path)  # your own file names what it likes
 
 

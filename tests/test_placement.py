@@ -472,6 +472,9 @@ def test_build_under_torchrun_makes_one_run_folder(tmp_path: Path) -> None:
 def test_a_worker_error_is_one_line_from_the_launcher(tmp_path: Path) -> None:
     from surgery.build import build_command
 
-    path = write(tmp_path, vit_text(train="  precision: fp16", placement=DDP))
-    with pytest.raises(SurgeryError, match=r"^ddp worker \d failed: SurgeryError: train.precision fp16 needs a CUDA"):
+    # data is read by the workers: a folder that is not there fails each of them (settings the
+    # command can check, such as fp16 on a CPU, are refused before any worker starts)
+    text = vit_text(placement=DDP).replace("source: synthetic,", f"source: image_folder, train: {tmp_path / 'none'},")
+    path = write(tmp_path, text)
+    with pytest.raises(SurgeryError, match=r"^ddp worker \d failed: DataError: .*none"):
         build_command(path, (), runs_root=tmp_path / "runs")

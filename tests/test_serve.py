@@ -85,13 +85,11 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, bundles, free_port) -> str:
+def server(serve_http, bundles) -> str:
     from ray import serve
 
     from serve.app import build_app
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
     # one replica: its stats see every batch; a lone request may use both cores
     common = {"num_cpus": 0.5, "threads": 1, "solo_threads": 2, "replicas": 1, "time_solo_threads": False}
     serve.run(build_app({"bundles": [str(bundles["tiny"])], **common}), name="surgery", route_prefix="/")
@@ -100,7 +98,7 @@ def server(ray_session, bundles, free_port) -> str:
         "token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest(),
     }
     serve.run(build_app({**secure, **common}), name="secure", route_prefix="/secure")
-    yield f"http://127.0.0.1:{port}"
+    yield serve_http
     serve.delete("secure")
     serve.delete("surgery")
 

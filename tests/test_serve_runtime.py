@@ -78,13 +78,11 @@ def bundles(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, bundles, free_port):
+def server(serve_http, bundles):
     from ray import serve
 
     from serve.app import build_app
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
     common = {
         "bundles": [str(bundles["tiny"]), str(bundles["tinytext"])],
         "num_cpus": 0.5,
@@ -94,8 +92,7 @@ def server(ray_session, bundles, free_port):
     }
     serve.run(build_app({**common, "runtime": "torch"}), name="torch", route_prefix="/torch")
     serve.run(build_app({**common, "runtime": "onnxruntime"}), name="ort", route_prefix="/ort")
-    base = f"http://127.0.0.1:{port}"
-    yield {"torch": f"{base}/torch", "ort": f"{base}/ort"}
+    yield {"torch": f"{serve_http}/torch", "ort": f"{serve_http}/ort"}
     serve.delete("ort")
     serve.delete("torch")
 
