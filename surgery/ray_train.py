@@ -9,6 +9,7 @@ registers are the run's own (never copied), and a restarted worker group continu
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,6 +18,7 @@ from surgery.cluster import start_ray
 from surgery.devices import resolve_device_kind
 from surgery.errors import SurgeryError
 from surgery.launchers import Fit
+from surgery.quiet import RAY_LOG, ray_worker_output
 from surgery.schema import Recipe
 from surgery.strategies import RayTrainWorker
 
@@ -73,10 +75,15 @@ def _ray_worker(config: dict[str, Any]) -> None:
     """One Ray Train rank: the training function with a placement Ray set up and a reporter to
     Ray. Restarted after a worker failure, it continues from the last checkpoint (Ray's reported
     one, or a newer step checkpoint in the run folder)."""
+    import logging
+
     import ray.train
 
     from surgery.runs import has_checkpoint
 
+    # Ray Train logs each report at INFO through a logger named by its file, which the
+    # LoggingConfig below does not reach: keep the workers' root logger to warnings.
+    logging.getLogger().setLevel(logging.WARNING)
     run_dir = Path(config["run_dir"])
     restarted = ray.train.get_checkpoint() is not None or has_checkpoint(run_dir)
     config["function"](
@@ -116,10 +123,13 @@ def train_on_ray(
 
     placement = recipe.placement
     use_gpu = resolve_device_kind(placement.device) == "cuda"
+    # Ray Train's print patch sends each print to a logger that prints it again: rank 0's lines twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     started = start_ray(worker_logs=True)
     try:
         _check_ray_resources(placement.workers, use_gpu)
         run_dir = Path(run_dir).resolve()
+        _forget_ray_snapshot(run_dir)
         trainer = TorchTrainer(
             _ray_worker,
             train_loop_config={
@@ -137,15 +147,29 @@ def train_on_ray(
                 name=run_dir.name,
                 failure_config=ray.train.FailureConfig(max_failures=placement.max_failures),
                 callbacks=list(callbacks) or None,
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # not each report, twice over
             ),
         )
         try:
-            return trainer.fit()
+            with ray_worker_output(run_dir / RAY_LOG, show="RayTrainWorker"):
+                return trainer.fit()
         except ray.train.TrainingFailedError as exc:
             raise SurgeryError(f"Ray Train failed: {_ray_error_line(exc)}") from None
     finally:
         if started:
             ray.shutdown()
+
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints reported to it
+
+
+def _forget_ray_snapshot(run_dir: Path) -> None:
+    """Start Ray's record of reported checkpoints afresh for each launch. Our checkpoints (their
+    index and `keep_best` rotation) are the run's record, and every launch resumes from them
+    (`_ray_worker`); Ray's snapshot still lists checkpoints the rotation has since removed, and
+    Ray refuses to start a run whose snapshot names a missing folder. Within one launch Ray
+    restarts failed workers from its memory, never from this file."""
+    (run_dir / RAY_SNAPSHOT).unlink(missing_ok=True)
 
 
 def _check_ray_resources(workers: int, use_gpu: bool) -> None:

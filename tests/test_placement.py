@@ -387,6 +387,44 @@ def test_ray_train_worker_killed_restarts_from_the_last_checkpoint(ray_session, 
 
 
 @pytest.mark.slow
+def test_ray_train_run_failed_after_rotation_resumes(ray_session, tmp_path: Path) -> None:
+    """`keep_best: 0` keeps only the last checkpoint, so the rotation removes checkpoints Ray was
+    given and its run snapshot still lists; `build --resume` after a failure continues anyway."""
+    from surgery.build import build_command
+    from surgery.checkpoint import find_last
+
+    path = _quickstart(tmp_path, "{strategy: ddp, workers: 2, engine: ray}", epochs=8)
+    sets = ["train.checkpoint.keep_best=0"]
+    outcome: dict[str, str] = {}
+
+    def first() -> None:
+        try:
+            build_command(path, sets, runs_root=tmp_path / "runs", run_id="r")
+        except SurgeryError as exc:
+            outcome["error"] = str(exc)
+
+    thread = threading.Thread(target=first, daemon=True)
+    thread.start()
+    run = tmp_path / "runs" / "quickstart" / "r"
+    first_epoch, snapshot = run / "checkpoints" / "step-00000004", run / "checkpoint_manager_snapshot.json"
+
+    def ray_lists_a_rotated_checkpoint() -> bool:  # Ray's controller takes reports every few seconds
+        listed = snapshot.is_file() and first_epoch.name in snapshot.read_text()
+        return listed and not first_epoch.exists()
+
+    while not ray_lists_a_rotated_checkpoint() and thread.is_alive():
+        time.sleep(0.02)
+    os.kill(_ray_workers("ALIVE")[-1]["Pid"], signal.SIGKILL)  # no max_failures: the run fails
+    thread.join(timeout=600)
+    assert "error" in outcome and "\n" not in outcome["error"]
+    assert int(find_last(run).name[5:]) < 32, "the run finished before it could be killed"
+    build_command(path, sets, resume=True, runs_root=tmp_path / "runs", run_id="r")
+    assert find_last(run).name == "step-00000032"  # 8 epochs of 4 steps
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and max(steps) == 32
+
+
+@pytest.mark.slow
 def test_ray_train_on_two_nodes_one_worker_each(tmp_path: Path) -> None:
     """A simulated two-node cluster (one CPU each) needs its own Ray: it runs in a subprocess so
     it never meets the session's Ray."""
