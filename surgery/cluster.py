@@ -9,6 +9,7 @@ and no training code: `serve/` starts its Ray here too.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,13 @@ def local_rank() -> int:
 def ray_address() -> str | None:
     """The Ray cluster named by RAY_ADDRESS, if any."""
     return os.environ.get("RAY_ADDRESS") or None
+
+
+def ray_is_connected() -> bool:
+    """Whether this process is already connected to Ray (a Tune trial, a test's Ray), without
+    importing Ray when nothing has."""
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
 
 
 def ray_token_available() -> bool:

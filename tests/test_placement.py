@@ -146,6 +146,19 @@ def test_engine_ray_without_ray_train_installed(tmp_path: Path, monkeypatch: pyt
     assert not (tmp_path / "runs").exists()
 
 
+def test_ray_workers_beyond_the_machine_fail_before_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from surgery.build import build_command
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    path = write(tmp_path, vit_text(placement="{strategy: ddp, workers: 64, engine: ray}"))
+    started = time.monotonic()
+    with pytest.raises(SurgeryError, match=r"placement.workers is 64 but (this machine|the Ray cluster)") as info:
+        build_command(path, (), runs_root=tmp_path / "runs")
+    assert "\n" not in str(info.value) and "--set placement.workers=" in str(info.value)
+    assert not (tmp_path / "runs").exists()
+    assert time.monotonic() - started < 10  # no local Ray started to find out
+
+
 def test_torchrun_world_must_match_the_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from surgery.build import build_command
 
