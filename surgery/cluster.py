@@ -88,7 +88,12 @@ def use_ray_token() -> None:
     if "RAY_AUTH_MODE" in os.environ or not ray_token_available():
         return
     os.environ["RAY_AUTH_MODE"] = "token"  # inherited by the processes this one starts, too
-    try:  # Ray reads its config once per process: have it read RAY_AUTH_MODE again (as `ray start` does)
+    _reload_ray_config()
+
+
+def _reload_ray_config() -> None:
+    """Ray reads its config once per process: have it read RAY_AUTH_MODE again (as `ray start` does)."""
+    try:
         from ray._raylet import Config
 
         Config.initialize("")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 RAY_LOG = "ray.log"  # <run>/ray.log: Ray's output for a Ray Train run
@@ -47,10 +47,12 @@ def ray_worker_output(log: Path, *, show: str) -> Iterator[None]:
     """While a Ray job runs from this driver: every line its workers print is appended to `log`
     (with the actor and pid Ray prefixes), and the lines of the actors named `show` (the training
     workers, whose rank 0 prints the progress) also reach the terminal, once and as printed. Ray's
-    own actors (the Train controller, the placement-group cleaner) stay in the log.
+    own actors (the Train controller, the placement-group cleaner) stay in the log, and so does
+    whatever they print after the run, until Ray disconnects.
 
-    Needs the driver connected with `log_to_driver=True`; Ray's private stream dispatcher is
-    where its own printing hooks in, so without it this changes nothing."""
+    Needs the driver connected with `log_to_driver=True`. The handler takes the place (and name)
+    of Ray's own printing hook in its private stream dispatcher, so `ray.shutdown()` removes it as
+    it would Ray's; without that dispatcher this changes nothing."""
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
@@ -58,25 +60,28 @@ def ray_worker_output(log: Path, *, show: str) -> Iterator[None]:
         return
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
-    ours = "surgery_worker_output"
-    with open(log, "a", encoding="utf-8", errors="replace") as file:
+    hook = "ray_print_logs"  # Ray's name for it: removed by `ray.shutdown()`
 
+    def handler(terminal: bool) -> Callable[[dict], None]:
         def handle(data: dict) -> None:
             name = data.get("actor_name") or data.get("task_name") or ""
             lines = [str(line) for line in data.get("lines", [])]
-            file.write("".join(f"({name} pid={data.get('pid')}) {line}\n" for line in lines))
-            file.flush()
-            if name == show and lines:
+            with open(log, "a", encoding="utf-8", errors="replace") as file:
+                file.write("".join(f"({name} pid={data.get('pid')}) {line}\n" for line in lines))
+            if terminal and name == show and lines:
                 sink = sys.stderr if data.get("is_err") else sys.stdout
                 sink.write("".join(f"{line}\n" for line in lines))
                 sink.flush()
 
+        return handle
+
+    def install(handle: Callable[[dict], None]) -> None:
         with dispatcher._lock:
-            saved = list(dispatcher.handlers)
-            dispatcher.handlers = [pair for pair in saved if pair[0] != "ray_print_logs"] + [(ours, handle)]
-        try:
-            yield
-        finally:
-            with dispatcher._lock:
-                dispatcher.handlers = [pair for pair in dispatcher.handlers if pair[0] != ours]
-                dispatcher.handlers += [pair for pair in saved if pair[0] == "ray_print_logs"]
+            if any(name == hook for name, _ in dispatcher.handlers):  # only where Ray prints workers' output
+                dispatcher.handlers = [pair for pair in dispatcher.handlers if pair[0] != hook] + [(hook, handle)]
+
+    install(handler(terminal=True))
+    try:
+        yield
+    finally:
+        install(handler(terminal=False))
