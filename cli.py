@@ -390,7 +390,10 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)  # returns the exit code of a `typer.Exit`
     except SurgeryError as err:
-        typer.echo(f"error: {err}" if "\n" not in str(err) else str(err), err=True)
+        from surgery.cluster import report_rank_error
+
+        if report_rank_error(str(err)):  # under torchrun: rank 0's alone
+            typer.echo(f"error: {err}" if "\n" not in str(err) else str(err), err=True)
         sys.exit(err.exit_code)
     except typer.Exit as done:
         sys.exit(done.exit_code)

@@ -8,6 +8,7 @@ and no training code: `serve/` starts its Ray here too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -47,6 +48,21 @@ class TorchrunRank:
             local_rank=local_rank(),
             local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))),
         )
+
+
+def report_rank_error(message: str) -> bool:
+    """A one-line error of this process: under `torchrun`, record it where torchrun's failure
+    summary reads it (TORCHELASTIC_ERROR_FILE) and say whether this rank prints it too: rank 0
+    alone, so every rank finding the same problem does not print it once each. Elsewhere: print."""
+    if not under_torchrun():
+        return True
+    if path := os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        import json
+        import time
+
+        with contextlib.suppress(OSError):
+            Path(path).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+    return os.environ.get("RANK") == "0"
 
 
 def local_rank() -> int:

@@ -8,9 +8,10 @@ the descriptors themselves are redirected, not just Python's streams."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 RAY_LOG = "ray.log"  # <run>/ray.log: Ray's output for a Ray Train run
@@ -85,3 +86,28 @@ def ray_worker_output(log: Path, *, show: str) -> Iterator[None]:
         yield
     finally:
         install(handler(terminal=False))
+
+
+@contextlib.contextmanager
+def loggers_to(log: Path, names: Sequence[str]) -> Iterator[Path]:
+    """For the duration, the Python loggers `names` (and their children) write to `log` instead
+    of the terminal: torch elastic's agent and torch.multiprocessing report a failed worker in
+    warnings and a traceback, before the launcher's own one-line error says the same."""
+    log = Path(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log, encoding="utf-8", delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = []
+    for name in names:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.handlers[:], logger.propagate, logger.level))
+        logger.handlers = [handler]
+        logger.propagate = False
+        logger.setLevel(logging.WARNING)
+    try:
+        yield log
+    finally:
+        for logger, handlers, propagate, level in saved:
+            logger.handlers, logger.propagate = handlers, propagate
+            logger.setLevel(level)
+        handler.close()

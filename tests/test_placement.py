@@ -5,8 +5,10 @@ are one-line errors before any folder or process exists."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -332,6 +334,51 @@ def test_ddp_killed_mid_epoch_resumes_to_the_uninterrupted_result(ddp_run: Path,
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)
+
+
+@pytest.mark.slow
+def test_a_killed_ddp_worker_is_one_line_and_elastics_report_goes_to_the_run(tmp_path: Path) -> None:
+    import psutil
+
+    path = write(tmp_path, vit_text(batch=4, samples=64, epochs=50, placement=DDP))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [str(Path(sys.executable).parent / "surgery"), "build", str(path), "--runs", str(tmp_path / "runs")]
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        checkpoints = tmp_path / "runs" / "vit" / "latest" / "checkpoints"
+        workers: list[psutil.Process] = []
+        while process.poll() is None and not (len(workers) == 2 and checkpoints.is_dir()):
+            time.sleep(0.1)
+            with contextlib.suppress(psutil.Error):
+                children = psutil.Process(process.pid).children(recursive=True)
+                workers = [c for c in children if "multiprocessing" in " ".join(c.cmdline())]
+        workers[-1].kill()  # a worker dies (the OOM killer, a kill -9)
+        _, err = process.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    said = err.decode()
+    assert process.returncode == 2, said[-3000:]
+    assert re.fullmatch(r"error: ddp worker \d failed: Signal 9 \(SIGKILL\) received by PID \d+", said.strip()), said
+    assert "SIGKILL" in (tmp_path / "runs" / "vit" / "latest" / "elastic.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_torchrun_world_mismatch_is_printed_once(tmp_path: Path) -> None:
+    torchrun = Path(sys.executable).parent / "torchrun"
+    surgery = Path(sys.executable).parent / "surgery"
+    command = [str(torchrun), "--nproc-per-node", "2", str(surgery), "build", "quickstart-ddp", "--runs", "runs"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [*command, "--set", "placement.workers=1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode != 0
+    line = "torchrun started 2 processes but placement.workers is 1; use `--set placement.workers=2`"
+    assert done.stderr.count(f"error: {line}") == 1, done.stderr  # rank 0's, not once per rank
+    assert f"traceback : {line}" in done.stderr  # torchrun's own failure summary names it too
+    assert not (tmp_path / "runs").exists()
 
 
 # --------------------------------------------------------------------------- ddp on Ray Train
