@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,35 +232,38 @@ class Ran:
 
 
 class Serving:
-    """A `surgery serve` running in the background until Ctrl-C."""
+    """A `surgery serve` running in the background until Ctrl-C; what it prints goes to files (a
+    pipe nobody reads while the block goes on would fill up and stall it)."""
 
     def __init__(self, command: str, ws: Workspace) -> None:
         self.command = command
-        self.process = subprocess.Popen(
-            ["bash", "-c", f"exec {command}"],
-            cwd=ws.folder,
-            env=ws.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        said = []
-        for line in self.process.stdout:  # it says so once every model is deployed
-            said.append(line)
-            if "press Ctrl-C to stop" in line:
-                return
-        self.stop()
-        raise AssertionError(f"`{command}` stopped before serving:\n{''.join(said)}\n{self.stderr[-3000:]}")
+        self.out, self.err = ws.folder / "serve.out", ws.folder / "serve.err"
+        with self.out.open("w") as out, self.err.open("w") as err:
+            self.process = subprocess.Popen(
+                ["bash", "-c", f"exec {command}"],
+                cwd=ws.folder,
+                env=ws.env,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 600
+        while "press Ctrl-C to stop" not in self.out.read_text():  # once every model is deployed
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(
+                    f"`{command}` did not serve:\n{self.out.read_text()}\n{self.err.read_text()[-3000:]}"
+                )
+            time.sleep(0.5)
 
     def stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGINT)  # Ctrl-C
         try:
-            _, self.stderr = self.process.communicate(timeout=120)
+            self.process.wait(timeout=120)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
-            _, self.stderr = self.process.communicate(timeout=60)
+            self.process.wait(timeout=60)
 
 
 def run_block(name: str, ws: Workspace, *, check: bool = True) -> list[Ran]:
@@ -271,7 +275,8 @@ def run_block(name: str, ws: Workspace, *, check: bool = True) -> list[Ran]:
     try:
         for written in _block(name).commands:
             command = written.replace("8000", str(ws.port))
-            if re.match(r"surgery serve\b", command) and not re.search(r"--detach|--config-out", command):
+            bare = _without_comment(command)
+            if re.match(r"surgery serve\b", bare) and not re.search(r"--detach|--config-out", bare):
                 servers.append(Serving(command, ws))
                 continue
             done = subprocess.run(
@@ -325,6 +330,12 @@ def test_ddp_torchrun_and_the_pipeline_on_a_cpu(ws: Workspace) -> None:
     assert len([p for p in (ws.folder / "runs" / "quickstart-ddp").iterdir() if not p.is_symlink()]) == 2
 
 
+def _built_quickstart(ws: Workspace) -> None:
+    """What the README's export block leaves (run here when a flow runs on its own, `-k`)."""
+    if not (ws.folder / "runs" / "quickstart" / "latest" / "bundle").is_dir():
+        run_block("surgery build quickstart", ws)
+
+
 @pytest.mark.slow
 def test_build_and_export_every_format(ws: Workspace) -> None:
     run_block("surgery build quickstart", ws)
@@ -350,6 +361,7 @@ def test_export_for_one_batch_size(ws: Workspace) -> None:
 
 @pytest.mark.slow
 def test_serve_and_predict(ws: Workspace) -> None:
+    _built_quickstart(ws)
     ran = run_block("surgery serve runs/quickstart/latest --port 8000", ws)
     predicted = _by(ran, "surgery predict")
     assert re.search(r"^  digit: 3 \d", predicted.stdout, flags=re.M), predicted.stdout  # top-1 is a 3
@@ -377,8 +389,7 @@ def test_a_recipe_from_the_library_validates_plans_and_builds(ws: Workspace) -> 
 
 @pytest.mark.slow
 def test_keys_pack_sign_trust_pull_serve(ws: Workspace) -> None:
-    if not (ws.folder / "runs" / "quickstart" / "latest").is_dir():
-        run_block("surgery build quickstart", ws)
+    _built_quickstart(ws)
     ran = run_block("surgery keys new alice", ws, check=False)
     failed = next((r for r in ran if r.returncode != 0), None)
     if failed and failed.command.startswith("surgery pull") and "bundle/recipe.yaml is missing" in failed.stderr:
