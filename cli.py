@@ -211,7 +211,8 @@ def serve(
     token_file: Annotated[
         Path | None,
         typer.Option(
-            help="File holding a bearer token required on every route but /healthz (or set SURGERY_SERVE_TOKEN)."
+            help="File holding a bearer token required on every route but the liveness and readiness probes "
+            "(/healthz, /v2/health/*); or set SURGERY_SERVE_TOKEN."
         ),
     ] = None,
     detach: Annotated[bool, typer.Option("--detach", help="Deploy and return, leaving the server running.")] = False,
@@ -446,7 +447,10 @@ def pack(
 @app.command()
 def pull(
     source: Annotated[str, typer.Argument(help="A packed archive: file path or URL.", show_default=False)],
-    out: Annotated[Path | None, typer.Option(help="Folder to unpack into (default: ./<model name>).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder to unpack into (default: the archive's name without .tar/.tar.gz, here)."),
+    ] = None,
     allow_unsigned: Annotated[
         bool, typer.Option("--allow-unsigned", help="Accept an unsigned archive from a URL.")
     ] = False,
@@ -480,7 +484,10 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)  # returns the exit code of a `typer.Exit`
     except SurgeryError as err:
-        typer.echo(f"error: {err}" if "\n" not in str(err) else str(err), err=True)
+        from surgery.cluster import report_rank_error
+
+        if report_rank_error(str(err)):  # under torchrun: rank 0's alone
+            typer.echo(f"error: {err}" if "\n" not in str(err) else str(err), err=True)
         sys.exit(err.exit_code)
     except typer.Exit as done:
         sys.exit(done.exit_code)

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 RECIPE = """
 name: bench-ddp
-backbone: {{source: timm, name: resnet10t}}
+backbone: {{source: timm, name: resnet10t, pretrained: false}}
 input: {{size: [{size}, {size}]}}
 heads: [{{name: cls, layers: [{{linear: {{out_features: 10}}}}], loss: cross_entropy, metrics: [accuracy]}}]
 data: {{source: synthetic, batch_size: {batch}, synthetic: {{num_samples: {samples}, num_classes: 10}}}}

@@ -303,7 +303,10 @@ def _announce(bundles: list[str], host: str, port: int, detach: bool) -> None:
         print(f"serving {name}: POST {base}/v1/models/{name}:predict")
     print(f"docs: {base}/docs")
     if detach:
-        print("running in the background; stop it with `serve shutdown -y` (the app) or `ray stop` (Ray itself)")
+        print(
+            "running in the background; stop it with `RAY_AUTH_MODE=token serve shutdown -y` (the app; Ray's CLI "
+            "needs the token mode said) or `ray stop` (Ray itself)"
+        )
     else:
         print("press Ctrl-C to stop")
     sys.stdout.flush()

@@ -23,6 +23,8 @@ def build_command(
     run_id: str | None = None,
 ) -> Path:
     """`surgery build`: load the recipe, make (or find) the run folder, train, export the bundle.
+    `recipe_path` may also be a run folder, with `resume`: that run continues from its own
+    `recipe.lock.yaml` (with `overrides` on top), wherever it lies.
 
     Training runs where `placement` says: in this process (one device, a pipeline, or one rank
     under `torchrun`), in `workers` local ddp processes, or on Ray Train; the run folder is made
@@ -32,10 +34,25 @@ def build_command(
     from surgery.model import check_fits_in_memory
     from surgery.placement import launcher_for
     from surgery.recipe import load_recipe
-    from surgery.runs import discard_unstarted, hold_run, latest_target, link_latest, run_folder
+    from surgery.runs import LOCK_FILE, discard_unstarted, hold_run, latest_target, link_latest, run_folder
     from surgery.train import fit
 
+    given = _run_folder(recipe_path)
+    if given is not None:  # `surgery build --resume runs/<name>/<run-id>`: that run, from its own lock
+        if not resume:
+            raise SurgeryError(
+                f"{recipe_path} is a run folder: `surgery build {recipe_path} --resume` continues it, "
+                f"`surgery build {given / LOCK_FILE}` starts a new run of its recipe"
+            )
+        if run_id is not None and run_id != given.name:
+            raise SurgeryError(f"--run-id {run_id} names another run than {recipe_path} ({given.name})")
+        recipe_path, runs_root, run_id = given / LOCK_FILE, given.parent.parent, given.name
     recipe = load_recipe(recipe_path, overrides)
+    if given is not None and recipe.name != given.parent.name:
+        raise SurgeryError(
+            f"{recipe_path}: the run folder's recipe is named {recipe.name!r}, not {given.parent.name!r} "
+            "(its parent folder); resume it with `--runs` and `--run-id` instead"
+        )
     if recipe.data is None:
         raise SurgeryError(f"{recipe_path}: the recipe has no `data:` section; `surgery build` needs training data")
     launcher = launcher_for(recipe)  # a placement this machine cannot carry out fails before any folder or process
@@ -103,3 +120,12 @@ def check_training_settings(recipe: Recipe, *, resume: bool) -> None:
         decision = features.decide(model, recipe, epoch=0, applied_through=-1, num_samples=0)
         if not decision.cache:
             raise features.explain_refusal(decision)
+
+
+def _run_folder(reference: str | Path) -> Path | None:
+    """The run folder `reference` names (a folder holding a `recipe.lock.yaml`, `latest`
+    followed), or None for a recipe reference."""
+    from surgery.runs import LOCK_FILE
+
+    path = Path(reference)
+    return path.resolve() if path.is_dir() and (path / LOCK_FILE).is_file() else None

@@ -20,12 +20,15 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from surgery.errors import SurgeryError
+from surgery.quiet import ELASTIC_LOG, loggers_to
 from surgery.ranks import Placement
 from surgery.report import Reporter
 from surgery.schema import Recipe
 from surgery.strategies import DistributedDataParallel
 
 T = TypeVar("T")
+
+ELASTIC_LOGGERS = ("torch.distributed.elastic", "torch.multiprocessing")  # the agent's and spawn's reports
 
 
 class Fit(Protocol):
@@ -78,13 +81,11 @@ class LocalProcesses:
         return make()
 
     def launch(self, function: Fit, recipe: Recipe, run_dir: Path, *, resume: bool, force: bool) -> None:
-        import logging
         import uuid
 
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
         from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-        logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
         config = LaunchConfig(
             min_nodes=1,
             max_nodes=1,
@@ -98,7 +99,8 @@ class LocalProcesses:
             local_addr="127.0.0.1",
         )
         try:
-            elastic_launch(config, _local_worker)(function, recipe, str(run_dir), resume, force)
+            with loggers_to(Path(run_dir) / ELASTIC_LOG, ELASTIC_LOGGERS):  # the launcher's one line says it
+                elastic_launch(config, _local_worker)(function, recipe, str(run_dir), resume, force)
         except ChildFailedError as exc:
             raise SurgeryError(_first_failure(exc)) from None
 

@@ -24,7 +24,7 @@ from surgery.devices import resolve_device, resolve_device_kind
 from surgery.errors import SurgeryError
 from surgery.launchers import InProcess, LocalProcesses
 from surgery.pipeline import MicroBatches, PipelineStages, check_forward_order, stage_assignment, stage_of
-from surgery.ray_train import RayTrain, check_ray_train
+from surgery.ray_train import RayTrain, check_local_ray, check_ray_train
 from surgery.schema import Recipe
 from surgery.strategies import DistributedDataParallel, RayTrainWorker, SingleDevice
 
@@ -145,6 +145,7 @@ def launcher_for(recipe: Recipe) -> InProcess | LocalProcesses | RayTrain:
         return InProcess(placement_for(recipe))
     if uses_ray(recipe):
         check_ray_train(recipe)
+        check_local_ray(recipe)  # a cluster named by RAY_ADDRESS is asked when the launcher connects
         return RayTrain(recipe)
     _check_ddp_local(recipe)
     return LocalProcesses(recipe)

@@ -64,6 +64,13 @@ def field_location(path: str | Path, overrides: Sequence[str], field: Sequence[s
     return locate(pos, tuple(field))
 
 
+def unvalidated_data(path: str | Path, overrides: Sequence[str]) -> dict[str, Any]:
+    """A recipe's data, extends and `--set` applied but not validated: what a check that goes on
+    after the schema refused part of a recipe reads (`surgery tune` checking the rest of its space)."""
+    data, _pos = _load_reference(path, overrides, validate=False)
+    return data
+
+
 def _load_reference(path: str | Path, overrides: Sequence[str], *, validate: bool) -> Any:
     given = str(path)
     try:
@@ -109,4 +116,5 @@ __all__ = [
     "recipe_diff",
     "recipe_hash",
     "recipe_to_dict",
+    "unvalidated_data",
 ]

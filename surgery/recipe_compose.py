@@ -113,18 +113,26 @@ def _extends_targets(value: Any, pos: Pos) -> list[tuple[str, Location]]:
     return targets
 
 
-def _merge(base: Any, base_pos: Pos, over: Any, over_pos: Pos) -> tuple[Any, Pos]:
-    """Deep merge: mappings merge key by key; anything else in `over` replaces `base`."""
-    if not (isinstance(base, dict) and isinstance(over, dict)):
+def _merge(base: Any, base_pos: Pos, over: Any, over_pos: Pos, path: tuple[str, ...] = ()) -> tuple[Any, Pos]:
+    """Deep merge: mappings merge key by key; anything else in `over` replaces `base`. A search
+    domain (`tune.space[<path>]`) is one value, not a mapping of settings: re-searching a path
+    replaces the base's domain (merged, `{loguniform: ..., choice: ...}` would be two domains)."""
+    if not (isinstance(base, dict) and isinstance(over, dict)) or _is_domain(path):
         return over, over_pos
     data = dict(base)
     children = dict(base_pos.children)
     for key, value in over.items():
         if key in base:
-            data[key], children[key] = _merge(base[key], base_pos.children[key], value, over_pos.children[key])
+            data[key], children[key] = _merge(
+                base[key], base_pos.children[key], value, over_pos.children[key], (*path, str(key))
+            )
         else:
             data[key], children[key] = value, over_pos.children[key]
     return data, Pos(over_pos.here, over_pos.key, children)
+
+
+def _is_domain(path: tuple[str, ...]) -> bool:
+    return len(path) == 3 and path[:2] == ("tune", "space")
 
 
 # --------------------------------------------------------------------------- --set overrides

@@ -21,10 +21,13 @@ end); the space is `surgery.tune_space`, a trial `surgery.tune_trial`, what a se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -46,11 +49,11 @@ from surgery.tune_space import (
     TuneError,
     _ray_train_launcher,
     check_space,
+    load_search,
     metric_mode,
     num_samples,
     scheduler_name,
     set_override,
-    trial_refusal,
     trial_resources,
 )
 from surgery.tune_trial import TrialRecord, TuneReport, run_trial
@@ -166,26 +169,6 @@ def concurrency(recipe: Recipe, resources: Mapping[str, float]) -> int:
     return int(max(1, min(fit, limit)))
 
 
-def _check_runnable(recipe: Recipe) -> None:
-    """What this machine or package set cannot carry out, refused before anything starts."""
-    import importlib.util
-
-    assert recipe.tune is not None
-    if reason := trial_refusal(recipe):
-        raise TuneError(reason)
-    if recipe.placement.strategy == "ddp" and "resources" in recipe.tune.model_fields_set:
-        raise TuneError(
-            "tune.resources: a ddp trial holds its Ray Train workers (one CPU each, one GPU each on CUDA); "
-            "set placement.workers instead"
-        )
-    needs = {"bohb": ("hpbandster", "ConfigSpace"), "optuna": ("optuna",)}.get(recipe.tune.search, ())
-    missing = [m for m in needs if importlib.util.find_spec(m) is None]
-    if missing:
-        raise TuneError(f"tune.search {recipe.tune.search!r} needs {', '.join(missing)}: pip install 'surgery[tune]'")
-    if recipe.placement.device.startswith("cuda") and not trial_resources(recipe)[1]:
-        raise TuneError("placement.device asks for CUDA but tune.resources.gpus is 0: give each trial a GPU share")
-
-
 def _search_folders(recipe_dir: Path) -> list[Path]:
     return sorted(p for p in recipe_dir.glob(f"{SEARCH_PREFIX}*") if (p / SEARCH_FILE).is_file())
 
@@ -231,6 +214,39 @@ def _check_same_recipe(folder: Path, recipe: Recipe) -> None:
     )
 
 
+@contextlib.contextmanager
+def _interruptible_start(recipe_path: str, folder: Callable[[], Path | None]) -> Iterator[None]:
+    """Ctrl-C while Ray starts and the search is set up stops the command with one line. Ray's
+    start-up can swallow the KeyboardInterrupt a SIGINT raises (the search then ran to its end), so
+    the signal is also remembered and acted on once start-up returns. Ray Tune installs its own
+    handler for the search itself (a graceful stop that `--resume` continues)."""
+    interrupted: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, handler) if main else None
+    try:
+        yield
+    except BaseException as exc:  # Ray's processes got the terminal's Ctrl-C too, and may fail otherwise
+        if not interrupted and not isinstance(exc, KeyboardInterrupt):
+            raise
+        interrupted.append(signal.SIGINT)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        made = folder()
+        again = (
+            f"; `surgery tune {recipe_path} --resume --search-id {made.name}` starts it again"
+            if made is not None and (made / SEARCH_FILE).is_file()
+            else ""
+        )
+        raise TuneInterrupted(f"search interrupted while Ray was starting: no trial ran{again}")
+
+
 def _start_ray() -> bool:
     """Connect to Ray (`surgery.cluster.start_ray`, the trials' output kept out of the driver's:
     theirs would interleave); True when this process connected, so it shuts Ray down."""
@@ -254,52 +270,55 @@ def tune_command(
     """`surgery tune`: check the space, run (or resume) the search on Ray Tune, then write the
     results table, results.jsonl and the tuned recipe, and export the best trial's bundle.
     Returns the search folder."""
+    from surgery.cluster import ray_is_connected
     from surgery.recipe import load_recipe
     from surgery.runs import write_lock
 
     recipe_path = str(recipe_path)
-    recipe = load_recipe(recipe_path, overrides)
-    if recipe.tune is None:
-        raise TuneError(f"{recipe_path}: the recipe has no `tune:` section; `surgery tune` needs a search space")
-    if recipe.data is None:
-        raise TuneError(f"{recipe_path}: the recipe has no `data:` section; trials need training data")
-    recipe_dir = Path(runs_root) / recipe.name
     folder = None
-    if resume:
-        folder = _resume_folder(recipe_dir, search_id)
-        started = json.loads((folder / SEARCH_FILE).read_text())
-        overrides = list(overrides) or list(started["overrides"])
-        recipe = load_recipe(recipe_path, overrides)
+    if resume:  # the search's own --set, unless new ones are given
+        folder = _resume_folder(Path(runs_root) / load_recipe(recipe_path, overrides).name, search_id)
+        overrides = list(overrides) or list(json.loads((folder / SEARCH_FILE).read_text())["overrides"])
+    recipe = load_search(recipe_path, overrides)  # every problem of the space at once, before Ray starts
+    if folder is not None:
         _check_same_recipe(folder, recipe)
+    recipe_dir = Path(runs_root) / recipe.name
     tune_cfg = recipe.tune
     assert tune_cfg is not None
-    _check_runnable(recipe)
-    check_space(recipe_path, overrides, recipe)
-    started_ray = _start_ray()
+    connects = not ray_is_connected()
     try:
-        import ray
+        with _interruptible_start(recipe_path, lambda: folder):
+            _start_ray()
+            import ray
 
-        slots = concurrency(recipe, ray.cluster_resources())  # a machine too small: refused before any folder
-        if folder is None:
-            folder = _new_search_folder(recipe_dir, search_id)
-            write_lock(recipe, folder)
-            write_json_atomic(
-                folder / SEARCH_FILE,
-                {"recipe": recipe_path, "overrides": list(overrides), "cwd": os.getcwd(), "started": datetime.now()},
+            slots = concurrency(recipe, ray.cluster_resources())  # a machine too small: refused before any folder
+            if folder is None:
+                folder = _new_search_folder(recipe_dir, search_id)
+                write_lock(recipe, folder)
+                write_json_atomic(
+                    folder / SEARCH_FILE,
+                    {
+                        "recipe": recipe_path,
+                        "overrides": list(overrides),
+                        "cwd": os.getcwd(),
+                        "started": datetime.now(),
+                    },
+                )
+            folder = folder.resolve()
+            plan = SearchPlan(
+                recipe_path=recipe_path,
+                overrides=tuple(overrides),
+                cwd=os.getcwd(),
+                folder=str(folder),
+                dimensions=tuple(Dimension.of(p, d) for p, d in tune_cfg.space.items()),
+                metric=tune_cfg.metric,
+                mode=metric_mode(tune_cfg),
             )
-        folder = folder.resolve()
-        plan = SearchPlan(
-            recipe_path=recipe_path,
-            overrides=tuple(overrides),
-            cwd=os.getcwd(),
-            folder=str(folder),
-            dimensions=tuple(Dimension.of(p, d) for p, d in tune_cfg.space.items()),
-            metric=tune_cfg.metric,
-            mode=metric_mode(tune_cfg),
-        )
         _run_search(plan, tune_cfg, recipe, folder, slots, resume=resume, echo=echo)
     finally:
-        if started_ray:
+        if connects and ray_is_connected():
+            import ray
+
             ray.shutdown()
     return _finish(plan, tune_cfg, recipe, folder, out=out, echo=echo)
 

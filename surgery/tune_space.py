@@ -25,6 +25,10 @@ class TuneError(SurgeryError):
     """A search that cannot start or resume as asked."""
 
 
+class SpaceError(TuneError, RecipeError):
+    """A search refused before Ray starts: every problem of its recipe and space, one line each."""
+
+
 def _value_text(value: Any) -> str:
     """A value as `--set` reads it (YAML, one line)."""
     return yaml.safe_dump(value, default_flow_style=True, width=1 << 20).strip().removesuffix("\n...").strip()
@@ -173,36 +177,135 @@ def num_samples(tune: Tune) -> int:
 def check_space(recipe_path: str | Path, overrides: Sequence[str], recipe: Recipe) -> None:
     """Load the recipe with every value each domain can produce, and refuse the search (before Ray
     starts) with every problem found, each at the line of the space entry that produced it."""
+    assert recipe.tune is not None
+    dimensions = [Dimension.of(path, domain) for path, domain in recipe.tune.space.items()]
+    problems = _fits_problems(recipe) + space_problems(recipe_path, overrides, dimensions)
+    if problems:
+        raise SpaceError(list(dict.fromkeys(problems)))
+
+
+def load_search(recipe_path: str | Path, overrides: Sequence[str]) -> Recipe:
+    """The recipe to search, checked as a whole before Ray starts: every problem at once, each at
+    its line — what the schema refuses (in the space and elsewhere), what each value a domain can
+    produce does to the recipe, and what this machine cannot run. When the schema refuses only
+    parts of `tune:`, the space's other entries are still checked, so one run of `surgery tune`
+    lists everything to fix."""
+    from surgery.recipe import load_recipe
+
+    try:
+        recipe = load_recipe(recipe_path, overrides)
+    except RecipeError as err:
+        raise SpaceError(err.problems + _rest_of_space(recipe_path, overrides)) from None
+    if recipe.tune is None:
+        raise TuneError(f"{recipe_path}: the recipe has no `tune:` section; `surgery tune` needs a search space")
+    if recipe.data is None:
+        raise TuneError(f"{recipe_path}: the recipe has no `data:` section; trials need training data")
+    dimensions = [Dimension.of(path, domain) for path, domain in recipe.tune.space.items()]
+    problems = runnable_problems(recipe_path, overrides, recipe)
+    problems += _fits_problems(recipe) + space_problems(recipe_path, overrides, dimensions)
+    if problems:
+        raise SpaceError(list(dict.fromkeys(problems)))
+    return recipe
+
+
+def _rest_of_space(recipe_path: str | Path, overrides: Sequence[str]) -> list[str]:
+    """Problems of the space's well-formed entries, in a recipe the schema refused: checked
+    against the recipe without its `tune:` section, when that much of it is valid."""
+    from pydantic import ValidationError
+
+    from surgery.recipe import load_recipe, unvalidated_data
+
+    untuned = [*overrides, "tune=null"]
+    try:
+        load_recipe(recipe_path, untuned)
+        tune = unvalidated_data(recipe_path, overrides).get("tune")
+    except SurgeryError:  # problems outside `tune:`, reported by the schema already
+        return []
+    space = tune.get("space") if isinstance(tune, dict) else None
+    dimensions = []
+    for path, raw in space.items() if isinstance(space, dict) else ():
+        try:
+            dimensions.append(Dimension.of(str(path), Domain.model_validate(raw)))
+        except ValidationError:
+            continue  # the schema said why
+    return space_problems(recipe_path, overrides, dimensions, base=untuned)
+
+
+def _fits_problems(recipe: Recipe) -> list[str]:
+    from surgery.model import check_fits_in_memory
+
+    try:
+        check_fits_in_memory(recipe)
+    except SurgeryError as err:
+        return [str(err)]
+    return []
+
+
+def runnable_problems(recipe_path: str | Path, overrides: Sequence[str], recipe: Recipe) -> list[str]:
+    """What this machine or package set cannot carry out, each at the line of the field to change."""
+    import importlib.util
+
+    from surgery.recipe import field_location
+
+    assert recipe.tune is not None
+
+    def at(*field: str) -> str:
+        return f"{field_location(recipe_path, overrides, field)} {'.'.join(field)}"
+
+    problems = []
+    if reason := trial_refusal(recipe):
+        problems.append(f"{at('placement', 'strategy')}: {reason}")
+    if recipe.placement.strategy == "ddp" and "resources" in recipe.tune.model_fields_set:
+        problems.append(
+            f"{at('tune', 'resources')}: a ddp trial holds its Ray Train workers (one CPU each, one GPU each on "
+            "CUDA); set placement.workers instead"
+        )
+    needs = {"bohb": ("hpbandster", "ConfigSpace"), "optuna": ("optuna",)}.get(recipe.tune.search, ())
+    if missing := [m for m in needs if importlib.util.find_spec(m) is None]:
+        problems.append(
+            f"{at('tune', 'search')}: {recipe.tune.search!r} needs {', '.join(missing)}: pip install 'surgery[tune]'"
+        )
+    if recipe.placement.device.startswith("cuda") and not trial_resources(recipe)[1]:
+        problems.append(
+            f"{at('placement', 'device')}: asks for CUDA but tune.resources.gpus is 0: give each trial a GPU share"
+        )
+    return problems
+
+
+def space_problems(
+    recipe_path: str | Path, overrides: Sequence[str], dimensions: Sequence[Dimension], *, base: Sequence[str] = ()
+) -> list[str]:
+    """Every value each dimension can produce, set into the recipe (`overrides`, then `base`) and
+    validated as `--set` would: each problem at the line of its space entry."""
     from surgery.model import check_fits_in_memory
     from surgery.recipe import field_location, load_recipe
 
-    assert recipe.tune is not None
-    check_fits_in_memory(recipe)
+    base = list(base) or list(overrides)
     problems: list[str] = []
-    for path, domain in recipe.tune.space.items():
+    for dimension in dimensions:
+        path = dimension.path
         where = field_location(recipe_path, overrides, ("tune", "space", path))
         label = f"{where} tune.space[{path!r}]"
         if path.split(".")[0].split("[")[0] == "placement":
             problems.append(f"{label}: the placement is fixed for a search (it sets what each trial holds)")
             continue
-        for value in Dimension.of(path, domain).corner_values():
+        for value in dimension.corner_values():
             override = set_override(path, value)
+            said = f"{label}: {dimension.kind} value {_value_text(value)}"
             try:
-                trial = load_recipe(recipe_path, [*overrides, override])
+                trial = load_recipe(recipe_path, [*base, override])
             except RecipeError as err:
                 for line in err.problems:
-                    detail = line.removeprefix(f"--set {override}").lstrip(" :")
-                    problems.append(f"{label}: {domain.kind} value {_value_text(value)}: {detail}")
+                    problems.append(f"{said}: {line.removeprefix(f'--set {override}').lstrip(' :')}")
                 continue
             except SurgeryError as err:
-                problems.append(f"{label}: {domain.kind} value {_value_text(value)}: {err}")
+                problems.append(f"{said}: {err}")
                 continue
             if reason := trial_refusal(trial):
-                problems.append(f"{label}: {domain.kind} value {_value_text(value)}: {reason}")
+                problems.append(f"{said}: {reason}")
                 continue
             try:
                 check_fits_in_memory(trial)  # a value that makes the model bigger than this machine
             except SurgeryError as err:
-                problems.append(f"{label}: {domain.kind} value {_value_text(value)}: {err}")
-    if problems:
-        raise RecipeError(list(dict.fromkeys(problems)))
+                problems.append(f"{said}: {err}")
+    return problems

@@ -148,6 +148,13 @@ def test_version_and_help(capsys, monkeypatch) -> None:
         assert command in out
 
 
+def test_help_says_what_the_commands_do(capsys, monkeypatch) -> None:
+    _, serve_help, _ = run(capsys, monkeypatch, "serve", "--help")
+    assert "/healthz, /v2/health/*" in " ".join(serve_help.split())  # every route the token leaves open
+    _, pull_help, _ = run(capsys, monkeypatch, "pull", "--help")
+    assert "the archive's name without .tar/.tar.gz" in " ".join(pull_help.split())
+
+
 def test_show_prints_the_resolved_recipe(capsys, monkeypatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "base.yaml").write_text(GOOD)

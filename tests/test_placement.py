@@ -5,8 +5,10 @@ are one-line errors before any folder or process exists."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -144,6 +146,19 @@ def test_engine_ray_without_ray_train_installed(tmp_path: Path, monkeypatch: pyt
     with pytest.raises(SurgeryError, match=r"Ray Train is not installed; `pip install 'ray\[train\]'`"):
         build_command(path, (), runs_root=tmp_path / "runs")
     assert not (tmp_path / "runs").exists()
+
+
+def test_ray_workers_beyond_the_machine_fail_before_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from surgery.build import build_command
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    path = write(tmp_path, vit_text(placement="{strategy: ddp, workers: 64, engine: ray}"))
+    started = time.monotonic()
+    with pytest.raises(SurgeryError, match=r"placement.workers is 64 but (this machine|the Ray cluster)") as info:
+        build_command(path, (), runs_root=tmp_path / "runs")
+    assert "\n" not in str(info.value) and "--set placement.workers=" in str(info.value)
+    assert not (tmp_path / "runs").exists()
+    assert time.monotonic() - started < 10  # no local Ray started to find out
 
 
 def test_torchrun_world_must_match_the_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -321,6 +336,51 @@ def test_ddp_killed_mid_epoch_resumes_to_the_uninterrupted_result(ddp_run: Path,
     assert steps == sorted(steps)
 
 
+@pytest.mark.slow
+def test_a_killed_ddp_worker_is_one_line_and_elastics_report_goes_to_the_run(tmp_path: Path) -> None:
+    import psutil
+
+    path = write(tmp_path, vit_text(batch=4, samples=64, epochs=50, placement=DDP))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [str(Path(sys.executable).parent / "surgery"), "build", str(path), "--runs", str(tmp_path / "runs")]
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        checkpoints = tmp_path / "runs" / "vit" / "latest" / "checkpoints"
+        workers: list[psutil.Process] = []
+        while process.poll() is None and not (len(workers) == 2 and checkpoints.is_dir()):
+            time.sleep(0.1)
+            with contextlib.suppress(psutil.Error):
+                children = psutil.Process(process.pid).children(recursive=True)
+                workers = [c for c in children if "multiprocessing" in " ".join(c.cmdline())]
+        workers[-1].kill()  # a worker dies (the OOM killer, a kill -9)
+        _, err = process.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    said = err.decode()
+    assert process.returncode == 2, said[-3000:]
+    assert re.fullmatch(r"error: ddp worker \d failed: Signal 9 \(SIGKILL\) received by PID \d+", said.strip()), said
+    assert "SIGKILL" in (tmp_path / "runs" / "vit" / "latest" / "elastic.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_torchrun_world_mismatch_is_printed_once(tmp_path: Path) -> None:
+    torchrun = Path(sys.executable).parent / "torchrun"
+    surgery = Path(sys.executable).parent / "surgery"
+    command = [str(torchrun), "--nproc-per-node", "2", str(surgery), "build", "quickstart-ddp", "--runs", "runs"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [*command, "--set", "placement.workers=1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode != 0
+    line = "torchrun started 2 processes but placement.workers is 1; use `--set placement.workers=2`"
+    assert done.stderr.count(f"error: {line}") == 1, done.stderr  # rank 0's, not once per rank
+    assert f"traceback : {line}" in done.stderr  # torchrun's own failure summary names it too
+    assert not (tmp_path / "runs").exists()
+
+
 # --------------------------------------------------------------------------- ddp on Ray Train
 
 
@@ -384,6 +444,44 @@ def test_ray_train_worker_killed_restarts_from_the_last_checkpoint(ray_session, 
     assert steps == sorted(steps) and max(steps) == 12
     logged = [(row["step"], key) for row in rows for key in row if key not in ("step", "epoch", "time")]
     assert len(logged) == len(set(logged))  # a step logs several lines (train, epoch, val), but no scalar twice
+
+
+@pytest.mark.slow
+def test_ray_train_run_failed_after_rotation_resumes(ray_session, tmp_path: Path) -> None:
+    """`keep_best: 0` keeps only the last checkpoint, so the rotation removes checkpoints Ray was
+    given and its run snapshot still lists; `build --resume` after a failure continues anyway."""
+    from surgery.build import build_command
+    from surgery.checkpoint import find_last
+
+    path = _quickstart(tmp_path, "{strategy: ddp, workers: 2, engine: ray}", epochs=8)
+    sets = ["train.checkpoint.keep_best=0"]
+    outcome: dict[str, str] = {}
+
+    def first() -> None:
+        try:
+            build_command(path, sets, runs_root=tmp_path / "runs", run_id="r")
+        except SurgeryError as exc:
+            outcome["error"] = str(exc)
+
+    thread = threading.Thread(target=first, daemon=True)
+    thread.start()
+    run = tmp_path / "runs" / "quickstart" / "r"
+    first_epoch, snapshot = run / "checkpoints" / "step-00000004", run / "checkpoint_manager_snapshot.json"
+
+    def ray_lists_a_rotated_checkpoint() -> bool:  # Ray's controller takes reports every few seconds
+        listed = snapshot.is_file() and first_epoch.name in snapshot.read_text()
+        return listed and not first_epoch.exists()
+
+    while not ray_lists_a_rotated_checkpoint() and thread.is_alive():
+        time.sleep(0.02)
+    os.kill(_ray_workers("ALIVE")[-1]["Pid"], signal.SIGKILL)  # no max_failures: the run fails
+    thread.join(timeout=600)
+    assert "error" in outcome and "\n" not in outcome["error"]
+    assert int(find_last(run).name[5:]) < 32, "the run finished before it could be killed"
+    build_command(path, sets, resume=True, runs_root=tmp_path / "runs", run_id="r")
+    assert find_last(run).name == "step-00000032"  # 8 epochs of 4 steps
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and max(steps) == 32
 
 
 @pytest.mark.slow

@@ -160,6 +160,24 @@ def test_has_checkpoint_means_one_that_resume_would_load(tmp_path: Path) -> None
     assert not has_checkpoint(run)  # step folders, but none resume could load
 
 
+def test_resume_takes_the_run_folder_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from surgery.errors import SurgeryError
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    run = build_command(recipe, (), runs_root=tmp_path / "runs", run_id="first")
+    assert find_last(run).name == "step-00000002"
+    monkeypatch.chdir(tmp_path / "runs" / "runs")  # not where `runs/` is: the folder says which run it is
+    resumed = build_command(run, ["train.epochs=2"], resume=True)
+    assert resumed == run and find_last(run).name == "step-00000004"
+    again = build_command(run.parent / LATEST, ["train.epochs=3"], resume=True)  # `latest` too
+    assert again == run and find_last(run).name == "step-00000006"
+    with pytest.raises(SurgeryError, match=r"is a run folder: `surgery build .* --resume` continues it") as info:
+        build_command(run, ())
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "runs" / "runs" / "runs").exists()
+
+
 def test_resume_with_no_run_at_all_is_still_an_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no run to resume"):
         run_folder(tmp_path, "r", None, resume=True)

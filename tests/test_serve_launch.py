@@ -191,3 +191,11 @@ def test_predict_takes_long_inline_arrays_and_text_as_data(tmp_path, monkeypatch
 def test_predict_command_fails_on_a_missing_file_before_sending(tmp_path):
     done = _surgery("predict", "http://127.0.0.1:9/v1/models/m", "missing-file.png", cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.strip() == "error: missing-file.png: no such file", done.stderr
+
+
+def test_the_detach_hint_says_how_rays_cli_reaches_this_ray(capsys):
+    from serve.launch import _announce
+
+    _announce([], "127.0.0.1", 8000, detach=True)
+    out = capsys.readouterr().out
+    assert "`RAY_AUTH_MODE=token serve shutdown -y`" in out  # Ray's CLI does not turn token auth on itself

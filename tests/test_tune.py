@@ -103,6 +103,46 @@ space:
     assert not (tmp_path / "runs").exists()
 
 
+def test_every_kind_of_space_problem_is_reported_at_once(tmp_path, capsys, monkeypatch, no_ray) -> None:
+    """One the schema refuses, one a value causes, one the search cannot do: all three, each at its line."""
+    recipe = write(
+        tmp_path,
+        """
+search: random
+space:
+  train.optimizer.lr: {loguniform: [0, 0.1]}
+  data.batch_size: {choice: [16, big]}
+  placement.workers: {choice: [1, 2]}
+""",
+    )
+    code, _, err = run_cli(capsys, monkeypatch, "tune", str(recipe), "--runs", str(tmp_path / "runs"))
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    space_line = TINY.count("\n") + 3
+    assert [line.split(" ")[0] for line in lines] == [
+        f"{recipe}:{space_line}:39",
+        f"{recipe}:{space_line + 1}:22",
+        f"{recipe}:{space_line + 2}:24",
+    ], err
+    assert "loguniform[0]: must be > 0.0, got 0" in lines[0]
+    assert "choice value big: expected an integer" in lines[1]
+    assert "the placement is fixed for a search" in lines[2]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_re_searching_an_inherited_path_replaces_its_domain(tmp_path) -> None:
+    parent = write(
+        tmp_path, "space: {train.optimizer.lr: {loguniform: [1.0e-3, 1.0e-1]}, train.seed: {choice: [0, 1]}}"
+    )
+    child = tmp_path / "child.yaml"
+    child.write_text(
+        f"extends: {parent.name}\nname: child\ntune:\n  space:\n    train.optimizer.lr: {{choice: [0.01, 0.02]}}\n"
+    )
+    space = load_recipe(child).tune.space
+    assert space["train.optimizer.lr"].kind == "choice" and list(space["train.optimizer.lr"].params) == [0.01, 0.02]
+    assert space["train.seed"].kind == "choice"  # paths the child does not search are still the parent's
+
+
 @pytest.mark.parametrize(
     ("tune", "message"),
     [
@@ -357,6 +397,45 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(ray_session, 
         assert (run_dir / "metrics.jsonl").stat().st_mtime_ns == mtime
         assert len((run_dir / "reports.jsonl").read_text().splitlines()) == 1
     assert (search / "tiny.tuned.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_ray_starts_stops_the_search(tmp_path) -> None:
+    import psutil
+
+    recipe = write(tmp_path, "search: grid\nspace: {train.optimizer.lr: {grid: [0.01, 0.02]}}")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "cli", "tune", str(recipe), "--runs", str(tmp_path / "runs")],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    try:
+        deadline = time.monotonic() + 180
+        starting = False
+        while not starting and time.monotonic() < deadline and driver.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                names = {child.name() for child in psutil.Process(driver.pid).children(recursive=True)}
+                starting = bool(names & {"gcs_server", "raylet"})
+            time.sleep(0.05)
+        assert starting, "Ray never started"
+        os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground group
+        stopped = time.monotonic()
+        _, err = driver.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # what is left of the Ray the driver started
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("error: search interrupted while Ray was starting: no trial ran"), (
+        err
+    )
+    assert time.monotonic() - stopped < 60
+    assert not list((tmp_path / "runs").glob("tiny/tune-*/*/trial.json"))  # no trial started
 
 
 @pytest.mark.slow
