@@ -46,6 +46,7 @@ FLOWS: dict[str, list[str]] = {
     "export": ["surgery build quickstart"],
     "fixed_batch": ["surgery build quickstart --run-id fixed-batch --set export.dynamic_batch=false"],
     "serving": ["surgery serve runs/quickstart/latest --port 8000"],
+    "offline": ["surgery evaluate runs/quickstart/latest"],
     "tuning": ["surgery tune quickstart-tune --search-id demo --set tune.num_samples=4 --set train.epochs=2"],
     "library": ["surgery recipes new mine --from quickstart"],
     "sharing": ["surgery keys new alice"],
@@ -57,7 +58,9 @@ ILLUSTRATIVE = [
     "&& .venv/bin/surgery predict http://127.0.0.1:8000/v1/models/quickstart examples/digit-3.png",
     "ray start --head --port 6390",
     "surgery serve BUNDLE_OR_RUN [more bundles...] [--port 8000] [--replicas N] [--max-batch-size 16] "
-    "[--batch-wait-ms 2] [--token-file token.txt] [--detach] [--ingress auto|haproxy|proxy] [--config-out FILE]",
+    "[--batch-wait-ms 2] [--token-file token.txt] [--detach] [--ingress auto|haproxy|proxy] [--config-out FILE] "
+    "[--runtime auto|torch|onnxruntime|onnxruntime-int8]",
+    "surgery evaluate runs/quickstart/latest --data data/ --split test",
     "surgery tune quickstart-tune",
     "surgery recipes list [--tag text]",
     '.venv/bin/python -m pytest -q -m "not slow"',
@@ -367,6 +370,18 @@ def test_serve_and_predict(ws: Workspace) -> None:
     assert re.search(r"^  digit: 3 \d", predicted.stdout, flags=re.M), predicted.stdout  # top-1 is a 3
     config = (ws.folder / "serve.yaml").read_text()
     assert "applications:" in config
+
+
+@pytest.mark.slow
+def test_evaluate_and_predict_offline(ws: Workspace) -> None:
+    _built_quickstart(ws)
+    ran = run_block("surgery evaluate runs/quickstart/latest", ws)
+    evaluated = _by(ran, "surgery evaluate")
+    assert "digit (multiclass): accuracy" in evaluated.stdout, evaluated.stdout
+    assert list((ws.folder / "runs" / "quickstart" / "latest" / "evaluations").glob("val-*/evaluation.json"))
+    rows = (ws.folder / "preds.csv").read_text().splitlines()
+    assert rows[0].split(",")[:2] == ["input", "digit_label_1"] and len(rows) == 2  # examples/ holds one image
+    assert re.search(r"digit-3\.png\s+3\s", _by(ran, "surgery predict runs/quickstart/latest examples/digit").stdout)
 
 
 @pytest.mark.slow

@@ -139,7 +139,7 @@ class Data(Strict):
     eval_batch_size: PositiveInt | None = Field(None, description="Validation batch size; default: `batch_size`.")
     num_workers: Literal["auto"] | Count = Field(
         "auto",
-        description="DataLoader worker processes; `auto` is 4 per GPU, capped by the CPU count, and 0 on the CPU (measured in benchmarks/data_loading.py: there decoding in the main process keeps up, and workers take cores from the model).",
+        description="DataLoader worker processes; `auto` is 0 when training on a CPU (the training process loads fastest there: benchmarks/data_loading.py) and, with CUDA, 4 per GPU, at most the CPU count minus one.",
     )
     pin_memory: Literal["auto"] | bool = Field(
         "auto", description="Pin host memory for faster copies; `auto` is on when CUDA is used."
