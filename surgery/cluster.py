@@ -144,7 +144,11 @@ def start_ray(*, worker_logs: bool, node_ip: str | None = None) -> bool:
     if address:  # a dashboard is the cluster's own business
         use_ray_token()
         _connect(address, settings)
-    elif node_ip:
+        return True
+    if "RAY_AUTH_MODE" not in os.environ:  # token auth, Ray's default for a Ray it starts: said, it is not warned about
+        os.environ["RAY_AUTH_MODE"] = "token"
+        _reload_ray_config()
+    if node_ip:
         ray.init(address="local", include_dashboard=False, _node_ip_address=node_ip, **settings)
     else:
         ray.init(address="local", include_dashboard=False, **settings)
