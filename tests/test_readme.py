@@ -214,7 +214,7 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     text = README.read_text()
     written = text[text.index("## Writing a recipe") :]
     (folder / "my.yaml").write_text(written.split("```yaml\n", 1)[1].split("```", 1)[0])  # "Save it as my.yaml"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "SURGERY_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "SURGERY_", "XDG_CONFIG", "XDG_CACHE"))}
     env.update(
         HOME=str(folder / "home"),
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
