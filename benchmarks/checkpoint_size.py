@@ -22,7 +22,7 @@ from surgery.train import fit
 
 RESNET18 = """
 name: ckpt-size
-backbone: {{source: timm, name: resnet18}}
+backbone: {{source: timm, name: resnet18, pretrained: false}}  # offline: the frozen weights' values do not matter here
 input: {{size: [32, 32]}}
 freeze: ["backbone.**"]
 heads: [{{name: cls, input: pooled, layers: [{{linear: {{out_features: {classes}}}}}], loss: cross_entropy}}]

@@ -25,7 +25,7 @@ from surgery.train import fit
 
 RECIPE = """
 name: frozen-cache
-backbone: {{source: timm, name: resnet18}}
+backbone: {{source: timm, name: resnet18, pretrained: false}}  # offline: the frozen weights' values do not matter here
 freeze: ["backbone.**"]
 heads: [{{name: cls, input: pooled, layers: [{{linear: {{out_features: 10}}}}], loss: cross_entropy, metrics: [accuracy, f1_macro]}}]
 data: {{source: synthetic, batch_size: 32, synthetic: {{num_samples: {samples}, num_classes: 10}}}}

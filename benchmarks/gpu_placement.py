@@ -23,7 +23,7 @@ from ddp_throughput import build, throughput
 
 RECIPE = """
 name: bench-gpu
-backbone: {{source: timm, name: {model}}}
+backbone: {{source: timm, name: {model}, pretrained: false}}
 input: {{size: [{size}, {size}]}}
 heads: [{{name: cls, layers: [{{linear: {{out_features: 10}}}}], loss: cross_entropy, metrics: [accuracy]}}]
 data: {{source: synthetic, batch_size: {batch}, num_workers: 4, synthetic: {{num_samples: {samples}, num_classes: 10}}}}
