@@ -63,9 +63,10 @@ def table_format(path: Path, source: str) -> str:
 
 
 def read_table(
-    path: Path, fmt: str, needed: Sequence[str], *, delimiter: str | None, max_row_bytes: int, where: str
+    path: Path, fmt: str, needed: Sequence[str] | None, *, delimiter: str | None, max_row_bytes: int, where: str
 ) -> Table:
-    """The `needed` columns of a table file; a missing column is a DataError listing the others."""
+    """The `needed` columns of a table file (None: every column); a missing column is a DataError
+    listing the others."""
     if not path.is_file():
         raise DataError(f"{where}: file {path} does not exist")
     head = _first_bytes(path)
@@ -79,6 +80,8 @@ def read_table(
         table = _read_jsonl(path, max_row_bytes)
     else:
         table = _read_csv(path, delimiter or _default_delimiter(path), max_row_bytes)
+    if needed is None:
+        return table
     missing = [c for c in needed if c not in table.columns]
     if missing:
         hint = _delimiter_hint(table.columns, delimiter) if fmt == "csv" else ""
@@ -190,14 +193,14 @@ def _read_jsonl(path: Path, limit: int) -> Table:
     return Table(path, list(columns), cells, lines, bad)
 
 
-def _read_parquet(path: Path, needed: Sequence[str], where: str) -> Table:
+def _read_parquet(path: Path, needed: Sequence[str] | None, where: str) -> Table:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError("reading Parquet needs pyarrow: pip install pyarrow") from None
     try:
         columns = list(pq.read_schema(path, memory_map=True).names)
-        wanted = [c for c in dict.fromkeys(needed) if c in columns]
+        wanted = columns if needed is None else [c for c in dict.fromkeys(needed) if c in columns]
         table = pq.read_table(path, columns=wanted, memory_map=True)
         cells = {name: table.column(name).to_pylist() for name in wanted}
     except (OSError, ValueError, TypeError, KeyError) as err:  # pyarrow's ArrowInvalid/ArrowIOError

@@ -9,16 +9,17 @@ folder given to a text model) is refused, in one line.
 
 from __future__ import annotations
 
-import csv
 import glob
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from surgery.data_images import IMAGE_SUFFIXES
+from surgery.data_table_read import read_table as read_any_table
+from surgery.data_table_read import table_format
 from surgery.errors import DataError
 from surgery.inputs import InputSpec
+from surgery.sections.data import MAX_ROW_BYTES
 
 TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".parquet"}
 IMAGE_COLUMNS = ("path", "image", "image_path", "file", "filename")
@@ -92,44 +93,14 @@ def _text_file(path: Path) -> str:
         return f"\0unreadable: {err}"
 
 
-def table_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """The rows and columns of a CSV/TSV (a BOM is no part of a column name), JSONL or Parquet file."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path)
-            return table.to_pylist(), list(table.column_names)
-        if suffix == ".jsonl":
-            rows: list[dict[str, Any]] = []
-            columns: list[str] = []
-            with path.open(encoding="utf-8-sig") as f:
-                for number, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-                    if not isinstance(row, dict):
-                        raise DataError(f"{path}:{number}: expected a JSON object per line")
-                    rows.append(row)
-                    columns.extend(k for k in row if k not in columns)
-            return rows, columns
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            return list(reader), list(reader.fieldnames or [])
-    except DataError:
-        raise
-    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as err:
-        raise DataError(f"{path}: unreadable table ({type(err).__name__}: {str(err)[:200]})") from None
-
-
 def read_table(path: Path, spec: InputSpec, column: str | None, recipe: Any) -> list[PredictInput]:
-    """One input per row; image paths relative to the table's folder; a row whose cell is
-    missing or not a number is kept, with its error."""
-    rows, columns = table_rows(path)
+    """One input per row, in file order; image paths relative to the table's folder. The table is
+    read as training reads tables (`surgery.data_table_read`: BOM, delimiter by suffix, bounded
+    lines, binary junk refused); a row whose cell is missing, not a number, or that the reader
+    could not split (ragged, too long) is kept, with its error."""
+    table = read_any_table(
+        path, table_format(path, ""), None, delimiter=None, max_row_bytes=MAX_ROW_BYTES, where=str(path)
+    )
     data = getattr(recipe, "data", None)
     if spec.kind == "vector":
         wanted = column.split(",") if column else list(getattr(data, "feature_columns", None) or [])
@@ -138,26 +109,30 @@ def read_table(path: Path, spec: InputSpec, column: str | None, recipe: Any) -> 
     else:
         default = (getattr(data, "text_column", None) or "text") if spec.kind == "text" else None
         if column is None and default is None:
-            default = next((c for c in IMAGE_COLUMNS if c in columns), None)
+            default = next((c for c in IMAGE_COLUMNS if c in table.columns), None)
         wanted = [column or default] if (column or default) else []
         if not wanted:
             raise DataError(f"{path}: no image column ({', '.join(IMAGE_COLUMNS)}); name it with --column")
-    missing = [c for c in wanted if c not in columns]
+    missing = [c for c in wanted if c not in table.columns]
     if missing:
-        raise DataError(f"{path}: column {missing[0]!r} not found; columns are: {', '.join(columns)}")
-    found = []
-    for number, row in enumerate(rows, 1):
+        raise DataError(f"{path}: column {missing[0]!r} not found; columns are: {', '.join(table.columns)}")
+    found: list[tuple[int, PredictInput]] = [
+        (int(bad.where.rsplit(":", 1)[1]), PredictInput(bad.where, None, bad.why)) for bad in table.bad
+    ]
+    for i, line in enumerate(table.lines):
+        number = i + 1  # the data row (the header is no row)
         name = f"{path}:{number}"
-        cells = [row.get(c) for c in wanted]
+        cells = [table.cells[c][i] for c in wanted]
         if any(cell is None or cell == "" for cell in cells):
-            found.append(PredictInput(name, None, f"row {number}: empty {', '.join(wanted)}"))
+            entry = PredictInput(name, None, f"row {number}: empty {', '.join(wanted)}")
         elif spec.kind == "image":
-            found.append(PredictInput(str(cells[0]), path.parent / str(cells[0])))
+            entry = PredictInput(str(cells[0]), path.parent / str(cells[0]))
         elif spec.kind == "text":
-            found.append(PredictInput(name, str(cells[0])))
+            entry = PredictInput(name, str(cells[0]))
         else:
-            found.append(_vector_row(name, cells, wanted, number))
-    return found
+            entry = _vector_row(name, cells, wanted, number)
+        found.append((line, entry))
+    return [entry for _, entry in sorted(found, key=lambda pair: pair[0])]
 
 
 def _vector_row(name: str, cells: list[Any], columns: list[str], number: int) -> PredictInput:

@@ -208,3 +208,16 @@ def test_offline_prediction_runs_on_the_runtime_serving_would_choose(onnx_bundle
         open_runner(tiny_bundle, "onnxruntime")
     with pytest.raises(SurgeryError, match=r"--runtime tensorrt: choose one of auto, torch"):
         open_runner(tiny_bundle, "tensorrt")
+
+
+def test_a_table_is_read_as_training_reads_tables(tiny_bundle, images, tmp_path):
+    """The same bounded reader as `data.source: csv`: a ragged row is that row's error, in order."""
+    from surgery.predict import PredictSettings, predict_command
+
+    table = tmp_path / "list.csv"
+    table.write_text(f"path,note\n{images / '0.png'},a\n{images / '1.png'},b,extra\n{images / '0.png'},c\n")
+    out = tmp_path / "p.jsonl"
+    predict_command(tiny_bundle, [str(table)], out=out, settings=PredictSettings(workers=0), engine="local")
+    rows = _read(out)
+    assert [bool(r["error"]) for r in rows] == [False, True, False]
+    assert "3 fields, the header has 2" in rows[1]["error"]
