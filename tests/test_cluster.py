@@ -217,3 +217,6 @@ def test_a_wrong_token_is_one_line(ray_head: dict[str, str], tmp_path: Path) -> 
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "it refused this process's token" in lines[0], done.stderr[-3000:]
     assert not (tmp_path / "runs").exists()
+    log = Path(lines[0].rsplit("(Ray's log: ", 1)[1].rstrip(")"))
+    assert "InvalidAuthToken" in log.read_text()  # Ray's 20 s of retries, kept out of the terminal
+    log.unlink()
