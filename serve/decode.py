@@ -21,10 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from surgery.inputs import InputSpec
+from surgery.inputs import MAX_IMAGE_PIXELS, InputSpec
 
 MAX_INPUTS_PER_REQUEST = 256
-MAX_IMAGE_PIXELS = 40_000_000  # a decompression bomb is refused before it is decoded
 MAX_JSON_DEPTH = 32  # {"inputs": [[[[pixels]]]]} is 5 deep; Python's decoder recurses per level
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 InputKind = Literal["image", "text", "vector"]
 
+MAX_IMAGE_PIXELS = 40_000_000  # an image over this is refused before it is decoded (a decompression bomb)
+
 
 @dataclass
 class InputSpec:

@@ -18,12 +18,11 @@ from surgery.data_images import IMAGE_SUFFIXES
 from surgery.data_table_read import read_table as read_any_table
 from surgery.data_table_read import table_format
 from surgery.errors import DataError
-from surgery.inputs import InputSpec
+from surgery.inputs import MAX_IMAGE_PIXELS, InputSpec
 from surgery.sections.data import MAX_ROW_BYTES
 
 TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".parquet"}
 IMAGE_COLUMNS = ("path", "image", "image_path", "file", "filename")
-MAX_IMAGE_PIXELS = 40_000_000  # as serving: a decompression bomb is refused before it is decoded
 
 
 @dataclass(frozen=True)
