@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from surgery.backbone_contract import BuiltBackbone
 from surgery.errors import BuildError
 from surgery.files import sha256_file
+from surgery.places import package_model_folder
 from surgery.schema import Backbone
 
 PACKAGE_PREFIX = "package:"
@@ -136,7 +137,7 @@ def package_model_dir(distribution: str) -> Path:
         raise BuildError(
             f"package {distribution!r} is not installed; `pip install {distribution}` or point `backbone.name` at a model folder"
         ) from None
-    configs = sorted((f for f in dist.files or [] if f.name == "config.json"), key=lambda f: len(f.parts))
-    if not configs:
+    folder = package_model_folder(dist)
+    if folder is None:
         raise BuildError(f"package {distribution!r} ships no model folder (no config.json)")
-    return Path(str(dist.locate_file(configs[0]))).parent.resolve()
+    return folder

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SHIPPED_DIR = (PACKAGE_DIR / "shipped").resolve()  # in a checkout, a symlink to the repository's recipes/
@@ -37,4 +38,21 @@ def seen_indexes_file() -> Path:
     return config_dir() / "seen_indexes.json"
 
 
-__all__ = ["PACKAGE_DIR", "SCHEMA_FILE", "SHIPPED_DIR", "cache_dir", "config_dir", "seen_indexes_file", "sources_file"]
+def package_model_folder(dist: Any) -> Path | None:
+    """The model folder an installed distribution (`importlib.metadata`) ships for a `package:`
+    backbone: the one holding its shallowest `config.json`, found from its file list (its code is
+    never imported); None when it lists none. The build loads from it and the lock hashes it."""
+    configs = sorted((f for f in dist.files or [] if f.name == "config.json"), key=lambda f: len(f.parts))
+    return Path(str(dist.locate_file(configs[0]))).parent.resolve() if configs else None
+
+
+__all__ = [
+    "PACKAGE_DIR",
+    "SCHEMA_FILE",
+    "SHIPPED_DIR",
+    "cache_dir",
+    "config_dir",
+    "package_model_folder",
+    "seen_indexes_file",
+    "sources_file",
+]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.files import sha256_file
+from surgery.places import package_model_folder
 
 
 class Provenance(list):  # type: ignore[type-arg]
@@ -66,8 +67,7 @@ def _package_weight_lines(recipe: Any) -> list[str]:
         dist = metadata.distribution(distribution)
     except metadata.PackageNotFoundError:
         return [f"# weights: package {distribution} is not installed here, so not hashed"]
-    configs = sorted((f for f in dist.files or [] if f.name == "config.json"), key=lambda f: len(f.parts))
-    folder = Path(str(dist.locate_file(configs[0]))).parent if configs else None
+    folder = package_model_folder(dist)
     files = [folder / name for name in _WEIGHT_FILES if folder is not None and (folder / name).is_file()]
     if not files:
         return [f"# weights: package {distribution} {dist.version}: no weights file found, so not hashed"]
