@@ -353,7 +353,9 @@ def test_a_killed_ddp_worker_is_one_line_and_elastics_report_goes_to_the_run(tmp
             time.sleep(0.1)
             with contextlib.suppress(psutil.Error):
                 children = psutil.Process(process.pid).children(recursive=True)
-                workers = [c for c in children if "multiprocessing" in " ".join(c.cmdline())]
+                # the two spawned workers, not multiprocessing's resource tracker beside them
+                workers = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+        assert len(workers) == 2, f"the build ended (exit {process.returncode}) before its two workers were seen"
         workers[-1].kill()  # a worker dies (the OOM killer, a kill -9)
         _, err = process.communicate(timeout=300)
     finally:
