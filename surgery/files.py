@@ -120,7 +120,7 @@ def temporary_until_renamed(tmp: str | Path, final: str | Path, needed: int = 0)
         raise
 
 
-def write_json_atomic(path: str | Path, data: Any, *, sort_keys: bool = False) -> None:
+def write_json_atomic(path: str | Path, data: Any, *, sort_keys: bool = False, indent: int | None = 2) -> None:
     """Write `data` as JSON to `path` so that a reader sees the old file or the new one, never a
     torn one: a temporary sibling (named for this process), fsynced, renamed, the folder fsynced.
     Values JSON cannot hold are written as their `str`."""
@@ -128,7 +128,7 @@ def write_json_atomic(path: str | Path, data: Any, *, sort_keys: bool = False) -
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with temporary_until_renamed(tmp, path):
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys, default=str) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(data, indent=indent, sort_keys=sort_keys, default=str) + "\n", encoding="utf-8")
         fsync_path(tmp)
         os.replace(tmp, path)
     fsync_path(path.parent)

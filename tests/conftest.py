@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# surgery's cache (fetched recipes, remembered image checks) in a folder of this run, not the user's
+if "SURGERY_CACHE_DIR" not in os.environ:
+    os.environ["SURGERY_CACHE_DIR"] = tempfile.mkdtemp(prefix="surgery-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["SURGERY_CACHE_DIR"], ignore_errors=True)
 
 
 def _free_port() -> int:

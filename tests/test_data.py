@@ -309,3 +309,48 @@ def test_normalisation_values_are_one_for_every_channel_or_one_per_channel() -> 
     wrong = InputSpec(kind="image", channels=3, size=(2, 2), mean=(0.5, 0.1), std=(0.5,))
     with pytest.raises(DataError, match="2 normalisation values for 3 channels; give 1 or 3"):
         normalise(pixels, wrong)  # never silently the first value for every channel
+
+
+def test_images_checked_once_are_not_opened_again_until_they_change(tmp_path: Path, monkeypatch) -> None:
+    """A rebuild on the same images skips the per-file check (remembered by size and mtime in the
+    cache folder); a file rewritten since is checked again, and a bad one is still caught."""
+    import surgery.data_images as data_images
+    from surgery.data import verify_images
+
+    monkeypatch.setenv("SURGERY_CACHE_DIR", str(tmp_path / "cache"))
+    train = make_image_folder(tmp_path / "train", {"a": 3, "b": 3})
+    files = sorted(train.rglob("*.png"))
+    opened: list[str] = []
+    real_open = data_images.Image.open
+    monkeypatch.setattr(data_images.Image, "open", lambda p, *a: opened.append(str(p)) or real_open(p, *a))
+    assert verify_images(files) == [] and len(opened) == 6
+    opened.clear()
+    assert verify_images(files) == [] and opened == []  # remembered
+    assert verify_images(files, skip=True) == [] and len(opened) == 12  # `skip` needs a full decode: checked again
+    opened.clear()
+    assert verify_images(files) == [] and opened == []  # the decode check covers `error` too
+    files[0].write_bytes(b"\x89PNG\r\n\x1a\n not really a png")  # replaced in place: new size and mtime
+    with pytest.raises(DataError, match=r"unreadable image .*a/0\.png"):
+        verify_images(files)
+    assert opened == [str(files[0])]
+    monkeypatch.setenv("SURGERY_CACHE_DIR", str(files[1]))  # a cache that cannot be a folder is only slower
+    opened.clear()
+    assert verify_images(files[1:]) == [] and len(opened) == 5
+
+
+def test_image_folder_lists_files_in_path_order_through_nested_folders(tmp_path: Path) -> None:
+    train = make_image_folder(tmp_path / "train", {"a": 2, "b": 1})
+    (train / "a" / "z").mkdir()
+    (train / "a-x").mkdir()  # '-' sorts before '/' as a string; by path parts "a" still comes first
+    for name in ("a/z/0.png", "a/0-1.png", "a-x/0.png", "a/.hidden.png", "a/notes.txt"):
+        Image.new("RGB", (4, 4)).save(train / name, format="PNG")
+    from surgery.data_images import _image_files
+
+    classes, files = _image_files(train, "data.train")
+    assert classes == ["a", "a-x", "b"]
+    assert [p.relative_to(train).as_posix() for p, _ in files] == [
+        "a/0-1.png", "a/0.png", "a/1.png", "a/z/0.png", "a-x/0.png", "b/0.png",
+    ]  # fmt: skip
+    assert [p.relative_to(train).as_posix() for p, _ in files] == [
+        p.relative_to(train).as_posix() for p in sorted(path for path, _ in files)
+    ]  # pathlib's order, which the seeded splits of earlier runs were drawn from
