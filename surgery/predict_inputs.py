@@ -125,8 +125,9 @@ def read_table(path: Path, spec: InputSpec, column: str | None, recipe: Any) -> 
         number = i + 1  # the data row (the header is no row)
         name = f"{path}:{number}"
         cells = [table.cells[c][i] for c in wanted]
-        if any(cell is None or cell == "" for cell in cells):
-            entry = PredictInput(name, None, f"row {number}: empty {', '.join(wanted)}")
+        empty = [c for c, cell in zip(wanted, cells, strict=True) if cell is None or cell == ""]
+        if empty:  # the cells that are missing, not every column read
+            entry = PredictInput(name, None, f"row {number}: empty {', '.join(empty)}")
         elif spec.kind == "image":
             entry = PredictInput(str(cells[0]), path.parent / str(cells[0]))
         elif spec.kind == "text":

@@ -235,3 +235,13 @@ def test_a_table_s_image_column_defaults_to_the_one_the_model_was_trained_from(t
     table.write_text("path,image_id,label\nother.png,images/000.png,red\n")
     (entry,) = expand_inputs([str(table)], InputSpec(kind="image", size=(32, 32)), recipe=recipe)
     assert entry.name == "images/000.png" and entry.item == tmp_path / "images" / "000.png"
+
+
+def test_a_feature_row_with_a_missing_cell_names_that_cell_only(tmp_path):
+    from surgery.inputs import InputSpec
+    from surgery.predict_inputs import expand_inputs
+
+    table = tmp_path / "f.csv"
+    table.write_text("a,b,c\n1,2,3\n4,,6\n")
+    rows = expand_inputs([str(table)], InputSpec(kind="vector", features=3), column="a,b,c")
+    assert [(r.item, r.error) for r in rows] == [([1.0, 2.0, 3.0], None), (None, "row 2: empty b")]
