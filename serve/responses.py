@@ -1,5 +1,5 @@
 """Model outputs to `/v1` response bodies: every head's raw values, and for classification heads
-the top-k labels with probabilities. Plain numpy; no Ray, no torch."""
+(multilabel ones too) the top-k labels with probabilities. Plain numpy; no Ray, no torch."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from surgery.outputs import head_probabilities, ranked_columns
 
 
 def head_rows(head: dict[str, Any], values: np.ndarray, top_k: int) -> list[dict[str, Any]]:
-    """Per-row `/v1` output of one head: raw values, plus top-k labels for classification heads."""
+    """Per-row `/v1` output of one head: raw values, plus top-k labels for classification heads;
+    a multilabel head also `labels`, every label over 0.5 (as offline predict's `<head>_labels`)."""
     raw = values.astype(np.float32).reshape(values.shape[0], -1).tolist()
     classified = head_probabilities(head, values)
     if classified is None:
@@ -22,6 +23,8 @@ def head_rows(head: dict[str, Any], values: np.ndarray, top_k: int) -> list[dict
     for row, p_row, i_row in zip(raw, probs, order, strict=True):
         ranked = [{"label": names[i], "probability": float(p_row[i])} for i in i_row]
         rows.append({"output": row, "top_k": ranked})
+        if head.get("task") == "multilabel":
+            rows[-1]["labels"] = [name for name, p in zip(names, p_row, strict=True) if p > 0.5]
     return rows
 
 

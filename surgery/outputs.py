@@ -18,14 +18,12 @@ def _sigmoid(values: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-values))
 
 
-def head_probabilities(
-    head: dict[str, Any], values: np.ndarray, *, multilabel: bool = False
-) -> tuple[np.ndarray, list[str]] | None:
+def head_probabilities(head: dict[str, Any], values: np.ndarray) -> tuple[np.ndarray, list[str]] | None:
     """(probabilities N×K, label per column) for a classification head's outputs N×…, else None.
-    `head` is a manifest head (`task`, `labels`). Multilabel heads count as classification only
-    with `multilabel` (each label's own sigmoid)."""
+    `head` is a manifest head (`task`, `labels`); a multilabel head's labels each get their own
+    sigmoid."""
     task = head.get("task")
-    if task not in ("multiclass", "binary") and not (multilabel and task == "multilabel"):
+    if task not in ("multiclass", "binary", "multilabel"):
         return None
     values = values.astype(np.float64).reshape(values.shape[0], -1)
     labels = list(head.get("labels") or [])

@@ -39,8 +39,9 @@ def expand_inputs(
     arguments: list[str], spec: InputSpec, *, column: str | None = None, recipe: Any = None
 ) -> list[PredictInput]:
     """Every input of the command line, in order: folders walked (sorted), globs expanded (sorted),
-    tables read row by row. `column` names a table's input column (default: `path`/`image`/... for
-    images, the recipe's `data.text_column` or `text` for text, `data.feature_columns` for vectors)."""
+    tables read row by row. `column` names a table's input column (default: the recipe's `data.image_column`, else
+    `path`/`image`/... for images, its `data.text_column` or `text` for text, `data.feature_columns`
+    for vectors)."""
     if not arguments:
         raise DataError("give at least one input: image files, folders, globs, or a table (.csv/.tsv/.jsonl/.parquet)")
     found: list[PredictInput] = []
@@ -107,8 +108,10 @@ def read_table(path: Path, spec: InputSpec, column: str | None, recipe: Any) -> 
             raise DataError(f"{path}: name the feature columns with --column a,b,c")
     else:
         default = (getattr(data, "text_column", None) or "text") if spec.kind == "text" else None
-        if column is None and default is None:
-            default = next((c for c in IMAGE_COLUMNS if c in table.columns), None)
+        if column is None and default is None:  # the column the model was trained from, else a usual name
+            trained = getattr(data, "image_column", None)
+            candidates = ([trained] if trained else []) + list(IMAGE_COLUMNS)
+            default = next((c for c in candidates if c in table.columns), None)
         wanted = [column or default] if (column or default) else []
         if not wanted:
             raise DataError(f"{path}: no image column ({', '.join(IMAGE_COLUMNS)}); name it with --column")
@@ -122,8 +125,9 @@ def read_table(path: Path, spec: InputSpec, column: str | None, recipe: Any) -> 
         number = i + 1  # the data row (the header is no row)
         name = f"{path}:{number}"
         cells = [table.cells[c][i] for c in wanted]
-        if any(cell is None or cell == "" for cell in cells):
-            entry = PredictInput(name, None, f"row {number}: empty {', '.join(wanted)}")
+        empty = [c for c, cell in zip(wanted, cells, strict=True) if cell is None or cell == ""]
+        if empty:  # the cells that are missing, not every column read
+            entry = PredictInput(name, None, f"row {number}: empty {', '.join(empty)}")
         elif spec.kind == "image":
             entry = PredictInput(str(cells[0]), path.parent / str(cells[0]))
         elif spec.kind == "text":

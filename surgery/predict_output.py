@@ -70,7 +70,7 @@ def prediction_rows(
     rows: list[dict[str, Any]] = [{"input": name} for name in names]
     for head in heads:
         name, values = head["name"], outputs[head["name"]]
-        classified = head_probabilities(head, values, multilabel=True) if _classified(head) else None
+        classified = head_probabilities(head, values) if _classified(head) else None
         if classified is None:
             flat = values.astype(np.float64).reshape(values.shape[0], -1)
             for row, numbers in zip(rows, flat, strict=True):

@@ -221,3 +221,27 @@ def test_a_table_is_read_as_training_reads_tables(tiny_bundle, images, tmp_path)
     rows = _read(out)
     assert [bool(r["error"]) for r in rows] == [False, True, False]
     assert "3 fields, the header has 2" in rows[1]["error"]
+
+
+def test_a_table_s_image_column_defaults_to_the_one_the_model_was_trained_from(tmp_path):
+    """A Kaggle-style `image_id` column (the recipe's `data.image_column`) is found without
+    --column, and wins over a usual name (`path`) that the same table also has."""
+    from surgery.inputs import InputSpec
+    from surgery.predict_inputs import expand_inputs
+    from surgery.recipe import load_recipe_text
+
+    recipe = load_recipe_text(TINY + "data: {source: csv, train: t.csv, image_column: image_id}\n")
+    table = tmp_path / "labels.csv"
+    table.write_text("path,image_id,label\nother.png,images/000.png,red\n")
+    (entry,) = expand_inputs([str(table)], InputSpec(kind="image", size=(32, 32)), recipe=recipe)
+    assert entry.name == "images/000.png" and entry.item == tmp_path / "images" / "000.png"
+
+
+def test_a_feature_row_with_a_missing_cell_names_that_cell_only(tmp_path):
+    from surgery.inputs import InputSpec
+    from surgery.predict_inputs import expand_inputs
+
+    table = tmp_path / "f.csv"
+    table.write_text("a,b,c\n1,2,3\n4,,6\n")
+    rows = expand_inputs([str(table)], InputSpec(kind="vector", features=3), column="a,b,c")
+    assert [(r.item, r.error) for r in rows] == [([1.0, 2.0, 3.0], None), (None, "row 2: empty b")]

@@ -219,5 +219,13 @@ def test_v1_rows_rank_labels_by_probability():
     assert {r["label"]: r["probability"] for r in binary["top_k"]} == {"0": 0.5, "1": 0.5}
     (regression,) = head_rows({"name": "r", "task": "regression"}, np.array([[1.5, 2.5]]), top_k=5)
     assert regression == {"output": [1.5, 2.5]}
+    (multilabel,) = head_rows(
+        {"name": "tags", "task": "multilabel", "labels": ["dot", "red", "striped"]},
+        np.array([[2.0, -1.0, 0.5]], np.float32),
+        top_k=2,
+    )  # each label its own sigmoid, as offline predict ranks them; `labels`: those over 0.5
+    assert [r["label"] for r in multilabel["top_k"]] == ["dot", "striped"]
+    assert multilabel["top_k"][0]["probability"] == pytest.approx(1 / (1 + np.exp(-2.0)))
+    assert multilabel["labels"] == ["dot", "striped"] and multilabel["output"] == [2.0, -1.0, 0.5]
     body = v1_predictions("m", [head], {"cls": np.repeat(logits, 2, 0)}, [2, 2], 1)
     assert body["model"] == "m" and len(body["predictions"]) == 2 and body["batch_sizes"] == [2, 2]
