@@ -1,17 +1,21 @@
 """One split of training data before preprocessing (`Examples`), and the seeded hold-out split.
 
-What every data source returns; nothing here reads files or knows a source's format.
+What every data source returns; nothing here reads files or knows a source's format
+(`read_source` hands the recipe to its registered source).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import gc
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from surgery.errors import DataError
+from surgery.registry import DATA_SOURCES
 
 
 @dataclass
@@ -39,6 +43,26 @@ class Examples:
             inputs = [self.inputs[i] for i in indices]
         targets = {name: t[index] for name, t in self.targets.items()}
         return Examples(self.kind, inputs, targets, self.class_names, self.skipped)
+
+
+def read_source(recipe: Any, model: Any) -> tuple[Examples, Examples]:
+    """(train, val) from the recipe's data source, with Python's cycle collector paused: a source
+    builds an object or more per row and no cycles, and each full collection walks them all, which
+    made start-up grow faster than the table (200k rows: 2.4 s with it, 1.3 s without)."""
+    assert recipe.data is not None
+    with _collector_paused():
+        return DATA_SOURCES.get(recipe.data.source)(recipe, model)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def split_examples(examples: Examples, val_split: float, seed: int) -> tuple[Examples, Examples]:

@@ -12,12 +12,11 @@ from torch.utils.data import DataLoader
 
 from surgery.data_augment import build_augmentations
 from surgery.data_dataset import Collate, ExampleDataset
-from surgery.data_examples import Examples, class_counts, limit_examples
+from surgery.data_examples import Examples, class_counts, limit_examples, read_source
 from surgery.data_order import EpochBatchSampler
 from surgery.errors import DataError
 from surgery.inputs import InputSpec
 from surgery.ranks import Rank
-from surgery.registry import DATA_SOURCES
 from surgery.schema import Recipe
 
 
@@ -69,7 +68,7 @@ def load_examples(recipe: Recipe, model: Any) -> tuple[Examples, Examples]:
     data = recipe.data
     if data is None:
         raise DataError("the recipe has no `data:` section; `surgery build` needs training data")
-    train, val = DATA_SOURCES.get(data.source)(recipe, model)
+    train, val = read_source(recipe, model)
     if data.limit_train:
         train = limit_examples(train, data.limit_train, data.split_seed)
     if data.limit_val:

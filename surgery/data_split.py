@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surgery.data_examples import Examples
+from surgery.data_examples import Examples, read_source
 from surgery.errors import DataError
 from surgery.inputs import InputSpec
-from surgery.registry import DATA_SOURCES
 from surgery.schema import Recipe
 
 _SUFFIX_SOURCES = {
@@ -75,7 +74,7 @@ def examples_for(recipe: Recipe, model: Any, data: str | Path | None = None, spl
     elif split not in ("train", "val"):
         raise DataError(f"split {split!r}: the recipe's own data has `train` and `val` splits")
     assert recipe.data is not None
-    train, val = DATA_SOURCES.get(recipe.data.source)(recipe, model)
+    train, val = read_source(recipe, model)
     return train if split == "train" else val
 
 
@@ -87,5 +86,5 @@ def check_data(recipe: Recipe, model: Any) -> str:
 
     if recipe.data is None:
         raise DataError("the recipe has no `data:` section")
-    train, val = DATA_SOURCES.get(recipe.data.source)(recipe, model)
+    train, val = read_source(recipe, model)
     return data_report(recipe.data.source, train, val)
