@@ -89,6 +89,8 @@ def _format(payload: dict[str, Any], labels: list[str]) -> str:
         for head, result in prediction.items():
             if "top_k" in result:
                 ranked = ", ".join(f"{r['label']} {r['probability']:.3f}" for r in result["top_k"])
+                if "labels" in result:  # a multilabel head: the labels it predicts (over 0.5), then its ranking
+                    ranked = f"[{', '.join(result['labels'])}] {ranked}"
                 lines.append(f"  {head}: {ranked}")
             else:
                 values = ", ".join(f"{v:.4g}" for v in result["output"][:16])

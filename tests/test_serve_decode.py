@@ -229,3 +229,20 @@ def test_v1_rows_rank_labels_by_probability():
     assert multilabel["labels"] == ["dot", "striped"] and multilabel["output"] == [2.0, -1.0, 0.5]
     body = v1_predictions("m", [head], {"cls": np.repeat(logits, 2, 0)}, [2, 2], 1)
     assert body["model"] == "m" and len(body["predictions"]) == 2 and body["batch_sizes"] == [2, 2]
+
+
+def test_the_cli_client_prints_a_multilabel_heads_labels_then_its_ranking():
+    from serve.client import _format
+
+    payload = {
+        "predictions": [
+            {
+                "tags": {
+                    "top_k": [{"label": "red", "probability": 0.9}, {"label": "dot", "probability": 0.6}],
+                    "labels": ["red", "dot"],
+                },
+                "digit": {"top_k": [{"label": "3", "probability": 0.8}]},
+            }
+        ]
+    }
+    assert _format(payload, ["a.png"]) == "a.png:\n  tags: [red, dot] red 0.900, dot 0.600\n  digit: 3 0.800"
