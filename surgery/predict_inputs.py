@@ -57,6 +57,11 @@ def _expand(argument: str, spec: InputSpec, column: str | None, recipe: Any) -> 
     if path is not None and path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
         return read_table(path, spec, column, recipe)
     if path is not None and path.is_dir():
+        if any((path / marker).is_file() for marker in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            raise DataError(
+                f"{argument}: a Hugging Face `datasets` folder; predict reads files, image folders, globs and tables"
+                f" (.csv/.tsv/.jsonl/.parquet): `surgery evaluate RUN --data {argument}` reads this one"
+            )
         if spec.kind != "image":
             raise DataError(f"{argument}: a folder gives images, but the model takes {_kind(spec)}")
         files = sorted(

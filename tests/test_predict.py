@@ -138,6 +138,10 @@ def test_refusals(tiny_bundle, tmp_path, capsys, monkeypatch):
     assert code == 2 and "no image column" in err and "--column" in err
     code, _, err = run(capsys, monkeypatch, "predict", str(tmp_path / "nothing"), "x.png")
     assert code == 2 and "no such bundle" in err
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "state.json").write_text("{}")  # what `save_to_disk` writes beside its Arrow files
+    code, _, err = run(capsys, monkeypatch, "predict", str(tiny_bundle), str(tmp_path / "hf"))
+    assert code == 2 and "Hugging Face `datasets` folder" in err and "surgery evaluate RUN --data" in err
 
 
 def test_a_url_is_sent_to_the_server(free_port, capsys, monkeypatch, tmp_path):
