@@ -194,6 +194,7 @@ class ArrowSplit:
                 return part.where(first + row, column)
 
             yield first, Columns(part.name, cells, rows, where_of, part.root)
+            cells.clear()  # checked: free this chunk before reading the next, not after
             first += rows
 
     def inputs(self, kept: array) -> ArrowRows:
