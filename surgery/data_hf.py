@@ -128,6 +128,7 @@ class ArrowRows(Sequence[Any]):
         self.kind = kind
         self.rows = rows
         self._arrow = self.dataset.with_format("arrow")
+        self.features = self.dataset.features  # `Dataset.features` deep-copies on every access
         self._images = ImageColumn(dataset, columns[0]) if kind == "image" else None
 
     def __len__(self) -> int:
@@ -146,14 +147,14 @@ class ArrowRows(Sequence[Any]):
             return [LazyImage(self._images, int(r)) for r in rows]
         table = self._arrow[rows.tolist()]
         if self.kind == "text":
-            return _named(self.dataset.features[self.columns[0]], table.column(0).to_pylist())
+            return _named(self.features[self.columns[0]], table.column(0).to_pylist())
         return torch.stack([self._numbers(table, c) for c in self.columns], 1).to(torch.float32)
 
     def _numbers(self, table: Any, column: str) -> torch.Tensor:
         import pyarrow as pa
 
         cells = table.column(column)
-        feature = self.dataset.features[column]
+        feature = self.features[column]
         if type(feature).__name__ == "Value" and (
             pa.types.is_integer(cells.type) or pa.types.is_floating(cells.type) or pa.types.is_boolean(cells.type)
         ):
@@ -173,9 +174,10 @@ class ArrowSplit:
 
     def __init__(self, split: Any, needed: list[str], inputs: list[str], kind: str) -> None:
         self.split = split
+        self.features = split.features  # `Dataset.features` deep-copies on every access
         self.inputs_of = inputs
         self.kind = kind
-        lazy_image = kind == "image" and type(split.features.get(inputs[0])).__name__ == "Image"
+        lazy_image = kind == "image" and type(self.features.get(inputs[0])).__name__ == "Image"
         self.images = [inputs[0]] if lazy_image else []
         self.read = [c for c in needed if c not in self.images]
         # image paths are held (their files are checked before training); text, features, `Image`s are read
@@ -188,7 +190,7 @@ class ArrowSplit:
             rows = table.num_rows if table is not None else len(self.split)
             cells: dict[str, Sequence[Any]] = {c: _Unread(rows) for c in self.images}
             for c in self.read:
-                cells[c] = _named(self.split.features[c], table.column(c).to_pylist())
+                cells[c] = _named(self.features[c], table.column(c).to_pylist())
 
             def where_of(row: int, column: str, first: int = first) -> str:
                 return part.where(first + row, column)
