@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from surgery.backbone_contract import BuiltBackbone, Taps
 from surgery.backbone_weights import load_local_weights
+from surgery.data_examples import feature_moments
 from surgery.errors import BuildError
 from surgery.inputs import InputSpec
 from surgery.registry import BACKBONE_SOURCES
@@ -49,9 +50,9 @@ class TabularMLP(nn.Module):
         file, a checkpoint or a bundle keep their own)."""
         if int(self.fitted) or examples.kind != "tensor" or len(examples) == 0:
             return
-        x = examples.inputs[0].to(torch.float64)
-        std = x.std(0, unbiased=False) if len(x) > 1 else torch.ones(x.shape[1], dtype=torch.float64)
-        self.mean.copy_(x.mean(0).to(self.mean.dtype))
+        mean, std = feature_moments(examples.inputs[0])
+        std = std if len(examples) > 1 else torch.ones_like(std)
+        self.mean.copy_(mean.to(self.mean.dtype))
         self.std.copy_(torch.where(std > 1e-8, std, torch.ones_like(std)).to(self.std.dtype))
         self.fitted.fill_(1)
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 
 from surgery.data_examples import Examples, split_examples
 from surgery.data_table_read import BadRow
-from surgery.data_targets import column_targets, target_columns
+from surgery.data_targets import TargetCells, column_targets, target_columns
 from surgery.errors import DataError
 from surgery.inputs import InputSpec
 from surgery.schema import Recipe
@@ -30,7 +31,11 @@ from surgery.schema import Recipe
 class Columns:
     """One split's cells: `cells[column]` has one value per row (a list, or a lazy sequence such as
     decoded `datasets` images), `where(row, column)` names a cell, `root` is where relative image
-    paths start, `bad` the rows the reader could not split."""
+    paths start, `bad` the rows the reader could not split.
+
+    `lazy`, when set (`surgery.data_hf.ArrowSplit`), reads the split itself: `cells` is then empty,
+    `lazy.pieces(self)` gives the cells a chunk at a time for the checks, and `lazy.inputs(rows)`
+    the kept rows' inputs, read on access (None when they must be held, e.g. image paths)."""
 
     name: str
     cells: dict[str, Sequence[Any]]
@@ -38,9 +43,17 @@ class Columns:
     where_of: Any
     root: Path | None = None
     bad: Sequence[BadRow] = ()
+    lazy: Any = None
 
     def where(self, row: int, column: str) -> str:
         return str(self.where_of(row, column))
+
+    def pieces(self) -> Iterator[tuple[int, Columns]]:
+        """(first row, cells) chunks of this split: the whole of an in-memory table."""
+        if self.lazy is None:
+            yield 0, self
+        else:
+            yield from self.lazy.pieces(self)
 
 
 def input_columns(recipe: Recipe, kind: str, source: str) -> list[str]:
@@ -82,46 +95,52 @@ def columns_examples(recipe: Recipe, model: Any, parts: list[Columns], source: s
             f"data.feature_columns has {len(inputs_of)} columns, but the model takes {spec.features} features"
         )
     heads = target_columns(recipe)
-    kept_rows: list[tuple[Columns, int]] = []
-    inputs: list[Any] = []
-    values: dict[str, list[Any]] = {name: [] for name in heads}
+    values = {name: TargetCells(model.head_info[name].task == "regression") for name in heads}
+    inputs: list[Any] = []  # per part: a list of held inputs, or the lazily read kept rows
     skipped: list[tuple[str, str]] = []
-    sizes = []
     for part in parts:
         bad = list(part.bad)
-        before = len(kept_rows)
-        for row in range(part.rows):
-            try:
-                item = _input(part, row, inputs_of, spec.kind, data.image_root)
-                row_values = {
-                    name: parse_target(part, row, columns, model.head_info[name], data.label_separator)
-                    for name, columns in heads.items()
-                }
-            except _Bad as err:
-                bad.append(err.row)
-                continue
-            inputs.append(item)
-            for name, value in row_values.items():
-                values[name].append(value)
-            kept_rows.append((part, row))
+        kept, held = array("q"), []
+        for first, piece in part.pieces():
+            for row in range(piece.rows):
+                try:
+                    item = _input(piece, row, inputs_of, spec.kind, data.image_root)
+                    row_values = {
+                        name: parse_target(piece, row, columns, model.head_info[name], data.label_separator)
+                        for name, columns in heads.items()
+                    }
+                except _Bad as err:
+                    bad.append(err.row)
+                    continue
+                for name, value in row_values.items():
+                    values[name].append(value)
+                kept.append(first + row)
+                if part.lazy is None or not part.lazy.reads_inputs:
+                    held.append(item)
         if bad and data.on_bad_row == "error":
             more = f" ({len(bad)} bad rows in {part.name})" if len(bad) > 1 else ""
             raise DataError(f"{bad[0]}{more}; set `data.on_bad_row: skip` to leave such rows out")
         skipped.extend((b.where, b.why) for b in bad)
-        sizes.append(len(kept_rows) - before)
-    if not kept_rows:
+        lazy = part.lazy.inputs(kept) if part.lazy is not None and part.lazy.reads_inputs else None
+        if lazy is None and spec.kind == "vector":
+            lazy = torch.tensor(held, dtype=torch.float32).reshape(len(held), len(inputs_of))
+        inputs.append(held if lazy is None else lazy)
+    if not any(len(x) for x in inputs):
         raise DataError(
             f"{source}: no usable rows in {parts[0].name}"
             + (f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else "")
         )
     targets, names = column_targets(recipe, model, values, f"data {source}")
-    if spec.kind == "vector":
-        examples = Examples("tensor", (torch.tensor(inputs, dtype=torch.float32),), targets, names, skipped)
-    else:
-        examples = Examples(spec.kind, inputs, targets, names, skipped)
+    kind = "tensor" if spec.kind == "vector" else spec.kind
     if len(parts) == 1:
+        examples = Examples(kind, (inputs[0],) if kind == "tensor" else inputs[0], targets, names, skipped)
         return split_examples(examples, data.val_split, data.split_seed)
-    return examples.subset(range(sizes[0])), examples.subset(range(sizes[0], len(examples)))
+    size = len(inputs[0])
+    split = []
+    for part_inputs, rows in zip(inputs, (slice(0, size), slice(size, None)), strict=True):
+        part_targets = {name: t[rows] for name, t in targets.items()}
+        split.append(Examples(kind, (part_inputs,) if kind == "tensor" else part_inputs, part_targets, names, skipped))
+    return split[0], split[1]
 
 
 @dataclass(frozen=True)

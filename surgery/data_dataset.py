@@ -41,29 +41,46 @@ class ExampleDataset(Dataset):
         return len(self.examples)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, dict[str, torch.Tensor]]:
+        return self._item(key, None)
+
+    def __getitems__(self, keys: list[Any]) -> list[tuple[Any, dict[str, torch.Tensor]]]:
+        """A batch (what DataLoader asks for): inputs read lazily (`fetch`, a memory-mapped
+        dataset's rows) are read in one go; the same samples as `__getitem__` one by one."""
+        inputs = self.examples.inputs[0] if self.examples.kind == "tensor" else self.examples.inputs
+        fetch = getattr(inputs, "fetch", None)
+        if fetch is None:
+            return [self._item(key, None) for key in keys]
+        raw = fetch([key[1] if isinstance(key, tuple) else key for key in keys])
+        return [self._item(key, raw[i]) for i, key in enumerate(keys)]
+
+    def _item(self, key: int | tuple[int, int], raw: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+        """One sample; `raw` is its input when the batch has read it already."""
         epoch, index = key if isinstance(key, tuple) else (None, key)
         targets = {name: t[index] for name, t in self.examples.targets.items()}
         if self.examples.kind == "text":
-            return self.examples.inputs[index], targets
+            return (self.examples.inputs[index] if raw is None else raw), targets
         if epoch is None or not self.augmentations:
-            return self._inputs(index), targets
+            return self._inputs(index, raw), targets
         # Seed the CPU generator per sample and restore it after (cheaper than fork_rng).
         generator = torch.default_generator
         saved = generator.get_state()
         generator.manual_seed(sample_seed(self.seed, epoch, index))
         try:
-            return self._inputs(index), targets
+            return self._inputs(index, raw), targets
         finally:
             generator.set_state(saved)
 
-    def _inputs(self, index: int) -> tuple[torch.Tensor, ...]:
+    def _inputs(self, index: int, raw: Any) -> tuple[torch.Tensor, ...]:
         if self.examples.kind == "tensor":
-            inputs = [t[index] for t in self.examples.inputs]
+            inputs = [t[index] for t in self.examples.inputs] if raw is None else [raw]
             if inputs[0].is_floating_point():
                 for _stage, transform in self.augmentations:
                     inputs[0] = transform(inputs[0])
             return tuple(inputs)
-        pixels = self._pixels[index] if self._pixels is not None else image_to_uint8(self._image(index), self.spec)
+        if self._pixels is not None:
+            pixels = self._pixels[index]
+        else:
+            pixels = image_to_uint8(self._image(self.examples.inputs[index] if raw is None else raw), self.spec)
         for stage, transform in self.augmentations:
             if stage == "uint8":
                 pixels = transform(pixels)
@@ -73,8 +90,7 @@ class ExampleDataset(Dataset):
                 tensor = transform(tensor)
         return (tensor,)
 
-    def _image(self, index: int) -> Image.Image:
-        item = self.examples.inputs[index]
+    def _image(self, item: Any) -> Image.Image:
         if isinstance(item, LazyImage):  # a row of a memory-mapped `datasets` Image column
             item = item.load()
         if isinstance(item, Image.Image):

@@ -35,12 +35,12 @@ class Examples:
     def __len__(self) -> int:
         return len(self.inputs[0]) if self.kind == "tensor" else len(self.inputs)
 
-    def subset(self, indices: Sequence[int]) -> Examples:
-        index = torch.as_tensor(list(indices), dtype=torch.long)
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> Examples:
+        index = torch.as_tensor(indices if isinstance(indices, torch.Tensor) else list(indices), dtype=torch.long)
         if self.kind == "tensor":
-            inputs: Any = tuple(t[index] for t in self.inputs)
+            inputs: Any = tuple(_rows(t, index) for t in self.inputs)
         else:
-            inputs = [self.inputs[i] for i in indices]
+            inputs = _rows(self.inputs, index)
         targets = {name: t[index] for name, t in self.targets.items()}
         return Examples(self.kind, inputs, targets, self.class_names, self.skipped)
 
@@ -65,14 +65,23 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _rows(inputs: Any, index: torch.Tensor) -> Any:
+    """Some rows of a tensor, a list, or a lazily read column (`surgery.data_hf.ArrowRows`: still lazy)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[index]
+    if hasattr(inputs, "subset"):
+        return inputs.subset(index)
+    return [inputs[i] for i in index.tolist()]
+
+
 def split_examples(examples: Examples, val_split: float, seed: int) -> tuple[Examples, Examples]:
     """Seeded hold-out split (independent of the training seed)."""
     n = len(examples)
     n_val = max(1, round(n * val_split))
     if n_val >= n:
         raise DataError(f"data.val_split {val_split} leaves no training samples out of {n}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return examples.subset(sorted(order[n_val:])), examples.subset(sorted(order[:n_val]))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return examples.subset(order[n_val:].sort().values), examples.subset(order[:n_val].sort().values)
 
 
 def strata(examples: Examples) -> torch.Tensor | None:
@@ -93,7 +102,7 @@ def limit_examples(examples: Examples, limit: int, seed: int) -> Examples:
     order = torch.randperm(n, generator=gen)
     classes = strata(examples)
     if classes is None:
-        return examples.subset(sorted(order[:limit].tolist()))
+        return examples.subset(order[:limit].sort().values)
     # Rank each sample within its class (in the seeded order), as a fraction of the class size:
     # the `limit` smallest fractions take every class in proportion to its size.
     keys = torch.empty(n, dtype=torch.float64)
@@ -102,7 +111,7 @@ def limit_examples(examples: Examples, limit: int, seed: int) -> Examples:
         members = order[classes[order] == c]
         keys[members] = (torch.arange(len(members), dtype=torch.float64) + jitter[members]) / len(members)
     chosen = torch.argsort(keys)[:limit]
-    return examples.subset(sorted(chosen.tolist()))
+    return examples.subset(chosen.sort().values)
 
 
 def class_counts(examples: Examples) -> dict[str, dict[str, int]]:
@@ -120,3 +129,25 @@ def class_counts(examples: Examples) -> dict[str, dict[str, int]]:
         labels = names or [str(i) for i in range(len(totals))]
         counts[head] = {labels[i]: int(c) for i, c in enumerate(totals) if i < len(labels)}
     return counts
+
+
+def feature_moments(features: Any, chunk: int = 65_536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column mean and population std (float64) of a (rows, features) tensor, or of a column
+    read on access (`surgery.data_hf.ArrowRows.chunks`): two passes a chunk at a time, so the
+    statistics of a split bigger than memory never hold it."""
+
+    def chunks() -> Any:
+        if isinstance(features, torch.Tensor):
+            return (features[i : i + chunk] for i in range(0, len(features), chunk))
+        return features.chunks(chunk)
+
+    rows, total = 0, torch.zeros(0, dtype=torch.float64)
+    for x in chunks():
+        part = x.to(torch.float64).sum(0)
+        total = part if rows == 0 else total + part
+        rows += len(x)
+    mean = total / max(rows, 1)
+    squares = torch.zeros_like(mean)
+    for x in chunks():
+        squares += (x.to(torch.float64) - mean).square().sum(0)
+    return mean, (squares / max(rows, 1)).sqrt()

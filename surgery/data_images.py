@@ -119,6 +119,8 @@ def checked_images(paths: Sequence[Path]) -> Iterator[dict[str, list[int]]]:
 def verified_examples(examples: Examples, *, skip: bool) -> Examples:
     """Examples whose image files (paths among `inputs`) were checked before training; with `skip`
     the unreadable ones are left out and listed in `skipped`."""
+    if not isinstance(examples.inputs, list):
+        return examples  # read on access (`datasets` images), not files to check
     bad = verify_images([p for p in examples.inputs if isinstance(p, Path)], skip=skip)
     if not bad:
         return examples

@@ -6,8 +6,10 @@ table); both check label names, class counts and tasks against the built model's
 
 from __future__ import annotations
 
+from array import array
 from typing import Any
 
+import numpy as np
 import torch
 
 from surgery.data_examples import Examples
@@ -101,47 +103,89 @@ def head_labels(recipe: Recipe, model: Any, name: str) -> list[str] | None:
     return _head_labels(recipe, model, name)
 
 
+class TargetCells:
+    """One head's parsed cells (`surgery.data_columns.parse_target`) without a Python object per row:
+    class names and label lists are coded by first appearance (`codes` index `uniques`), numbers
+    are packed as float64, so a dataset of millions of rows costs 8 bytes a row here."""
+
+    def __init__(self, numeric: bool) -> None:
+        self.numeric = numeric
+        self.codes = array("q")
+        self.uniques: list[Any] = []
+        self._index: dict[Any, int] = {}
+        self.numbers = array("d")
+        self.shapes: set[bool] = set()  # True: rows are lists of numbers, False: single numbers
+        self.rows = 0
+
+    def append(self, value: Any) -> None:
+        self.rows += 1
+        if self.numeric:
+            is_list = isinstance(value, list)
+            self.shapes.add(is_list)
+            self.numbers.extend(value) if is_list else self.numbers.append(value)
+            return
+        key = tuple(value) if isinstance(value, list) else value
+        code = self._index.get(key)
+        if code is None:
+            code = self._index[key] = len(self.uniques)
+            self.uniques.append(key)
+        self.codes.append(code)
+
+    def index(self) -> torch.Tensor:
+        """Each row's code into `uniques`."""
+        return torch.from_numpy(np.frombuffer(self.codes, dtype=np.int64).copy())
+
+    def numbers_tensor(self, name: str, where: str) -> torch.Tensor:
+        if len(self.shapes) > 1:
+            raise DataError(f"{where}: head {name!r} has rows of one number and rows of a list of numbers")
+        values = torch.from_numpy(np.frombuffer(self.numbers, dtype=np.float64).copy()).to(torch.float32)
+        return values.reshape(self.rows, -1) if self.shapes == {True} and self.rows else values
+
+
 def column_targets(
-    recipe: Recipe, model: Any, values: dict[str, list[Any]], where: str
+    recipe: Recipe, model: Any, values: dict[str, TargetCells], where: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
     """Per head: the target tensor of every row (train and val together, so class maps agree), and
     class names. `values` holds each head's parsed cells (`surgery.data_columns.parse_target`): a
-    class name, a list of class names (multi-label), or a float / list of floats (regression)."""
+    class name, a list of class names (multi-label), or a float / list of floats (regression).
+    Every decision reads the distinct values only; rows are their codes."""
     targets: dict[str, torch.Tensor] = {}
     names: dict[str, list[str]] = {}
     for name, cells in values.items():
         info = model.head_info[name]
         task, out = info.task, info.out_features
         if task == "regression":
-            targets[name] = torch.tensor(cells, dtype=torch.float32)
+            targets[name] = cells.numbers_tensor(name, where)
             continue
         labels = _head_labels(recipe, model, name)
+        uniques, codes = cells.uniques, cells.index()
         if task == "multilabel":
-            labels = labels or sorted({label for row in cells for label in row})
-            _check_labels(labels, {label for row in cells for label in row}, name, out, where)
+            found = {label for row in uniques for label in row}
+            labels = labels or sorted(found)
+            _check_labels(labels, found, name, out, where)
             index = {label: i for i, label in enumerate(labels)}
-            hot = torch.zeros(len(cells), out, dtype=torch.float32)
-            for row, row_labels in enumerate(cells):
-                hot[row, [index[label] for label in row_labels]] = 1.0
-            targets[name], names[name] = hot, labels
+            hot = torch.zeros(len(uniques), out, dtype=torch.float32)
+            for code, row_labels in enumerate(uniques):
+                hot[code, [index[label] for label in row_labels]] = 1.0
+            targets[name], names[name] = hot[codes], labels
             continue
-        if task == "binary" and labels is None and {str(v) for v in cells} <= {"0", "1"}:
-            targets[name] = torch.tensor([float(v) for v in cells], dtype=torch.float32)
+        if task == "binary" and labels is None and {str(v) for v in uniques} <= {"0", "1"}:
+            targets[name] = torch.tensor([float(v) for v in uniques], dtype=torch.float32)[codes]
             continue
-        if labels is None and task == "multiclass" and all(_int_like(v) for v in cells):
-            ids = [int(v) for v in cells]
+        if labels is None and task == "multiclass" and all(_int_like(v) for v in uniques):
+            ids = [int(v) for v in uniques]  # in order of first appearance: the first bad one is the first row's
             bad = [v for v in ids if not 0 <= v < out]
             if bad:
                 raise DataError(f"{where}: head {name!r} has class {bad[0]} but {out} classes")
-            targets[name] = torch.tensor(ids, dtype=torch.long)
+            targets[name] = torch.tensor(ids, dtype=torch.long)[codes]
             continue
-        found = {str(v) for v in cells}
+        found = {str(v) for v in uniques}
         labels = labels or sorted(found)
         _check_labels(labels, found, name, 2 if task == "binary" else out, where)
         index = {label: i for i, label in enumerate(labels)}
-        ids = [index[str(v)] for v in cells]
         dtype = torch.float32 if task == "binary" else torch.long
-        targets[name], names[name] = torch.tensor(ids, dtype=dtype), labels
+        targets[name] = torch.tensor([index[str(v)] for v in uniques], dtype=dtype)[codes]
+        names[name] = labels
     return targets, names
 
 
