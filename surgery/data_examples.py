@@ -129,25 +129,3 @@ def class_counts(examples: Examples) -> dict[str, dict[str, int]]:
         labels = names or [str(i) for i in range(len(totals))]
         counts[head] = {labels[i]: int(c) for i, c in enumerate(totals) if i < len(labels)}
     return counts
-
-
-def feature_moments(features: Any, chunk: int = 65_536) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-column mean and population std (float64) of a (rows, features) tensor, or of a column
-    read on access (`surgery.data_hf.ArrowRows.chunks`): two passes a chunk at a time, so the
-    statistics of a split bigger than memory never hold it."""
-
-    def chunks() -> Any:
-        if isinstance(features, torch.Tensor):
-            return (features[i : i + chunk] for i in range(0, len(features), chunk))
-        return features.chunks(chunk)
-
-    rows, total = 0, torch.zeros(0, dtype=torch.float64)
-    for x in chunks():
-        part = x.to(torch.float64).sum(0)
-        total = part if rows == 0 else total + part
-        rows += len(x)
-    mean = total / max(rows, 1)
-    squares = torch.zeros_like(mean)
-    for x in chunks():
-        squares += (x.to(torch.float64) - mean).square().sum(0)
-    return mean, (squares / max(rows, 1)).sqrt()
