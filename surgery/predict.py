@@ -16,7 +16,7 @@ from typing import Any
 
 from surgery.cluster import ray_address
 from surgery.errors import SurgeryError
-from surgery.predict_batch import PredictSettings, progress_bar, run_batch
+from surgery.predict_batch import PredictSettings, progress_bar, row_transform, run_batch
 from surgery.predict_inputs import PredictInput, expand_inputs, read_input
 from surgery.predict_output import PredictionWriter, columns, output_format
 from surgery.runner import ModelRunner
@@ -82,11 +82,7 @@ class Decoded:
     def __init__(self, entries: list[PredictInput], spec: Any) -> None:
         self.entries = entries
         self.spec = spec
-        self.transform = None
-        if spec.kind == "image":
-            from surgery.preprocess import image_eval_transform
-
-            self.transform = image_eval_transform(spec)
+        self.transform = row_transform(spec)
 
     def __len__(self) -> int:
         return len(self.entries)

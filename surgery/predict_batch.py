@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from surgery.inputs import InputSpec
 from surgery.predict_output import error_row, prediction_rows
 from surgery.runner import ModelRunner
 
@@ -40,14 +41,37 @@ def run_batch(
     return rows
 
 
+def row_transform(spec: InputSpec) -> Callable[[Any], Any] | None:
+    """What one decoded image becomes before it is batched: uint8 pixels, converted, resized and
+    cropped as the bundle says. Scaling and normalising wait for the batch (`model_inputs`): the
+    same elementwise arithmetic as `image_eval_transform`, so the same numbers, in a few tensor
+    operations per batch instead of per image, and a quarter of the bytes to stack. None for
+    inputs that are not images."""
+    if spec.kind != "image":
+        return None
+    from surgery.preprocess import image_mode, image_to_uint8
+
+    image_mode(spec)  # an unsupported channel count fails here, before any row
+
+    def transform(image: Any) -> Any:
+        return image_to_uint8(image, spec)
+
+    return transform
+
+
 def model_inputs(runner: ModelRunner, rows: list[Any]) -> tuple[Any, ...]:
-    """A batch of model rows as the model's positional inputs (text tokenised here)."""
+    """A batch of model rows as the model's positional inputs (text tokenised, images' uint8
+    pixels scaled and normalised here)."""
     import torch
 
     if runner.spec.kind == "text":
         from surgery.preprocess import texts_to_batch
 
         return texts_to_batch(rows, runner.tokenizer, runner.spec)
+    if runner.spec.kind == "image":
+        from surgery.preprocess import normalise
+
+        return (normalise(torch.stack(rows), runner.spec),)
     return (torch.stack(rows),)
 
 

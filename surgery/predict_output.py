@@ -73,18 +73,22 @@ def prediction_rows(
         classified = head_probabilities(head, values) if _classified(head) else None
         if classified is None:
             flat = values.astype(np.float64).reshape(values.shape[0], -1)
-            for row, numbers in zip(rows, flat, strict=True):
-                if flat.shape[1] == 1:
-                    row[name] = float(numbers[0])
-                else:
-                    row.update({f"{name}_{i}": float(v) for i, v in enumerate(numbers, 1)})
+            keys = [name] if flat.shape[1] == 1 else [f"{name}_{i}" for i in range(1, flat.shape[1] + 1)]
+            for row, numbers in zip(rows, flat.tolist(), strict=True):
+                row.update(zip(keys, numbers, strict=True))
             continue
         probs, labels = classified
-        for row, p_row, order in zip(rows, probs, ranked_columns(probs, top_k), strict=True):
-            for rank, column in enumerate(order, 1):
-                row[f"{name}_label_{rank}"] = labels[column]
-                row[f"{name}_prob_{rank}"] = float(p_row[column])
-            if head.get("task") == "multilabel":
+        order = ranked_columns(probs, top_k)
+        ranks = range(1, order.shape[1] + 1)
+        label_keys, prob_keys = [f"{name}_label_{r}" for r in ranks], [f"{name}_prob_{r}" for r in ranks]
+        # whole-batch lookups, then plain Python values: indexing numpy per element was a visible share
+        top_labels = np.asarray(labels, dtype=object)[order].tolist()
+        top_probs = np.take_along_axis(probs, order, axis=1).tolist()
+        for row, row_labels, row_probs in zip(rows, top_labels, top_probs, strict=True):
+            row.update(zip(label_keys, row_labels, strict=True))
+            row.update(zip(prob_keys, row_probs, strict=True))
+        if head.get("task") == "multilabel":
+            for row, p_row in zip(rows, probs.tolist(), strict=True):
                 row[f"{name}_labels"] = "|".join(label for label, p in zip(labels, p_row, strict=True) if p > 0.5)
     return rows
 
@@ -118,8 +122,8 @@ class PredictionWriter:
             else:
                 self._file = self.tmp.open("w", newline="", encoding="utf-8")
                 if self.format == "csv":
-                    self._csv = csv.DictWriter(self._file, self.names)
-                    self._csv.writeheader()
+                    self._csv = csv.writer(self._file)
+                    self._csv.writerow(self.names)
 
     def _schema(self) -> Any:
         import pyarrow as pa
@@ -129,6 +133,10 @@ class PredictionWriter:
     def write(self, rows: list[dict[str, Any]]) -> None:
         self.count += len(rows)
         self.errors += sum(1 for r in rows if r.get("error"))
+        if self.format == "csv":  # the common case, straight to lists: no second dict per row
+            names = self.names
+            self._csv.writerows([["" if (v := row.get(n)) is None else v for n in names] for row in rows])
+            return
         full = [{name: row.get(name) for name in self.names} for row in rows]
         if self.format == "table":
             self._table.extend(full)
@@ -136,8 +144,6 @@ class PredictionWriter:
             import pyarrow as pa
 
             self._parquet.write_table(pa.Table.from_pylist(full, schema=self._schema()))
-        elif self.format == "csv":
-            self._csv.writerows([{k: "" if v is None else v for k, v in row.items()} for row in full])
         else:
             self._file.writelines(json.dumps({k: _finite(v) for k, v in row.items()}) + "\n" for row in full)
 

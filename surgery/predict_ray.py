@@ -17,7 +17,7 @@ from typing import Any
 
 from surgery.bundle import bundled_recipe, read_manifest
 from surgery.inputs import InputSpec
-from surgery.predict_batch import PredictSettings, progress_bar, run_batch
+from surgery.predict_batch import PredictSettings, progress_bar, row_transform, run_batch
 from surgery.predict_inputs import PredictInput, expand_inputs, read_input
 from surgery.predict_output import PredictionWriter, columns
 
@@ -36,11 +36,7 @@ class BundlePredictor:
         self.runner = open_runner(Path(bundle), settings.runtime)
         self.settings = settings
         self.columns = [name for name, _ in columns(self.runner.heads, settings.top_k)]
-        self.transform = None
-        if self.runner.spec.kind == "image":
-            from surgery.preprocess import image_eval_transform
-
-            self.transform = image_eval_transform(self.runner.spec)
+        self.transform = row_transform(self.runner.spec)
 
     def __call__(self, batch: dict[str, Any]) -> Any:
         import pandas as pd

@@ -127,6 +127,38 @@ def test_same_rows_as_the_model_directly(tiny_bundle, images):
         assert row["age"] == pytest.approx(float(outputs["age"][i, 0]), abs=1e-5)
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"channels": 3, "size": (20, 24), "crop_pct": 0.875},
+        {"channels": 1, "size": (16, 16), "mean": (0.5,), "std": (0.25,), "interpolation": "bicubic"},
+        {"channels": 4, "size": (9, 7), "mean": (0.1,), "std": (0.3,)},
+    ],
+)
+def test_a_batch_is_normalised_once_to_the_same_numbers(spec):
+    """Offline predict normalises whole batches of uint8 pixels; the tensor is exactly the one the
+    per-image eval transform (serving's, evaluation's) gives."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from surgery.inputs import InputSpec
+    from surgery.predict_batch import model_inputs, row_transform
+    from surgery.preprocess import image_eval_transform
+
+    spec = InputSpec(kind="image", **spec)
+    rng = np.random.default_rng(1)
+    pictures = [
+        Image.fromarray(rng.integers(0, 256, (31, 17, 3), dtype=np.uint8), "RGB"),
+        Image.fromarray(rng.integers(0, 256, (12, 40), dtype=np.uint8), "L"),
+        Image.fromarray(rng.integers(0, 65536, (10, 10), dtype=np.uint16)),  # 16-bit greyscale
+    ]
+    (batched,) = model_inputs(SimpleNamespace(spec=spec), [row_transform(spec)(p) for p in pictures])
+    single = torch.stack([image_eval_transform(spec)(p) for p in pictures])
+    assert batched.dtype == single.dtype == torch.float32 and torch.equal(batched, single)
+
+
 def test_refusals(tiny_bundle, tmp_path, capsys, monkeypatch):
     code, _, err = run(capsys, monkeypatch, "predict", str(tiny_bundle), "x.png", "--out", str(tmp_path / "p.xlsx"))
     assert code == 2 and "write .csv, .jsonl or .parquet" in err
