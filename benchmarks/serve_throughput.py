@@ -12,7 +12,11 @@ mobilenet-class model (torchvision, random init):
 - p50 latency at concurrency 1 vs the model's own batch-1 forward time using every core (target
   for resnet18 <= +10 ms), measured alternately, one request then one in-process forward, so a busy or idle
   spell of this shared machine lands on both;
-- batching on vs off, next to the raw batch-N / batch-1 speed-up.
+- batching on vs off, next to the raw batch-N / batch-1 speed-up;
+- the replicas' ceiling: the runtime they chose, in this process, at the batch size Serve formed
+  on one replica's threads, times the replicas (they run at once on separate cores, where a
+  forward's CPU time per image stays the same): what serving could reach with no decode, HTTP,
+  batching, HAProxy or Ray at all, and how much of it the served figure reaches.
 
 `--runtime` picks what runs the model in the replicas (`serve.runtime`: auto, torch, onnxruntime,
 onnxruntime-int8; bundles are exported with `model.onnx`). Throughput is always compared with raw
@@ -249,9 +253,9 @@ def main() -> None:
         from serve.ingress import haproxy_environment
 
         os.environ.update(haproxy_environment(f"bench-{opts.port}"))
-    from serve.ingress import REPLICA_ENV
+    from serve.launch import own_ray_environment
 
-    os.environ.update(REPLICA_ENV)  # as `surgery serve` runs its replicas
+    own_ray_environment()  # the environment `surgery serve` gives the Ray it starts (and its replicas)
     ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": opts.port})
     base = f"http://127.0.0.1:{opts.port}"
@@ -270,6 +274,9 @@ def main() -> None:
             load(url, images, 8, 2, opts.client)
             off_rps, _ = load(url, images, 32, opts.seconds, opts.client)
             n = min(raw[name], key=lambda size: abs(size - mean_batch))
+            # what the replicas could do with no serving work at all: each runs its forwards on its
+            # own threads at once (on separate cores a forward's CPU time per image stays the same)
+            ceiling_s = raw_times(bundles[name], [n], threads, runtime)[n]
             rows.append(
                 {
                     "model": name,
@@ -286,6 +293,7 @@ def main() -> None:
                     "raw_b1_ms": raw_b1 * 1000,
                     "raw_b1_alone_ms": raw[name][1] * 1000,
                     "replica_b1_ms": replica_b1 * 1000,
+                    "ceiling_rps": opts.replicas * n / ceiling_s,
                 }
             )
     finally:
@@ -300,6 +308,11 @@ def main() -> None:
         print(
             f"  served, 32 clients, batching on : {r['on_rps']:7.1f} img/s (mean batch {r['mean_batch']:.1f}); "
             f"raw torch batch {r['raw_n']}: {r['raw_rps_n']:7.1f} img/s -> {r['on_rps'] / r['raw_rps_n']:.2f}x raw"
+        )
+        print(
+            f"  ceiling: raw {r['runtime']} batch {r['raw_n']} on {threads} thread(s) x {opts.replicas} replica(s) at once, "
+            f"no serving work: {r['ceiling_rps']:7.1f} img/s = {r['ceiling_rps'] / r['raw_rps_n']:.2f}x raw torch; "
+            f"served reaches {r['on_rps'] / r['ceiling_rps']:.0%} of it (the rest: decode, HTTP, batching, HAProxy, Ray)"
         )
         print(
             f"  served, 32 clients, batching off: {r['off_rps']:7.1f} img/s -> on/off {r['on_rps'] / r['off_rps']:.2f}x "
