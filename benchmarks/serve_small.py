@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -270,7 +271,8 @@ def main() -> None:
     env.pop("RAY_ADDRESS", None)
     serve_env = dict(kv.split("=", 1) for kv in opts.serve_env.split(",") if kv)
     sys.path.insert(0, str(ROOT))
-    bundle = export_quickstart(Path(tempfile.mkdtemp(prefix="serve-small-")), opts.runtime)
+    workdir = Path(tempfile.mkdtemp(prefix="serve-small-"))
+    bundle = export_quickstart(workdir, opts.runtime)
     bare_port, served_port = free_port(), free_port()
     urls = {
         "bare": f"http://127.0.0.1:{bare_port}/predict",
@@ -319,6 +321,7 @@ def main() -> None:
     finally:
         for proc in servers.values():
             stop(proc)
+        shutil.rmtree(workdir, ignore_errors=True)
 
     cores = os.cpu_count() or 1
     bare_rps, served_rps = statistics.median(rps["bare"]), statistics.median(rps["served"])

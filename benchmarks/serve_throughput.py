@@ -37,6 +37,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -299,6 +300,7 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
 
     print(
         f"\n{opts.ingress} ingress, {opts.replicas} replica(s) x {threads} torch threads ({solo} for a lone request; raw: {cores}), JPEG 224x224, batching max {BATCH} / wait {opts.wait_ms} ms, {opts.seconds:.0f} s per run, client {opts.client}"
