@@ -10,10 +10,13 @@ about 1 ms) answers `examples/digit-3.png` posted as `image/png`:
   the outputs as JSON.
 
 Both servers run side by side; the load generator alternates between them in rounds, so a busy
-spell of this shared machine lands on both. It is `benchmarks/loadgen.py` (keep-alive
-connections, prepared requests: about 0.05 ms of CPU per request) unless `--client httpx` picks
-an async httpx client (2-3 ms per request: on 2 cores it takes most of a core from the servers,
-and the server that makes it work less per request wins). Reported: requests/s at 32 clients
+spell of this shared machine lands on both. It is `wrk` (C, a few microseconds per request;
+`benchmarks/wrkload.py`) where it is installed, else `benchmarks/loadgen.py` (Python, keep-alive
+connections, prepared requests: about 0.05 ms of CPU per request, which on 2 cores is still a
+client measuring itself a little); `--client lean|httpx` picks one of those (httpx: 2-3 ms per
+request, most of a core taken from the servers). Any answer but 2xx (or a socket error) voids a
+wrk measurement loudly. The one-client p50 phase always uses the lean client (one request at a
+time, alternating between the servers, reading `Server-Timing`). Reported: requests/s at 32 clients
 (target: served >= 1.0x bare), p50 at one client (target: served <= bare + 3 ms), the batch sizes
 the replicas formed, and where a served request's time goes (`Server-Timing`, medians).
 
@@ -22,9 +25,9 @@ onnxruntime, onnxruntime-int8; the bundle carries `model.onnx`, and `model.int8.
 quantized with calibration on the digits and its parity gate opened with `quantize_max_drop: 1`:
 the weights are random, so only the speed means something). The bare app stays eager torch.
 
-    python benchmarks/serve_small.py [--seconds 8] [--rounds 3] [--clients 32] [--client lean|httpx] [--runtime auto|torch|onnxruntime|onnxruntime-int8]
+    python benchmarks/serve_small.py [--seconds 8] [--rounds 3] [--clients 32] [--client wrk|lean|httpx] [--runtime auto|torch|onnxruntime|onnxruntime-int8]
 
-Reports; asserts nothing. About 2 minutes.
+Reports; asserts nothing. About 2 minutes (`--seconds 3 --rounds 1 --requests 40`: under a minute).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -50,6 +54,7 @@ PNG = {"content-type": "image/png"}
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen  # noqa: E402  (benchmarks/loadgen.py)
+import wrkload  # noqa: E402  (benchmarks/wrkload.py)
 
 BARE_APP = """
 import io, sys
@@ -117,6 +122,15 @@ def wait_ready(url: str, proc: subprocess.Popen, seconds: float = 300) -> None:
 def lean_load(url: str, body: bytes, clients: int, seconds: float) -> float:
     """Requests/s with `clients` keep-alive connections for `seconds` (benchmarks/loadgen.py)."""
     return loadgen.load(url, [body], PNG, clients, seconds)[0]
+
+
+def throughput(client: str, url: str, body: bytes, clients: int, seconds: float) -> float:
+    """Requests/s with `clients` connections for `seconds`, on the chosen load generator."""
+    if client == "wrk":
+        return wrkload.load(url, [body], PNG, clients, seconds).rps
+    if client == "lean":
+        return lean_load(url, body, clients, seconds)
+    return asyncio.run(load(url, body, clients, seconds))
 
 
 async def lean_latencies(
@@ -226,7 +240,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=200, help="per server at one client")
     parser.add_argument(
-        "--client", choices=["lean", "httpx"], default="lean", help="load generator (see the module docstring)"
+        "--client",
+        choices=["wrk", "lean", "httpx"],
+        default=None,
+        help="load generator of the throughput phases (default: wrk where installed, else lean; see the module docstring)",
     )
     parser.add_argument(
         "--runtime",
@@ -240,6 +257,7 @@ def main() -> None:
         "--bare-threads", default="1", help="torch threads of the bare app (`default`: torch's, one per core)"
     )
     opts = parser.parse_args()
+    opts.client = wrkload.pick_client(opts.client)
 
     # OMP threads that spin while waiting make a forward sharing its cores with anything else tens
     # of times slower: both servers get what the replicas set for themselves
@@ -253,7 +271,8 @@ def main() -> None:
     env.pop("RAY_ADDRESS", None)
     serve_env = dict(kv.split("=", 1) for kv in opts.serve_env.split(",") if kv)
     sys.path.insert(0, str(ROOT))
-    bundle = export_quickstart(Path(tempfile.mkdtemp(prefix="serve-small-")), opts.runtime)
+    workdir = Path(tempfile.mkdtemp(prefix="serve-small-"))
+    bundle = export_quickstart(workdir, opts.runtime)
     bare_port, served_port = free_port(), free_port()
     urls = {
         "bare": f"http://127.0.0.1:{bare_port}/predict",
@@ -281,19 +300,15 @@ def main() -> None:
     try:
         for name in servers:
             wait_ready(urls[name], servers[name])
-        lean = opts.client == "lean"
+        lean = opts.client != "httpx"  # the one-client phase: lean unless httpx was asked for
         for url in urls.values():
-            lean_load(url, body, 8, 2) if lean else asyncio.run(load(url, body, 8, 2))  # warm-up
+            throughput(opts.client, url, body, 8, 2)  # warm-up
         rps: dict[str, list[float]] = {name: [] for name in urls}
         times: dict[str, list[float]] = {name: [] for name in urls}
         phases: list[dict[str, float]] = []
         for _ in range(opts.rounds):
             for name, url in urls.items():
-                rps[name].append(
-                    lean_load(url, body, opts.clients, opts.seconds)
-                    if lean
-                    else asyncio.run(load(url, body, opts.clients, opts.seconds))
-                )
+                rps[name].append(throughput(opts.client, url, body, opts.clients, opts.seconds))
             t, p = (
                 loadgen.run(lean_latencies(urls, body, opts.requests // opts.rounds))
                 if lean
@@ -306,6 +321,7 @@ def main() -> None:
     finally:
         for proc in servers.values():
             stop(proc)
+        shutil.rmtree(workdir, ignore_errors=True)
 
     cores = os.cpu_count() or 1
     bare_rps, served_rps = statistics.median(rps["bare"]), statistics.median(rps["served"])

@@ -1,7 +1,9 @@
 """Serving throughput and latency against the raw model, in one run.
 
-Clients send JPEG images (224x224) from one load generator on this machine (`benchmarks/loadgen.py`:
-keep-alive connections, about 0.05 ms of CPU per request, so the replicas keep the cores) to
+Clients send JPEG images (224x224) as `image/jpeg` bodies from one load generator on this machine
+(`wrk` where installed, through `benchmarks/wrkload.py`: C, a few microseconds per request, and any
+answer but 2xx voids the measurement; else, or with `--client lean`, `benchmarks/loadgen.py`:
+keep-alive connections, about 0.05 ms of CPU per request; either way the replicas keep the cores) to
 `surgery serve`'s application (Ray Serve, dynamic batching, HAProxy ingress unless `--ingress proxy`), for a resnet18-class and a
 mobilenet-class model (torchvision, random init):
 
@@ -10,7 +12,11 @@ mobilenet-class model (torchvision, random init):
 - p50 latency at concurrency 1 vs the model's own batch-1 forward time using every core (target
   for resnet18 <= +10 ms), measured alternately, one request then one in-process forward, so a busy or idle
   spell of this shared machine lands on both;
-- batching on vs off, next to the raw batch-N / batch-1 speed-up.
+- batching on vs off, next to the raw batch-N / batch-1 speed-up;
+- the replicas' ceiling: the runtime they chose, in this process, at the batch size Serve formed
+  on one replica's threads, times the replicas (they run at once on separate cores, where a
+  forward's CPU time per image stays the same): what serving could reach with no decode, HTTP,
+  batching, HAProxy or Ray at all, and how much of it the served figure reaches.
 
 `--runtime` picks what runs the model in the replicas (`serve.runtime`: auto, torch, onnxruntime,
 onnxruntime-int8; bundles are exported with `model.onnx`). Throughput is always compared with raw
@@ -19,9 +25,10 @@ onnxruntime-int8 the bundles are quantized with calibration on synthetic data an
 opened (`quantize_max_drop: 1`): the weights are random, so only the speed means something here
 (`int8_runtime.py` measures the metric on real data).
 
-    python benchmarks/serve_throughput.py [--seconds 12] [--models resnet18,mobilenet_v3_small] [--replicas N] [--ingress haproxy|proxy] [--runtime auto|torch|onnxruntime|onnxruntime-int8]
+    python benchmarks/serve_throughput.py [--seconds 12] [--models resnet18,mobilenet_v3_small] [--replicas N] [--ingress haproxy|proxy] [--runtime auto|torch|onnxruntime|onnxruntime-int8] [--client wrk|lean]
 
-Reports; asserts nothing. About 4 minutes on 2 cores.
+Reports; asserts nothing. About 4 minutes on 2 cores (`--models resnet18 --seconds 4`: about 1.5).
+The one-client latency phase always uses the lean client (it alternates with in-process forwards).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -38,6 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen  # benchmarks/loadgen.py
+import wrkload  # benchmarks/wrkload.py
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -148,13 +157,19 @@ async def interleaved_latency(
     return statistics.median(served), statistics.median(raw), statistics.median(forward)
 
 
-def load(url: str, images: list[bytes], concurrency: int, seconds: float) -> tuple[float, list[float], list[int]]:
-    """(requests/s, latencies, batch sizes) with `concurrency` clients posting JPEGs for `seconds`."""
+def load(url: str, images: list[bytes], concurrency: int, seconds: float, client: str) -> tuple[float, float]:
+    """(requests/s, mean batch size the answers report) with `concurrency` clients posting JPEGs
+    for `seconds` on the chosen load generator."""
+    if client == "wrk":
+        result = wrkload.load(url, images, JPEG, concurrency, seconds, batch_sizes=True)
+        if result.mean_batch is None:
+            raise SystemExit(f"{url}: no answer reported its batch size")
+        return result.rps, result.mean_batch
     batches: list[int] = []
-    rps, latencies = loadgen.load(
+    rps, _ = loadgen.load(
         url, images, JPEG, concurrency, seconds, lambda r: batches.append(json.loads(r[2])["batch_sizes"][0])
     )
-    return rps, latencies, batches
+    return rps, statistics.mean(batches)
 
 
 def replica_runtime(stats_url: str) -> tuple[str, str]:
@@ -210,7 +225,14 @@ def main() -> None:
         default="auto",
         help="what runs the model in the replicas (serve.runtime)",
     )
+    parser.add_argument(
+        "--client",
+        choices=["wrk", "lean"],
+        default=None,
+        help="load generator of the throughput phases (default: wrk where installed, else lean)",
+    )
     opts = parser.parse_args()
+    opts.client = wrkload.pick_client(opts.client)
     cores = os.cpu_count() or 1
     if opts.replicas is None:
         from serve.config import replica_count
@@ -232,9 +254,9 @@ def main() -> None:
         from serve.ingress import haproxy_environment
 
         os.environ.update(haproxy_environment(f"bench-{opts.port}"))
-    from serve.ingress import REPLICA_ENV
+    from serve.launch import own_ray_environment
 
-    os.environ.update(REPLICA_ENV)  # as `surgery serve` runs its replicas
+    own_ray_environment()  # the environment `surgery serve` gives the Ray it starts (and its replicas)
     ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": opts.port})
     base = f"http://127.0.0.1:{opts.port}"
@@ -243,17 +265,19 @@ def main() -> None:
         for name in models:
             url = f"{base}/v1/models/{name}:predict"
             deploy(bundles[name], BATCH, opts.wait_ms, threads, opts.replicas, solo, opts.runtime)
-            load(url, images, 8, 2)  # warm-up
+            load(url, images, 8, 2, opts.client)  # warm-up
             runtime, why = replica_runtime(url.replace(":predict", "/stats"))
-            on_rps, _, on_batches = load(url, images, 32, opts.seconds)
+            on_rps, mean_batch = load(url, images, 32, opts.seconds, opts.client)
             p50_c1, raw_b1, replica_b1 = loadgen.run(
                 interleaved_latency(url, images, bundles[name], cores, min(opts.seconds, 8), runtime)
             )
             deploy(bundles[name], 1, 0.0, threads, opts.replicas, solo, opts.runtime)
-            load(url, images, 8, 2)
-            off_rps, _, _ = load(url, images, 32, opts.seconds)
-            mean_batch = statistics.mean(on_batches)
+            load(url, images, 8, 2, opts.client)
+            off_rps, _ = load(url, images, 32, opts.seconds, opts.client)
             n = min(raw[name], key=lambda size: abs(size - mean_batch))
+            # what the replicas could do with no serving work at all: each runs its forwards on its
+            # own threads at once (on separate cores a forward's CPU time per image stays the same)
+            ceiling_s = raw_times(bundles[name], [n], threads, runtime)[n]
             rows.append(
                 {
                     "model": name,
@@ -270,20 +294,27 @@ def main() -> None:
                     "raw_b1_ms": raw_b1 * 1000,
                     "raw_b1_alone_ms": raw[name][1] * 1000,
                     "replica_b1_ms": replica_b1 * 1000,
+                    "ceiling_rps": opts.replicas * n / ceiling_s,
                 }
             )
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
 
     print(
-        f"\n{opts.ingress} ingress, {opts.replicas} replica(s) x {threads} torch threads ({solo} for a lone request; raw: {cores}), JPEG 224x224, batching max {BATCH} / wait {opts.wait_ms} ms, {opts.seconds:.0f} s per run"
+        f"\n{opts.ingress} ingress, {opts.replicas} replica(s) x {threads} torch threads ({solo} for a lone request; raw: {cores}), JPEG 224x224, batching max {BATCH} / wait {opts.wait_ms} ms, {opts.seconds:.0f} s per run, client {opts.client}"
     )
     for r in rows:
         print(f"\n{r['model']} on {r['runtime']} ({r['why']})")
         print(
             f"  served, 32 clients, batching on : {r['on_rps']:7.1f} img/s (mean batch {r['mean_batch']:.1f}); "
             f"raw torch batch {r['raw_n']}: {r['raw_rps_n']:7.1f} img/s -> {r['on_rps'] / r['raw_rps_n']:.2f}x raw"
+        )
+        print(
+            f"  ceiling: raw {r['runtime']} batch {r['raw_n']} on {threads} thread(s) x {opts.replicas} replica(s) at once, "
+            f"no serving work: {r['ceiling_rps']:7.1f} img/s = {r['ceiling_rps'] / r['raw_rps_n']:.2f}x raw torch; "
+            f"served reaches {r['on_rps'] / r['ceiling_rps']:.0%} of it (the rest: decode, HTTP, batching, HAProxy, Ray)"
         )
         print(
             f"  served, 32 clients, batching off: {r['off_rps']:7.1f} img/s -> on/off {r['on_rps'] / r['off_rps']:.2f}x "
