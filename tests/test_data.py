@@ -348,9 +348,9 @@ def test_image_folder_lists_files_in_path_order_through_nested_folders(tmp_path:
 
     classes, files = _image_files(train, "data.train")
     assert classes == ["a", "a-x", "b"]
-    assert [p.relative_to(train).as_posix() for p, _ in files] == [
+    assert [Path(p).relative_to(train).as_posix() for p, _ in files] == [
         "a/0-1.png", "a/0.png", "a/1.png", "a/z/0.png", "a-x/0.png", "b/0.png",
     ]  # fmt: skip
-    assert [p.relative_to(train).as_posix() for p, _ in files] == [
-        p.relative_to(train).as_posix() for p in sorted(path for path, _ in files)
+    assert [Path(p).relative_to(train).as_posix() for p, _ in files] == [
+        p.relative_to(train).as_posix() for p in sorted(Path(path) for path, _ in files)
     ]  # pathlib's order, which the seeded splits of earlier runs were drawn from
