@@ -93,7 +93,7 @@ def verify_images(paths: Sequence[str | Path], *, skip: bool = False) -> list[tu
     A bad one is a DataError, or with `skip` is returned as (file, why) for the caller to leave out.
 
     Files that passed before are not opened again: `checked_images` remembers each good file by
-    its size and modification time (a rebuild, a resume or a tune trial on the same data starts
+    its size, modification time and inode (a rebuild, a resume or a tune trial on the same data starts
     at once); a file that changed is checked again, and a bad one is never remembered."""
     bad: list[tuple[str, str]] = []
     level = 2 if skip else 1  # 2: decoded too (what `skip` needs), 1: verified
@@ -102,14 +102,15 @@ def verify_images(paths: Sequence[str | Path], *, skip: bool = False) -> list[tu
             key = str(path)
             try:
                 stat = os.stat(key)
-                if (seen := known.get(key)) and seen[:2] == [stat.st_size, stat.st_mtime_ns] and seen[2] >= level:
+                identity = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+                if (seen := known.get(key)) and seen[:3] == identity and seen[3] >= level:
                     continue
                 with Image.open(path) as image:
                     image.verify()
                 if skip:  # decode it too: a file skipped now can't fail the run later
                     with Image.open(path) as image:
                         image.load()
-                known[key] = [stat.st_size, stat.st_mtime_ns, level]
+                known[key] = [*identity, level]
             except Exception as err:  # PIL raises many types for a bad file
                 known.pop(key, None)
                 if not skip:
@@ -122,18 +123,20 @@ def verify_images(paths: Sequence[str | Path], *, skip: bool = False) -> list[tu
 
 @contextlib.contextmanager
 def checked_images(paths: Sequence[str | Path]) -> Iterator[dict[str, list[int]]]:
-    """The remembered checks for this list of files ({file: [size, mtime_ns, level]}), kept in
-    the cache folder under a hash of the list, and written back (atomically) if they changed. The
-    cache is an optimisation only: unreadable or unwritable, it is ignored and everything is checked."""
+    """The remembered checks for this list of files ({file: [size, mtime_ns, inode, level]}), kept
+    in the cache folder under a hash of the list and the working folder (relative paths name other
+    files elsewhere), and written back (atomically) if they changed. The cache is an optimisation
+    only: unreadable or unwritable, it is ignored and everything is checked."""
     from surgery.files import write_json_atomic
     from surgery.places import cache_dir
 
-    file = cache_dir() / "image-checks" / (hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest() + ".json")
+    listed = "\n".join([os.getcwd(), *map(str, paths)]).encode()
+    file = cache_dir() / "image-checks" / (hashlib.sha256(listed).hexdigest() + ".json")
     known: dict[str, list[int]] = {}
     with contextlib.suppress(OSError, ValueError):
         loaded = json.loads(file.read_text(encoding="utf-8"))
         if isinstance(loaded, dict):
-            known = {k: v for k, v in loaded.items() if isinstance(v, list) and len(v) == 3}
+            known = {k: v for k, v in loaded.items() if isinstance(v, list) and len(v) == 4}
     before = dict(known)
     try:
         yield known

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -312,8 +313,9 @@ def test_normalisation_values_are_one_for_every_channel_or_one_per_channel() -> 
 
 
 def test_images_checked_once_are_not_opened_again_until_they_change(tmp_path: Path, monkeypatch) -> None:
-    """A rebuild on the same images skips the per-file check (remembered by size and mtime in the
-    cache folder); a file rewritten since is checked again, and a bad one is still caught."""
+    """A rebuild on the same images skips the per-file check (remembered by size, mtime and inode
+    in the cache folder); a file rewritten or replaced since is checked again, and a bad one is
+    still caught."""
     import surgery.data_images as data_images
     from surgery.data import verify_images
 
@@ -333,7 +335,19 @@ def test_images_checked_once_are_not_opened_again_until_they_change(tmp_path: Pa
     with pytest.raises(DataError, match=r"unreadable image .*a/0\.png"):
         verify_images(files)
     assert opened == [str(files[0])]
-    monkeypatch.setenv("SURGERY_CACHE_DIR", str(files[1]))  # a cache that cannot be a folder is only slower
+    # a copy that keeps size and mtime (`cp -p`, `rsync -a`) renamed over a checked file: a new inode
+    good = files[1].read_bytes()
+    copy = files[1].with_suffix(".tmp")
+    copy.write_bytes(good[:40] + bytes(b ^ 0xFF for b in good[40:50]) + good[50:])  # same size, bad CRC
+    stat = files[1].stat()
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    copy.replace(files[1])
+    opened.clear()
+    with pytest.raises(DataError, match=r"unreadable image .*a/1\.png"):
+        verify_images(files[1:])
+    assert opened == [str(files[1])]
+    files[1].write_bytes(good)
+    monkeypatch.setenv("SURGERY_CACHE_DIR", str(files[2]))  # a cache that cannot be a folder is only slower
     opened.clear()
     assert verify_images(files[1:]) == [] and len(opened) == 5
 
