@@ -86,6 +86,21 @@ TINY_BERT_WORDS = [
 ]  # fmt: skip
 
 
+# a served text model over `make_tiny_bert`'s folder: `TINY_BERT_RECIPE.format(folder=...)`
+TINY_BERT_RECIPE = """
+name: tinytext
+backbone: {{source: transformers, name: {folder}, pretrained: false}}
+input: {{max_length: 16}}
+heads:
+  - name: sentiment
+    input: tokens
+    pool: cls
+    layers: [{{linear: {{out_features: 2}}}}]
+    loss: cross_entropy
+    labels: [neg, pos]
+"""
+
+
 def make_tiny_bert(folder: Path) -> Path:
     """A real transformers model folder: a 2-layer, 32-wide BERT (seeded) with its own small
     WordPiece tokenizer. Tests that build, train, export or serve text models all use this one."""

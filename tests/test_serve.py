@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import PER_CLIENT_LIMIT, make_tiny_bert
+from conftest import PER_CLIENT_LIMIT, TINY_BERT_RECIPE, make_tiny_bert
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -45,19 +45,6 @@ heads:
     layers: [{linear: {out_features: 1}}]
     loss: bce_with_logits
 serve: {max_batch_size: 8, batch_wait_ms: 20, top_k: 2}
-"""
-
-TEXT_RECIPE = """
-name: tinytext
-backbone: {{source: transformers, name: {folder}, pretrained: false}}
-input: {{max_length: 16}}
-heads:
-  - name: sentiment
-    input: tokens
-    pool: cls
-    layers: [{{linear: {{out_features: 2}}}}]
-    loss: cross_entropy
-    labels: [neg, pos]
 """
 
 
@@ -80,7 +67,7 @@ def _png(color=(200, 10, 10), size=(40, 50), fmt="PNG") -> bytes:
 def bundles(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serve")
     image = _export(IMAGE_RECIPE, root / "tiny-bundle")
-    text = _export(TEXT_RECIPE.format(folder=make_tiny_bert(root / "bert")), root / "text-bundle")
+    text = _export(TINY_BERT_RECIPE.format(folder=make_tiny_bert(root / "bert")), root / "text-bundle")
     return {"tiny": image, "tinytext": text}
 
 

@@ -12,7 +12,7 @@ import io
 import httpx
 import numpy as np
 import pytest
-from conftest import make_tiny_bert
+from conftest import TINY_BERT_RECIPE, make_tiny_bert
 from PIL import Image
 
 from surgery.errors import BundleError, SurgeryError
@@ -34,18 +34,6 @@ heads:
 serve: {max_batch_size: 8, batch_wait_ms: 20}
 """
 
-TEXT_RECIPE = """
-name: tinytext
-backbone: {{source: transformers, name: {folder}, pretrained: false}}
-input: {{max_length: 16}}
-heads:
-  - name: sentiment
-    input: tokens
-    pool: cls
-    layers: [{{linear: {{out_features: 2}}}}]
-    loss: cross_entropy
-    labels: [neg, pos]
-"""
 HEADS = {"tiny": ("cls", "score"), "tinytext": ("sentiment",)}
 TEXTS = ["a good movie", "the cat sat on the mat and it was very very bad"]
 
@@ -73,7 +61,7 @@ def bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-runtime")
     return {
         "tiny": _export(IMAGE_RECIPE, root / "tiny"),
-        "tinytext": _export(TEXT_RECIPE.format(folder=make_tiny_bert(root / "bert")), root / "text"),
+        "tinytext": _export(TINY_BERT_RECIPE.format(folder=make_tiny_bert(root / "bert")), root / "text"),
     }
 
 
